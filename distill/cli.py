@@ -1,0 +1,87 @@
+"""``moe2edge distill ...``: demo data, tokenizer, demo teacher, distillation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from distill.config import load_config
+from distill.train import TrainConfig
+
+
+def register(subparsers, name: str, help_text: str) -> None:
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    sub = p.add_subparsers(dest="distill_command", required=True, metavar="ACTION")
+
+    data = sub.add_parser("demo-data", help="write the built-in demo data set and grammar")
+    data.add_argument("out_dir")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--train-size", type=int, default=6000)
+    data.add_argument("--eval-size", type=int, default=200)
+    data.set_defaults(handler=run_demo_data)
+
+    tok = sub.add_parser("tokenizer", help="train a BPE tokenizer on a JSONL data set")
+    tok.add_argument("train_jsonl")
+    tok.add_argument("out_dir")
+    tok.add_argument("--vocab-size", type=int, default=384)
+    tok.set_defaults(handler=run_tokenizer)
+
+    inspect = sub.add_parser("inspect-teacher", help="load a local HF teacher and print its size")
+    inspect.add_argument("teacher")
+    inspect.add_argument("--trust-remote-code", action="store_true")
+    inspect.set_defaults(handler=run_inspect)
+
+    for action, help_line, handler in (
+        ("train", "distil a teacher into a student (config YAML + key=value)", run_train),
+        ("demo-teacher", "DEMO ONLY: pre-train the tiny DeepSeek-V3 teacher", run_demo_teacher),
+    ):
+        t = sub.add_parser(action, help=help_line)
+        t.add_argument("--config", help="YAML recipe (see recipes/)")
+        t.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+        t.set_defaults(handler=handler)
+
+
+def run_demo_data(args: argparse.Namespace) -> int:
+    from distill.demo_data import write_demo_data
+
+    paths = write_demo_data(args.out_dir, args.seed, args.train_size, args.eval_size)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def run_tokenizer(args: argparse.Namespace) -> int:
+    from distill.pipeline import make_tokenizer
+
+    print(f"wrote {make_tokenizer(args.train_jsonl, args.out_dir, args.vocab_size)}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from distill.teacher import active_parameters, count_parameters, load_teacher
+
+    model = load_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
+    print(
+        json.dumps(
+            {
+                "model_type": model.config.model_type,
+                "params": count_parameters(model),
+                "active_params": active_parameters(model),
+                "vocab_size": model.config.vocab_size,
+            }
+        )
+    )
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from distill.pipeline import distill_student
+
+    print(f"wrote {distill_student(load_config(TrainConfig, args.config, args.overrides))}")
+    return 0
+
+
+def run_demo_teacher(args: argparse.Namespace) -> int:
+    from distill.pipeline import pretrain_demo_teacher
+
+    print(f"wrote {pretrain_demo_teacher(load_config(TrainConfig, args.config, args.overrides))}")
+    return 0

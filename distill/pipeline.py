@@ -1,0 +1,63 @@
+"""The distill stage's steps as plain functions (the CLI and the demo call these)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+from distill.demo_data import read_jsonl
+from distill.errors import DistillError
+from distill.student import build_student
+from distill.teacher import active_parameters, build_demo_teacher, count_parameters, load_teacher
+from distill.tokenizer import check_vocab_matches, load_tokenizer, train_tokenizer
+from distill.train import TrainConfig, train_model
+
+log = logging.getLogger(__name__)
+
+
+def make_tokenizer(train_jsonl: str | Path, out_dir: str | Path, vocab_size: int = 384) -> Path:
+    rows = read_jsonl(train_jsonl)
+    return train_tokenizer([r["prompt"] + " " + r["reply"] for r in rows], out_dir, vocab_size)
+
+
+def pretrain_demo_teacher(cfg: TrainConfig) -> Path:
+    """DEMO ONLY: pre-train a tiny DeepSeek-V3 on the demo data so there is a teacher.
+
+    A real teacher is a published checkpoint (e.g. DeepSeek-V3) loaded by ``load_teacher``.
+    """
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    teacher = build_demo_teacher(len(tokenizer), seed=cfg.seed)
+    out = train_model(teacher, None, tokenizer, replace(cfg, teacher=None), "teacher")
+    info = {
+        "demo_only": True,
+        "params": count_parameters(teacher),
+        "active_params": active_parameters(teacher),
+    }
+    (out / "moe2edge_teacher.json").write_text(json.dumps(info, indent=2))
+    return out
+
+
+def distill_student(cfg: TrainConfig) -> Path:
+    """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``)."""
+    if cfg.teacher is None:
+        raise DistillError("distillation needs a teacher: set teacher=PATH")
+    teacher = load_teacher(cfg.teacher)
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_vocab_matches(tokenizer, teacher.config.vocab_size, "teacher")
+    if cfg.student_init:
+        from transformers import AutoModelForCausalLM
+
+        student = AutoModelForCausalLM.from_pretrained(cfg.student_init, local_files_only=True)
+    else:
+        student = build_student(
+            cfg.student_preset, vocab_size=teacher.config.vocab_size, seed=cfg.seed
+        )
+    check_vocab_matches(tokenizer, student.config.vocab_size, "student")
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise DistillError(
+            f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
+            f"{teacher.config.vocab_size}; logit distillation needs the same vocabulary"
+        )
+    return train_model(student, teacher, tokenizer, cfg, "student")

@@ -1,0 +1,82 @@
+"""Dense Llama-architecture students: presets, and building one for a teacher's vocabulary.
+
+A student is a standard HF ``LlamaForCausalLM`` checkpoint, so it loads in transformers,
+vLLM and llama.cpp's converters, and optimum exports it with a KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from distill.errors import DistillError
+
+# name -> LlamaConfig fields (vocab_size comes from the tokenizer / teacher)
+PRESETS: dict[str, dict] = {
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "demo": dict(
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
+    "100m": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=1024,
+    ),
+    # Production target: ~13B dense with DeepSeek-V3's 129,280-token vocabulary.
+    "dense-13b": dict(
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+        vocab_size=129280,
+    ),
+}
+
+
+def student_config(preset: str, vocab_size: int | None = None, **overrides) -> LlamaConfig:
+    if preset not in PRESETS:
+        raise DistillError(f"unknown student preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = dict(
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rope_theta=10000.0,
+    )
+    fields.update(PRESETS[preset])
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_student(
+    preset: str,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    **overrides,
+) -> LlamaForCausalLM:
+    """A randomly initialised student; ``device='meta'`` builds it without memory (sizing)."""
+    config = student_config(preset, vocab_size, **overrides)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return LlamaForCausalLM(config)

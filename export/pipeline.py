@@ -1,0 +1,39 @@
+"""Library-level steps of the export stage that combine a checkpoint and a bundle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from export.bundle import update_manifest
+from export.parity import check_parity
+from runtime.generate import Generator
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
+    """User messages from a JSONL file (``utterance`` preferred, else ``prompt``)."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                prompts.append(row.get("utterance") or row["prompt"])
+    return prompts[:limit] if limit else prompts
+
+
+def parity_for_bundle(
+    student_dir: str | Path,
+    bundle_dir: str | Path,
+    prompts_file: str | Path,
+    limit: int | None = 50,
+) -> dict:
+    """PyTorch-vs-ONNX Runtime parity on the prompts; recorded in the bundle's manifest."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        student_dir, dtype="float32", local_files_only=True
+    )
+    generator = Generator.from_bundle(bundle_dir)
+    result = check_parity(model, generator, read_prompts(prompts_file, limit))
+    update_manifest(bundle_dir, "parity", {k: v for k, v in result.items() if k != "per_prompt"})
+    return result

@@ -1,0 +1,30 @@
+"""runtime: the on-device side. Loads a bundle and generates with ONNX Runtime.
+
+This package is the leaf of moe2edge: it imports nothing else of ours and never
+imports torch or transformers, so it installs on a Jetson with onnxruntime (or
+TensorRT), numpy, tokenizers and the web stack only (`pip install moe2edge[runtime]`).
+
+    from runtime import Generator, SamplingParams
+    gen = Generator.from_bundle("runs/demo/bundles/fp32")
+    for piece in gen.stream(gen.encode_prompt("turn on the kitchen lights")):
+        print(piece, end="", flush=True)
+"""
+
+from runtime.engine import KVCache, OnnxEngine
+from runtime.errors import BundleError, ContextOverflowError, RuntimeUserError
+from runtime.generate import GenerationResult, Generator
+from runtime.manifest import read_manifest, verify_bundle
+from runtime.sampling import SamplingParams
+
+__all__ = [
+    "BundleError",
+    "ContextOverflowError",
+    "GenerationResult",
+    "Generator",
+    "KVCache",
+    "OnnxEngine",
+    "RuntimeUserError",
+    "SamplingParams",
+    "read_manifest",
+    "verify_bundle",
+]

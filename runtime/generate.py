@@ -1,0 +1,158 @@
+"""Text generation over an engine: prompt formatting, the decode loop, streaming, stops.
+
+``Generator.stream`` yields text pieces as they become final; ``Generator.generate``
+returns the whole reply with token ids and timings. A ``step_hook`` is called before
+every decode step (the Jetson power governor paces decoding through it) and a
+``cancel`` event stops a generation between two steps.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from runtime.detokenize import StreamDecoder
+from runtime.engine import KVCache, OnnxEngine
+from runtime.errors import BundleError
+from runtime.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str = "length"  # "stop", "length" or "cancelled"
+    ttft_ms: float = 0.0  # prompt in -> first token chosen
+    decode_ms: float = 0.0  # first token -> last token
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = len(self.token_ids) - 1
+        return steps / (self.decode_ms / 1000) if steps > 0 and self.decode_ms > 0 else 0.0
+
+
+class _StopMatcher:
+    """Holds back text that could still turn into a stop string."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        self.pending += text
+        for stop in self.stops:
+            at = self.pending.find(stop)
+            if at >= 0:
+                out, self.pending = self.pending[:at], ""
+                return out, True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Generator:
+    """A bundle's tokenizer, prompt format and engine, ready to generate."""
+
+    def __init__(self, engine: OnnxEngine, tokenizer: Tokenizer):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        gen = engine.manifest["generation"]
+        self.prompt_template: str = gen.get("prompt_template", "{prompt}")
+        self.bos_token_id: int | None = gen.get("bos_token_id") if gen.get("add_bos") else None
+        self.eos_token_ids: list[int] = list(gen.get("eos_token_ids", []))
+        self.default_max_new_tokens: int = int(gen.get("max_new_tokens", 64))
+
+    @classmethod
+    def from_bundle(
+        cls, bundle_dir: str | Path, device: str = "cpu", threads: int = 0, verify: bool = True
+    ) -> Generator:
+        engine = OnnxEngine(bundle_dir, device=device, threads=threads, verify=verify)
+        tokenizer_file = Path(bundle_dir) / engine.manifest["io"].get(
+            "tokenizer_file", "tokenizer.json"
+        )
+        if not tokenizer_file.is_file():
+            raise BundleError(f"bundle {bundle_dir} has no {tokenizer_file.name}; re-export it")
+        return cls(engine, Tokenizer.from_file(str(tokenizer_file)))
+
+    def encode_prompt(self, prompt: str, template: bool = True) -> list[int]:
+        text = self.prompt_template.format(prompt=prompt) if template else prompt
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+
+    def stream(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams | None = None,
+        cache: KVCache | None = None,
+        result: GenerationResult | None = None,
+        step_hook: Callable[[], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Iterator[str]:
+        """Yield reply text pieces. ``cache`` may hold earlier turns (continued in place)."""
+        params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
+        sampler = Sampler(params)
+        result = result if result is not None else GenerationResult()
+        cache = cache if cache is not None else self.engine.new_cache()
+        stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
+        decoder, stops = StreamDecoder(self.tokenizer), _StopMatcher(params.stop)
+        result.prompt_tokens = len(prompt_ids)
+        started = time.perf_counter()
+        logits = self.engine.forward(prompt_ids, cache) if prompt_ids else None
+        if logits is None:
+            raise ValueError("an empty prompt with an empty cache has nothing to continue")
+        first_token_at, stopped_by_string = None, False
+        for _ in range(params.max_new_tokens):
+            token = sampler(logits, cache.tokens)
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+                result.ttft_ms = (first_token_at - started) * 1000
+            if token in stop_ids:
+                result.finish_reason = "stop"
+                break
+            result.token_ids.append(token)
+            piece, stopped = stops.push(decoder.push(token))
+            if piece:
+                result.text += piece
+                yield piece
+            if stopped:
+                result.finish_reason, stopped_by_string = "stop", True
+                break
+            if cancel is not None and cancel.is_set():
+                result.finish_reason = "cancelled"
+                break
+            if len(result.token_ids) == params.max_new_tokens:
+                break
+            if step_hook is not None:
+                step_hook()
+            logits = self.engine.forward([token], cache)
+        if first_token_at is not None:
+            result.decode_ms = (time.perf_counter() - first_token_at) * 1000
+        if not stopped_by_string:
+            tail = stops.push(decoder.flush())[0] + stops.flush()
+            if tail:
+                result.text += tail
+                yield tail
+
+    def generate(
+        self, prompt: str, params: SamplingParams | None = None, template: bool = True, **kwargs
+    ) -> GenerationResult:
+        result = GenerationResult()
+        for _ in self.stream(self.encode_prompt(prompt, template), params, result=result, **kwargs):
+            pass
+        return result

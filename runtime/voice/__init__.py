@@ -1,0 +1,59 @@
+"""Voice building blocks for the on-device assistant: audio helpers, VAD, ASR and TTS.
+
+Only numpy, onnxruntime, the stdlib, pocketsphinx (imported by its recognizer) and the
+espeak-ng binary are used here: nothing from torch, transformers or the build packages.
+"""
+
+from runtime.voice.asr import (
+    PocketsphinxRecognizer,
+    Recognizer,
+    available_recognizers,
+    make_recognizer,
+    register_recognizer,
+)
+from runtime.voice.audio import (
+    FRAME_MS,
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    float32_to_pcm16,
+    pcm16_to_float32,
+    read_wav,
+    resample,
+    validate_frame,
+    write_wav,
+)
+from runtime.voice.tts import (
+    EspeakSynthesizer,
+    PhraseSplitter,
+    PiperSynthesizer,
+    PiperVoiceConfig,
+    SpeechChunk,
+    Synthesizer,
+)
+from runtime.voice.vad import SileroVadModel, VadEvent, VoiceActivityDetector
+
+__all__ = [
+    "FRAME_MS",
+    "FRAME_SAMPLES",
+    "SAMPLE_RATE",
+    "EspeakSynthesizer",
+    "PhraseSplitter",
+    "PiperSynthesizer",
+    "PiperVoiceConfig",
+    "PocketsphinxRecognizer",
+    "Recognizer",
+    "SileroVadModel",
+    "SpeechChunk",
+    "Synthesizer",
+    "VadEvent",
+    "VoiceActivityDetector",
+    "available_recognizers",
+    "float32_to_pcm16",
+    "make_recognizer",
+    "pcm16_to_float32",
+    "read_wav",
+    "register_recognizer",
+    "resample",
+    "validate_frame",
+    "write_wav",
+]

@@ -1,0 +1,34 @@
+"""The device runtime must not pull in torch or transformers (it installs without them)."""
+
+import subprocess
+
+from tests.conftest import PYTHON, ROOT, subprocess_env
+
+PROBE = """
+import importlib, pkgutil, sys
+import runtime
+for m in pkgutil.walk_packages(runtime.__path__, "runtime."):
+    importlib.import_module(m.name)
+from runtime.generate import Generator
+gen = Generator.from_bundle(sys.argv[1])
+reply = gen.generate("turn on the kitchen lights")
+ours = sorted(n for n in sys.modules if n.split(".")[0] in {"distill", "export", "jetson", "moe2edge"})
+heavy = sorted(n for n in ("torch", "transformers", "optimum") if n in sys.modules)
+print(repr((ours, heavy, len(reply.token_ids))))
+"""
+
+
+def test_runtime_imports_and_runs_without_torch(tiny_run):
+    proc = subprocess.run(
+        [PYTHON, "-c", PROBE, str(tiny_run["bundle"])],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    ours, heavy, generated = eval(proc.stdout.strip().splitlines()[-1])
+    assert heavy == [], f"runtime imported {heavy}"
+    assert ours == [], f"runtime imported other moe2edge packages: {ours}"
+    assert generated >= 1
