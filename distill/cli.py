@@ -31,6 +31,19 @@ def register(subparsers, name: str, help_text: str) -> None:
     inspect.add_argument("--trust-remote-code", action="store_true")
     inspect.set_defaults(handler=run_inspect)
 
+    merge = sub.add_parser(
+        "merge",
+        help="dense student initialised by merging the teacher's "
+        "experts (weighted by router usage on calibration data)",
+    )
+    merge.add_argument("teacher")
+    merge.add_argument("out_dir")
+    merge.add_argument("--tokenizer", required=True)
+    merge.add_argument("--calib-data", required=True, help="JSONL with prompt/reply rows")
+    merge.add_argument("--keep-experts", type=int, default=None, help="most-used experts kept")
+    merge.add_argument("--calib-examples", type=int, default=64)
+    merge.set_defaults(handler=run_merge)
+
     for action, help_line, handler in (
         ("train", "distil a teacher into a student (config YAML + key=value)", run_train),
         ("demo-teacher", "DEMO ONLY: pre-train the tiny DeepSeek-V3 teacher", run_demo_teacher),
@@ -70,6 +83,21 @@ def run_inspect(args: argparse.Namespace) -> int:
             }
         )
     )
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from distill.pipeline import merge_teacher_into_dense
+
+    out = merge_teacher_into_dense(
+        args.teacher,
+        args.tokenizer,
+        args.calib_data,
+        args.out_dir,
+        args.keep_experts,
+        args.calib_examples,
+    )
+    print(f"wrote {out}")
     return 0
 
 

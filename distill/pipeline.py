@@ -61,3 +61,32 @@ def distill_student(cfg: TrainConfig) -> Path:
             f"{teacher.config.vocab_size}; logit distillation needs the same vocabulary"
         )
     return train_model(student, teacher, tokenizer, cfg, "student")
+
+
+def merge_teacher_into_dense(
+    teacher_dir: str | Path,
+    tokenizer_dir: str | Path,
+    calib_jsonl: str | Path,
+    out_dir: str | Path,
+    keep_experts: int | None = None,
+    calib_examples: int = 64,
+    max_seq_len: int = 64,
+) -> Path:
+    """Write a dense HF checkpoint merged from the teacher's experts (use as student_init)."""
+    from distill.data import collate, encode_rows
+    from distill.merge import merge_moe_to_dense
+    from distill.train import save_final
+
+    teacher = load_teacher(teacher_dir)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    check_vocab_matches(tokenizer, teacher.config.vocab_size, "teacher")
+    rows = read_jsonl(calib_jsonl)[:calib_examples]
+    if not rows:
+        raise DistillError(f"calibration data {calib_jsonl} is empty")
+    examples = encode_rows(tokenizer, rows, max_seq_len)
+    batches = [
+        collate(examples[i : i + 16], tokenizer.pad_token_id) for i in range(0, len(examples), 16)
+    ]
+    batches = [{k: b[k] for k in ("input_ids", "attention_mask")} for b in batches]
+    student = merge_moe_to_dense(teacher, batches, keep_experts)
+    return save_final(student, tokenizer, Path(out_dir))

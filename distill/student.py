@@ -40,7 +40,7 @@ PRESETS: dict[str, dict] = {
     # Production target: ~13B dense with DeepSeek-V3's 129,280-token vocabulary.
     "dense-13b": dict(
         hidden_size=5120,
-        intermediate_size=13824,
+        intermediate_size=14848,
         num_hidden_layers=40,
         num_attention_heads=40,
         num_key_value_heads=8,

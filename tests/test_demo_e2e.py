@@ -1,0 +1,70 @@
+"""`moe2edge demo` end to end through the console script, at tiny settings."""
+
+import json
+import subprocess
+
+from tests.conftest import PYTHON, ROOT, subprocess_env
+
+REQUIRED = {
+    "teacher_params",
+    "teacher_active_params",
+    "student_params",
+    "teacher_task_acc",
+    "student_task_acc",
+    "onnx_task_acc",
+    "parity_max_abs_logit_diff",
+    "greedy_match_rate",
+    "ttft_ms_p50",
+    "decode_tok_s",
+    "stage_seconds",
+}
+
+
+def test_demo_writes_reports(tmp_path):
+    run_dir = tmp_path / "demo"
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "moe2edge.cli",
+            "demo",
+            "--config",
+            str(ROOT / "recipes/demo.yaml"),
+            f"run_dir={run_dir}",
+            "train_size=300",
+            "eval_size=6",
+            "vocab_size=320",
+            "teacher_steps=3",
+            "student_steps=3",
+            "batch_size=8",
+            "max_new_tokens=8",
+            "student_preset=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    assert REQUIRED <= set(report)
+    assert report["teacher_active_params"] < report["teacher_params"]
+    assert report["student_params"] < report["teacher_params"]
+    assert report["parity_max_abs_logit_diff"] <= 1e-3
+    assert report["greedy_match_rate"] == 1.0
+    assert all(
+        0.0 <= report[k] <= 1.0 for k in ("teacher_task_acc", "student_task_acc", "onnx_task_acc")
+    )
+    # the bundle's greedy replies are the PyTorch student's, so their accuracy agrees
+    assert report["onnx_task_acc"] == report["student_task_acc"]
+    assert set(report["stage_seconds"]) >= {
+        "data",
+        "tokenizer",
+        "teacher",
+        "distill",
+        "export",
+        "parity",
+        "runtime_eval",
+    }
+    assert "# moe2edge demo report" in (run_dir / "report.md").read_text()
