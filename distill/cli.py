@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 
+from distill.cache import register_cache_command
 from distill.config import load_config
-from distill.train import TrainConfig
+from distill.train import TrainConfig, check_config
 
 
 def register(subparsers, name: str, help_text: str) -> None:
     p = subparsers.add_parser(name, help=help_text, description=help_text)
     sub = p.add_subparsers(dest="distill_command", required=True, metavar="ACTION")
+    register_cache_command(sub)
 
     data = sub.add_parser("demo-data", help="write the built-in demo data set and grammar")
     data.add_argument("out_dir")
@@ -51,6 +56,13 @@ def register(subparsers, name: str, help_text: str) -> None:
         t = sub.add_parser(action, help=help_line)
         t.add_argument("--config", help="YAML recipe (see recipes/)")
         t.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+        if action == "train":
+            t.add_argument(
+                "--nproc",
+                type=int,
+                default=1,
+                help="processes (GPUs) on this machine: > 1 launches torchrun with FSDP2",
+            )
         t.set_defaults(handler=handler)
 
 
@@ -102,9 +114,65 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    check_config(cfg, has_teacher=cfg.teacher is not None)  # fail here, not in N ranks
+    if args.nproc > 1:
+        return launch_torchrun(args.nproc, args.config, args.overrides)
     from distill.pipeline import distill_student
 
-    print(f"wrote {distill_student(load_config(TrainConfig, args.config, args.overrides))}")
+    print(f"wrote {distill_student(cfg)}")
+    return 0
+
+
+def torchrun_command(nproc: int, config: str | None, overrides: list[str]) -> list[str]:
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m distill.train ...``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += ["--nproc_per_node", str(nproc), "-m", "distill.train"]
+    if config:
+        cmd += ["--config", config]
+    return cmd + list(overrides)
+
+
+def launch_torchrun(nproc: int, config: str | None, overrides: list[str]) -> int:
+    """Run training in ``nproc`` ranks on this machine: 0 on success, 2 if any rank failed
+    (rank 0 has printed a user error's message; a crash shows its traceback)."""
+    proc = subprocess.run(torchrun_command(nproc, config, overrides))
+    return 2 if proc.returncode else 0
+
+
+def train_main(argv: list[str]) -> int:
+    """The entry point of ``python -m distill.train`` (each torchrun rank runs it)."""
+    import logging
+
+    from distill.distributed import cleanup, init_distributed
+    from distill.errors import DistillError
+    from distill.pipeline import distill_student
+
+    parser = argparse.ArgumentParser(
+        prog="python -m distill.train", description="distil a teacher into a student"
+    )
+    parser.add_argument("--config", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+    )
+    info = None
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        info = init_distributed(cfg.device)
+        out = distill_student(cfg)
+    except DistillError as exc:
+        if rank == 0:
+            print(f"moe2edge: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if info is not None:
+            cleanup(info)
+    if rank == 0:
+        print(f"wrote {out}")
     return 0
 
 

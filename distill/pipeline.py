@@ -41,21 +41,20 @@ def pretrain_demo_teacher(cfg: TrainConfig) -> Path:
 
 def distill_student(cfg: TrainConfig) -> Path:
     """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``)."""
-    if cfg.teacher is None:
-        raise DistillError("distillation needs a teacher: set teacher=PATH")
-    teacher = load_teacher(cfg.teacher)
+    if cfg.teacher is None and cfg.teacher_cache is None:
+        raise DistillError("distillation needs a teacher: set teacher=PATH or teacher_cache=DIR")
+    teacher = load_teacher(cfg.teacher) if cfg.teacher else None  # None: train from the cache
     tokenizer = load_tokenizer(cfg.tokenizer)
-    check_vocab_matches(tokenizer, teacher.config.vocab_size, "teacher")
+    vocab_size = teacher.config.vocab_size if teacher is not None else len(tokenizer)
+    check_vocab_matches(tokenizer, vocab_size, "teacher")
     if cfg.student_init:
         from transformers import AutoModelForCausalLM
 
         student = AutoModelForCausalLM.from_pretrained(cfg.student_init, local_files_only=True)
     else:
-        student = build_student(
-            cfg.student_preset, vocab_size=teacher.config.vocab_size, seed=cfg.seed
-        )
+        student = build_student(cfg.student_preset, vocab_size=vocab_size, seed=cfg.seed)
     check_vocab_matches(tokenizer, student.config.vocab_size, "student")
-    if student.config.vocab_size != teacher.config.vocab_size:
+    if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
         raise DistillError(
             f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
             f"{teacher.config.vocab_size}; logit distillation needs the same vocabulary"

@@ -1,8 +1,21 @@
 """The training recipe: distil a teacher into a student (or pre-train the demo teacher).
 
-One readable loop in the style of torchtune's recipes, driven by ``TrainConfig``
-(YAML + ``key=value`` overrides): AdamW, linear warmup + cosine decay, gradient
-clipping, periodic atomic checkpoints (safetensors), tqdm progress, ``metrics.jsonl``.
+One readable loop in the style of torchtune's recipes, driven by ``TrainConfig`` (YAML +
+``key=value`` overrides): AdamW, linear warmup + cosine decay, gradient clipping, tqdm.
+
+- modes (distill/modes.py): off-policy on a data set with a live teacher or a top-k teacher
+  cache, sequence-level KD, on-policy (GKD);
+- scale (distill/distributed.py): the same loop under ``torchrun --nproc_per_node N`` with
+  FSDP2; the global batch ``batch_size`` is split across ranks and ``grad_accum_steps``, and the
+  loss is a mean over the reply tokens of the whole global batch, so N ranks x M micro-batches
+  compute the same step as one process; activation checkpointing, bf16 autocast on GPUs, LoRA;
+- exact resume (distill/checkpoint.py): ``resume=auto`` continues from the latest complete,
+  verified checkpoint, bit for bit;
+- evaluation and logging (distill/evaluate.py, distill/metrics.py): held-out KL, top-1
+  agreement, perplexity, task accuracy; ``metrics.jsonl``, TensorBoard, ``curves.png``.
+
+Run it as ``python -m distill.train --config recipes/x.yaml key=value`` or under torchrun;
+``moe2edge distill train --nproc N`` launches torchrun for you.
 """
 
 from __future__ import annotations
@@ -10,22 +23,45 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
+import random
+import sys
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from distill.checkpoint import (
+    file_sha256,
+    load_checkpoint,
+    save_checkpoint,
+    save_final,
+    select_checkpoint,
+)
 from distill.config import to_dict
-from distill.data import batch_indices, collate, encode_rows
+from distill.data import IGNORE_INDEX, batch_indices, collate, encode_rows, micro_batches
 from distill.demo_data import read_jsonl
+from distill.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    full_tensor,
+    init_distributed,
+    shard_model,
+)
 from distill.errors import DistillError
-from distill.losses import distillation_loss
+from distill.evaluate import evaluate_heldout
+from distill.losses import LOSS_NAMES, distillation_loss
+from distill.metrics import RunLogger, plot_curves
+from distill.modes import MODES, generate_teacher_dataset, on_policy_examples, use_on_policy
 
 log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -33,23 +69,50 @@ class TrainConfig:
     run_dir: str = "runs/distill"
     train_data: str = "runs/demo/data/train.jsonl"
     tokenizer: str = "runs/demo/tokenizer"
-    teacher: str | None = "runs/demo/teacher"  # None: plain CE training (teacher pre-training)
+    teacher: str | None = "runs/demo/teacher"  # None: CE only (teacher pre-training), or a cache
+    teacher_cache: str | None = None  # a `moe2edge distill cache` dir made on train_data
     student_preset: str = "demo"
     student_init: str | None = None  # an HF checkpoint dir to start from instead of a preset
+    # where the sequences come from: off_policy | seq_kd | on_policy
+    mode: str = "off_policy"
+    lambda_on_policy: float = 0.5  # on_policy: share of steps on student samples (GKD lambda)
+    sample_temperature: float = 1.0  # on_policy: student sampling temperature
+    seq_kd_data: str | None = None  # seq_kd: where the teacher's replies go (default in run_dir)
+    seq_kd_temperature: float = 0.0  # seq_kd: 0 = greedy teacher replies
+    max_new_tokens: int = 40  # sampled/generated reply length cap (on_policy, seq_kd, eval)
     loss: str = "fkl"
     temperature: float = 2.0
     ce_ratio: float = 0.5
+    beta: float = 0.5  # jsd
+    alpha: float = 0.1  # skl / srkl
+    loss_chunk_size: int = 1024  # tokens per chunk in the loss (memory bound at a big vocab)
     max_steps: int = 400
-    batch_size: int = 32
+    batch_size: int = 32  # global batch: split across ranks and grad_accum_steps
+    grad_accum_steps: int = 1
     max_seq_len: int = 64
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
     weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
+    grad_clip: float = 1.0  # 0: no clipping
+    activation_checkpointing: bool = False
+    bf16: bool = True  # autocast to bf16 on CUDA only; the CPU always trains in fp32
+    device: str = "auto"  # auto | cpu | cuda
+    lora_r: int = 0  # > 0: train LoRA adapters (peft), merged into the final checkpoint
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    checkpoint_every: int = 200  # 0: no checkpoints
+    keep_checkpoints: int = 2  # 0: keep all
+    resume: str = "auto"  # auto | none | PATH of a checkpoints/step-N dir
+    eval_data: str | None = None  # held-out JSONL; evaluated every eval_every steps and at the end
+    eval_every: int = 0  # 0: only at the end
+    eval_teacher_cache: str | None = None  # a cache made on eval_data (when no live teacher)
+    eval_task_limit: int = 50  # rows whose greedy reply is scored for task accuracy
+    eval_batch_size: int = 16
     log_every: int = 10
+    tensorboard: bool = True
+    plot: bool = True  # write run_dir/curves.png at the end
     seed: int = 0
     threads: int = 0  # 0: torch's default
 
@@ -63,112 +126,291 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
 
 
-def save_checkpoint(
-    model, optimizer, scheduler, step: int, cfg: TrainConfig, run_dir: Path
-) -> Path:
-    """Write ``checkpoints/step-N`` atomically: a reader never sees a half-written one."""
-    ckpt_root = run_dir / "checkpoints"
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".step-{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng_torch": torch.get_rng_state(),
-        "config": to_dict(cfg),
-    }
-    torch.save(state, tmp / "training_state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    old = sorted(p for p in ckpt_root.glob("step-*") if p.is_dir())[: -cfg.keep_checkpoints]
-    for path in old:
-        shutil.rmtree(path, ignore_errors=True)
-    return final
-
-
-def save_final(model, tokenizer, out_dir: Path) -> Path:
-    """The finished model as a standard HF checkpoint directory (+ its tokenizer), atomically."""
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
-
-
-def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> Path:
-    """Train ``model`` (against ``teacher`` if given, else CE only); return the saved dir."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
-    if not Path(cfg.train_data).is_file():
-        raise DistillError(f"training data {cfg.train_data} does not exist")
-    examples = encode_rows(tokenizer, read_jsonl(cfg.train_data), cfg.max_seq_len)
-    if not examples:
-        raise DistillError(f"training data {cfg.train_data} is empty")
-    ce_ratio = 1.0 if teacher is None else cfg.ce_ratio
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
-    torch.manual_seed(cfg.seed)
-    model.train()
-    metrics_file = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-    tokens_seen, started = 0, time.perf_counter()
-    bar = tqdm(range(cfg.max_steps), desc=f"train {out_name}", unit="step", mininterval=2.0)
-    for step in bar:
-        batch = collate(
-            [examples[i] for i in batch_indices(step, cfg.batch_size, len(examples), cfg.seed)],
-            tokenizer.pad_token_id,
+def check_config(cfg: TrainConfig, has_teacher: bool) -> None:
+    """Stop early, with what to change, on settings that cannot work together."""
+    problems = []
+    if cfg.mode not in MODES:
+        problems.append(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
+    if cfg.loss not in LOSS_NAMES:
+        problems.append(f"loss={cfg.loss!r}: use one of {', '.join(LOSS_NAMES)}")
+    if cfg.mode != "off_policy" and not has_teacher:
+        problems.append(f"mode={cfg.mode} needs a live teacher (teacher=PATH) to generate/score")
+    if cfg.mode != "off_policy" and cfg.teacher_cache:
+        problems.append(
+            f"mode={cfg.mode} trains on new sequences a cache made on the data set cannot "
+            "score; drop teacher_cache or use mode=off_policy"
         )
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        teacher_logits = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_logits = teacher(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-        losses = distillation_loss(
+    if not 0.0 <= cfg.lambda_on_policy <= 1.0:
+        problems.append(f"lambda_on_policy={cfg.lambda_on_policy} must be in [0, 1]")
+    if cfg.grad_accum_steps < 1 or cfg.batch_size < 1 or cfg.max_steps < 0:
+        problems.append("batch_size and grad_accum_steps must be >= 1 and max_steps >= 0")
+    if cfg.max_seq_len < 2:
+        problems.append(f"max_seq_len={cfg.max_seq_len} must be >= 2")
+    if problems:
+        raise DistillError("bad training config: " + "; ".join(problems))
+
+
+def _autocast(device: torch.device, bf16: bool):
+    if device.type == "cuda" and bf16:
+        return partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    return nullcontext
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
+    """LoRA adapters, activation checkpointing, device placement and FSDP2 sharding."""
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(info.device)
+    if info.enabled:
+        shard_model(model, info)
+    return model
+
+
+def _open_cache(path: str, cfg: TrainConfig, data_path: str | None, rows: int):
+    from distill.cache import TeacherCache
+
+    cache = TeacherCache(path, tokenizer_dir=cfg.tokenizer, verify=True)
+    meta = cache.meta
+    if data_path is not None:
+        want = meta.get("dataset", {}).get("sha256")
+        if want and want != file_sha256(data_path):
+            raise DistillError(
+                f"the teacher cache {path} was made on another data set than {data_path} "
+                f"(sha256 differs); train on the data the cache was made from, or rebuild it"
+            )
+    if len(cache) != rows or meta.get("max_seq_len") != cfg.max_seq_len:
+        raise DistillError(
+            f"the teacher cache {path} holds {len(cache)} examples at max_seq_len="
+            f"{meta.get('max_seq_len')}, the data set has {rows} at max_seq_len={cfg.max_seq_len}; "
+            "use the same max_seq_len and data set as the cache"
+        )
+    return cache
+
+
+def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, autocast) -> dict:
+    """One optimizer step's forward/backward over this rank's micro-batches; returns sums."""
+    indices = batch_indices(step, cfg.batch_size, len(examples), cfg.seed)
+    parts = micro_batches(indices, info.rank, info.world_size, cfg.grad_accum_steps)
+    on_policy = cfg.mode == "on_policy" and use_on_policy(step, cfg.seed, cfg.lambda_on_policy)
+    first_row = info.rank * (cfg.batch_size // info.world_size)
+    batches = []
+    for m, part in enumerate(parts):
+        exs = [examples[i] for i in part]
+        if on_policy:  # the student's own replies, sampled without gradient
+            row0 = first_row + m * len(part)
+            exs = on_policy_examples(
+                model,
+                exs,
+                list(range(row0, row0 + len(part))),
+                step=step,
+                seed=cfg.seed,
+                tokenizer=tokenizer,
+                max_seq_len=cfg.max_seq_len,
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.sample_temperature,
+                info=info,
+                device=info.device,
+                autocast=autocast,
+            )
+        batches.append((part, collate(exs, tokenizer.pad_token_id)))
+    # The loss is a mean over the reply tokens of the whole global batch.
+    local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for _, b in batches)
+    total = all_reduce_sum(torch.tensor([float(local)], device=info.device), info)
+    total_tokens = max(float(total.item()), 1.0)
+    sums = torch.zeros(4, dtype=torch.float64, device=info.device)
+    from_cache = cache is not None and not on_policy
+    ce_ratio = 1.0 if teacher is None and cache is None else cfg.ce_ratio
+    for part, batch in batches:
+        batch = {k: v.to(info.device) for k, v in batch.items()}
+        # Right padding + causal attention: no real token attends to the pads after it, so no
+        # attention mask is needed, and HF skips building a padded mask (~20 ms a call on CPU).
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        targets = {}
+        if from_cache:  # the teacher's top-k, scored once by `moe2edge distill cache`
+            ids, lps = cache.batch(part, pad_to=batch["input_ids"].shape[1])
+            targets["teacher_topk_ids"] = ids.to(info.device)
+            targets["teacher_topk_logprobs"] = lps.to(info.device)
+        elif teacher is not None:
+            with torch.no_grad(), autocast():
+                ids = batch["input_ids"]
+                targets["teacher_logits"] = teacher(input_ids=ids, use_cache=False).logits
+        out = distillation_loss(
             logits,
             batch["labels"],
-            teacher_logits=teacher_logits,
+            **targets,
             loss=cfg.loss,
             temperature=cfg.temperature,
             ce_ratio=ce_ratio,
+            beta=cfg.beta,
+            alpha=cfg.alpha,
+            chunk_size=cfg.loss_chunk_size,
         )
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        share = int((batch["labels"] != IGNORE_INDEX).sum()) / total_tokens
+        # FSDP2 averages gradients over ranks; undo that, the token mean is already global.
+        (out["loss"] * (share * info.world_size)).backward()
+        parts_now = [out["loss"].detach() * share, out["kd"].detach() * share]
+        parts_now += [out["ce"].detach() * share, batch["attention_mask"].sum()]
+        sums += torch.stack([x.double() for x in parts_now])
+    return {"sums": sums, "reply_tokens": total_tokens, "on_policy": on_policy}
+
+
+def _seq_kd_data(teacher, tokenizer, cfg: TrainConfig, info: DistInfo, autocast) -> str:
+    out = cfg.seq_kd_data or str(Path(cfg.run_dir) / "seq_kd_train.jsonl")
+    return str(
+        generate_teacher_dataset(
+            teacher,
+            tokenizer,
+            cfg.train_data,
+            out,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.seq_kd_temperature,
+            seed=cfg.seed,
+            batch_size=cfg.eval_batch_size,
+            teacher_id=str(cfg.teacher),
+            info=info,
+            device=info.device,
+            autocast=autocast,
+        )
+    )
+
+
+def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> Path:
+    """Train ``model`` (against ``teacher`` / ``cfg.teacher_cache``, else CE only).
+
+    Returns the saved HF checkpoint directory ``run_dir/out_name``. Under torchrun every rank
+    calls this with the same arguments.
+    """
+    check_config(cfg, teacher is not None)
+    info = init_distributed(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.run_dir)
+    if not Path(cfg.train_data).is_file():
+        raise DistillError(f"training data {cfg.train_data} does not exist")
+    resume_from = select_checkpoint(cfg, info)  # before anything is written
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    autocast = _autocast(info.device, cfg.bf16)
+    if teacher is not None:
+        teacher.to(info.device).eval().requires_grad_(False)
+    data_path = cfg.train_data
+    if cfg.mode == "seq_kd":
+        data_path = _seq_kd_data(teacher, tokenizer, cfg, info, autocast)
+    examples = encode_rows(tokenizer, read_jsonl(data_path), cfg.max_seq_len)
+    if not examples:
+        raise DistillError(f"training data {data_path} is empty")
+    micro_batches(list(range(cfg.batch_size)), 0, info.world_size, cfg.grad_accum_steps)
+    cache = None
+    if cfg.teacher_cache:
+        cache = _open_cache(cfg.teacher_cache, cfg, cfg.train_data, len(examples))
+    eval_rows, eval_teacher = None, teacher
+    if cfg.eval_data:
+        if not Path(cfg.eval_data).is_file():
+            raise DistillError(f"eval_data {cfg.eval_data} does not exist")
+        eval_rows = read_jsonl(cfg.eval_data)
+        if cfg.eval_teacher_cache:
+            eval_teacher = _open_cache(cfg.eval_teacher_cache, cfg, cfg.eval_data, len(eval_rows))
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
+
+    model = prepare_model(model, cfg, info)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
+    start = load_checkpoint(resume_from, model, optimizer, scheduler, info)
+    logger = RunLogger(run_dir, start, info.is_main, cfg.tensorboard)
+
+    def evaluate(step: int) -> None:
+        metrics = evaluate_heldout(
+            model,
+            eval_teacher,
+            tokenizer,
+            eval_rows,
+            max_seq_len=cfg.max_seq_len,
+            batch_size=cfg.eval_batch_size,
+            task_limit=cfg.eval_task_limit,
+            max_new_tokens=cfg.max_new_tokens,
+            info=info,
+            device=info.device,
+            autocast=autocast,
+        )
+        logger.log({"step": step, "split": "eval", **metrics})
+        log.info("eval after step %d: %s", step, metrics)
+
+    model.train()
+    tokens_local, started = 0.0, time.perf_counter()
+    bar = tqdm(
+        range(start, cfg.max_steps),
+        initial=start,
+        total=cfg.max_steps,
+        desc=f"train {out_name}",
+        unit="step",
+        mininterval=2.0,
+        disable=not info.is_main,
+    )
+    evaluated_last = False
+    for step in bar:
+        result = train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, autocast)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         optimizer.step()
         scheduler.step()
-        tokens_seen += int(batch["attention_mask"].sum())
+        optimizer.zero_grad(set_to_none=True)
+        tokens_local += float(result["sums"][3])
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+            sums = result["sums"].clone()
+            sums[3] = tokens_local
+            loss, kd, ce, tokens_seen = all_reduce_sum(sums, info).tolist()
             record = {
                 "step": step,
-                "loss": losses["loss"].item(),
-                "kd": losses["kd"].item(),
-                "ce": losses["ce"].item(),
+                "split": "train",
+                "loss": loss,
+                "kd": kd,
+                "ce": ce,
                 "grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0],
+                "lr": lr,
+                "reply_tokens": int(result["reply_tokens"]),
+                "on_policy": result["on_policy"],
                 "tok_s": tokens_seen / (time.perf_counter() - started),
             }
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
-        if (
-            cfg.checkpoint_every
-            and (step + 1) % cfg.checkpoint_every == 0
-            and step + 1 < cfg.max_steps
-        ):
-            save_checkpoint(model, optimizer, scheduler, step + 1, cfg, run_dir)
-    metrics_file.close()
-    model.eval()
-    return save_final(model, tokenizer, run_dir / out_name)
+            logger.log(record)
+            bar.set_postfix(loss=f"{loss:.3f}")
+        evaluated_last = False
+        if eval_rows and cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            evaluate(step)
+            evaluated_last = True
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            if step + 1 < cfg.max_steps:
+                save_checkpoint(model, optimizer, scheduler, step + 1, cfg, info)
+    if eval_rows and not evaluated_last:
+        evaluate(max(cfg.max_steps - 1, 0))
+    logger.close()
+    if info.is_main and cfg.plot:
+        plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    out = save_final(model, tokenizer, run_dir / out_name, info, lora=cfg.lora_r > 0)
+    barrier(info)
+    return out
+
+
+if __name__ == "__main__":  # python -m distill.train / torchrun -m distill.train
+    from distill.cli import train_main
+
+    sys.exit(train_main(sys.argv[1:]))

@@ -1,0 +1,387 @@
+"""Checkpoints that resume a run bit for bit, written so a crash never leaves a bad one.
+
+``RUN_DIR/checkpoints/step-NNNNNNNN/`` holds
+
+- ``model.safetensors``   the full (gathered) model state, fp32 as trained
+- ``optimizer.pt``        the full optimizer state, keyed by parameter name
+- ``training_state.pt``   step, scheduler, RNG states of every rank (torch CPU, CUDA,
+                           python ``random``, numpy), world size
+- ``manifest.json``       written last: sha256 and size of each file above, the step and the
+                           training config fingerprint
+
+A checkpoint is first written to ``.step-NNNNNNNN.tmp`` and renamed into place once complete
+and fsynced, so a killed writer leaves only a ``.tmp`` directory, which is never read. On load
+every file is checked against the manifest. Under FSDP2 the state is gathered with
+``torch.distributed.checkpoint.state_dict`` (full_state_dict, cpu_offload) and rank 0 writes it;
+on load rank 0 reads it and broadcasts it into the shards. Because the state is saved in full
+and keyed by name, a run may resume on a different number of ranks.
+
+The data position is the step: batches are a pure function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.config import to_dict
+from distill.distributed import DistInfo, barrier, broadcast_object, gather_objects, raise_together
+from distill.errors import DistillError
+
+log = logging.getLogger(__name__)
+
+# Config fields that change what training computes. A run may only resume from a checkpoint
+# written with the same values (run_dir, logging, eval, checkpointing, device, world size and
+# grad_accum_steps may change: the global batch and its loss are the same).
+FINGERPRINT_KEYS = (
+    "train_data",
+    "tokenizer",
+    "teacher",
+    "teacher_cache",
+    "student_preset",
+    "student_init",
+    "mode",
+    "lambda_on_policy",
+    "sample_temperature",
+    "seq_kd_temperature",
+    "max_new_tokens",
+    "loss",
+    "temperature",
+    "ce_ratio",
+    "beta",
+    "alpha",
+    "max_steps",
+    "batch_size",
+    "max_seq_len",
+    "lr",
+    "min_lr_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+)
+FILES = ("model.safetensors", "optimizer.pt", "training_state.pt")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_fingerprint(cfg) -> dict:
+    """The training-relevant config fields, plus the training data's sha256."""
+    values = to_dict(cfg)
+    fp = {k: values[k] for k in FINGERPRINT_KEYS if k in values}
+    if Path(cfg.train_data).is_file():
+        fp["train_data_sha256"] = file_sha256(cfg.train_data)
+    return fp
+
+
+def fingerprint_hash(fp: dict) -> str:
+    return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors, cloning any that share storage (safetensors refuses aliases)."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        value = value.detach().contiguous()
+        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
+        out[key] = value.clone() if ptr in seen else value
+        seen.add(ptr)
+    return out
+
+
+def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo) -> Path:
+    """Gather the full state on every rank; rank 0 writes it atomically. Call on all ranks."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    rngs = gather_objects(rng_state(), info)
+    final = checkpoint_dir(cfg.run_dir, step)
+    if info.is_main:
+        root = final.parent
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".{final.name}.tmp"
+        tmp.mkdir()
+        save_file(_unshared(model_state), tmp / "model.safetensors", metadata={"format": "pt"})
+        torch.save(optim_state, tmp / "optimizer.pt")
+        training_state = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "rng": rngs,
+            "world_size": info.world_size,
+        }
+        torch.save(training_state, tmp / "training_state.pt")
+        fingerprint = config_fingerprint(cfg)
+        manifest = {
+            "format_version": 1,
+            "step": step,
+            "files": {
+                name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                for name in FILES
+            },
+            "config_fingerprint": fingerprint,
+            "config_hash": fingerprint_hash(fingerprint),
+            "config": to_dict(cfg),
+            "world_size": info.world_size,
+            "torch_version": torch.__version__,
+            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        prune_checkpoints(root, cfg.keep_checkpoints)
+        log.info("checkpoint %s", final)
+    barrier(info)
+    return final
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Finished checkpoint directories (renamed into place, manifest present), oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and (p / "manifest.json").is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    for path in complete_checkpoints(root.parent)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """The manifest of checkpoint ``path`` after checking every file's sha256 against it."""
+    path = Path(path)
+    manifest_file = path / "manifest.json"
+    if path.name.endswith(".tmp") or not manifest_file.is_file():
+        raise DistillError(
+            f"{path} is not a complete checkpoint (no manifest.json; a .tmp directory or an "
+            "interrupted copy); pass another checkpoint or resume=auto"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise DistillError(
+            f"{manifest_file} is unreadable ({exc}); the checkpoint is damaged"
+        ) from exc
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != want["bytes"] or file_sha256(f) != want["sha256"]:
+            raise DistillError(
+                f"checkpoint file {f} is missing or does not match its sha256 in the manifest: "
+                "the checkpoint is damaged; resume from an older one (pass its path as resume=)"
+            )
+    return manifest
+
+
+def supersede_checkpoints(run_dir: str | Path) -> Path | None:
+    """Move an old run's checkpoints aside (resume=none keeps them, never deletes them)."""
+    root = Path(run_dir) / "checkpoints"
+    if not complete_checkpoints(run_dir):
+        return None
+    dest = root.with_name(f"checkpoints-superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(root, dest)
+    log.warning("resume=none: moved the existing checkpoints to %s", dest)
+    return dest
+
+
+def find_checkpoint(cfg) -> Path | None:
+    """The checkpoint ``cfg.resume`` asks for (rank 0 only); raises DistillError."""
+    if cfg.resume == "none":
+        supersede_checkpoints(cfg.run_dir)
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if not path.is_dir():
+            raise DistillError(
+                f"resume={cfg.resume}: no such checkpoint directory; use resume=auto, "
+                "resume=none or the path of a checkpoints/step-N directory"
+            )
+        verify_checkpoint(path)
+        return path
+    for path in reversed(complete_checkpoints(cfg.run_dir)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except DistillError as exc:
+            log.warning("skipping damaged checkpoint: %s", exc)
+    return None
+
+
+def _check_same_config(path: Path, manifest: dict, cfg) -> None:
+    saved = manifest.get("config_fingerprint", {})
+    now = config_fingerprint(cfg)
+    if fingerprint_hash(saved) == fingerprint_hash(now):
+        return
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    diffs = "; ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {now.get(k)!r} now" for k in keys)
+    raise DistillError(
+        f"cannot resume from {path}: it was written with a different training config "
+        f"(differing keys: {', '.join(keys)}; {diffs}). Nothing was changed. To continue that "
+        f"run, use its settings again (they are in {path / 'manifest.json'}); to start a new "
+        "run, pass another run_dir=..., or resume=none to start over in this run_dir (the "
+        "existing checkpoints are then moved aside to checkpoints-superseded-*, not deleted)."
+    )
+
+
+def select_checkpoint(cfg, info: DistInfo) -> Path | None:
+    """The verified checkpoint ``cfg.resume`` selects, or None for a fresh run.
+
+    Raises DistillError on every rank (before anything is written) when the checkpoint was made
+    with a different training config. ``resume=none`` moves old checkpoints aside. Call on all
+    ranks, before the run writes anything.
+    """
+    path, error = None, None
+    if info.is_main:
+        try:
+            path = find_checkpoint(cfg)
+            if path is not None:
+                _check_same_config(path, verify_checkpoint(path), cfg)
+        except DistillError as exc:
+            error = str(exc)
+    raise_together(error, info)
+    return broadcast_object(path, info)
+
+
+def load_checkpoint(path: Path | None, model, optimizer, scheduler, info: DistInfo) -> int:
+    """Load ``path`` into model/optimizer/scheduler/RNG; return the step to continue from.
+
+    Call on all ranks, after ``select_checkpoint``, with the model already sharded.
+    """
+    if path is None:
+        return 0
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model_state, optim_state, training_state = {}, {}, None
+    if info.is_main:
+        model_state = load_file(path / "model.safetensors")
+        optim_state = torch.load(path / "optimizer.pt", weights_only=True)
+        training_state = torch.load(path / "training_state.pt", weights_only=True)
+    training_state = broadcast_object(training_state, info)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.enabled)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    scheduler.load_state_dict(training_state["scheduler"])
+    rngs = training_state["rng"]
+    set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+    log.info("resumed from %s at step %d", path, training_state["step"])
+    return int(training_state["step"])
+
+
+def _unsharded_copy(model, state: dict[str, torch.Tensor], lora: bool):
+    """A plain (not FSDP) model holding ``state``: built on the meta device, then assigned."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        fresh = AutoModelForCausalLM.from_config(model.config)
+    if lora:
+        from peft import get_peft_model
+
+        fresh = get_peft_model(fresh, model.peft_config["default"])
+    fresh.load_state_dict(state, strict=True, assign=True)
+    return fresh
+
+
+def save_final(
+    model, tokenizer, out_dir: str | Path, info: DistInfo | None = None, lora: bool = False
+) -> Path:
+    """The trained model as a standard HF checkpoint (+ tokenizer), atomically, by rank 0.
+
+    LoRA adapters are merged into the base weights, so the result loads without peft.
+    Under FSDP2 the full state is gathered first. Call on all ranks.
+    """
+    out_dir = Path(out_dir)
+    info = info or DistInfo()
+    state = None
+    if info.enabled:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+    if info.is_main:
+        plain = _unsharded_copy(model, state, lora) if info.enabled else model
+        if lora:
+            plain = plain.merge_and_unload()
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    barrier(info)
+    return out_dir
