@@ -17,6 +17,7 @@ from typing import Any
 from jetson import deploy, doctor, planner, power_modes, published, telemetry
 from jetson.board import is_jetson, read_board, require_jetson
 from jetson.errors import JetsonError
+from jetson.serve import register_serve
 
 
 def _common() -> argparse.ArgumentParser:
@@ -258,6 +259,8 @@ def register(subparsers: Any, name: str, help_text: str) -> None:
     )
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=cmd_plan)
+
+    register_serve(sub, common)
 
     p = sub.add_parser("modes", parents=[common], help="list the power modes in nvpmodel.conf")
     p.add_argument(

@@ -16,6 +16,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("distill.cli", "distil an MoE teacher into a dense student"),
     "export": ("export.cli", "quantize and export a student as an ONNX bundle"),
     "generate": ("runtime.cli", "generate text from a bundle (streams to stdout)"),
+    "serve": ("runtime.serve_cli", "run the on-device text and voice service"),
     "jetson": ("jetson.cli", "Jetson power modes, telemetry, planner, deployment"),
     "demo": ("moe2edge.demo", "run the whole pipeline on the built-in tiny models"),
 }

@@ -1,0 +1,176 @@
+"""The FastAPI app: OpenAI-compatible text API, voice WebSocket, web page, health, metrics.
+
+``create_app(config, generator=...)`` builds it around one loaded bundle. Two optional,
+duck-typed hooks let a power manager pace the service without the runtime importing it:
+``step_hook()`` runs before every decode step (``before_decode_step``), and
+``concurrency_limiter.allowed_concurrency()`` caps how many generation slots are usable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from runtime.errors import RuntimeUserError
+from runtime.generate import Generator
+from runtime.server import openai_api, voice_ws
+from runtime.server.config import ServerConfig
+from runtime.server.metrics import Metrics
+from runtime.server.scheduler import Scheduler
+from runtime.server.state import APIError, ServiceState, get_state, paced_hook, require_token
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+class BodyLimit:
+    """413 for request bodies over ``max_bytes`` (by Content-Length, or counted as they come)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = JSONResponse(self._error(int(declared)).body(), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, self._error(seen).message)
+            return message
+
+        await self.app(scope, counted, send)
+
+    def _error(self, size: int) -> APIError:
+        return APIError(
+            413,
+            f"request body of {size}+ bytes exceeds the limit of {self.max_bytes} bytes "
+            "(max_body_bytes); send a shorter prompt",
+            code="request_too_large",
+        )
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(
+    config: ServerConfig,
+    generator: Generator,
+    step_hook: Any = None,
+    concurrency_limiter: Any = None,
+) -> FastAPI:
+    """The service around ``generator`` (a loaded bundle)."""
+    config.validate()
+    scheduler = Scheduler(config.slots, config.queue, concurrency_limiter, config.retry_after_s)
+    metrics = Metrics()
+    model_id = config.model_name or generator.engine.bundle_dir.resolve().name
+    state = ServiceState(
+        config=config,
+        generator=generator,
+        scheduler=scheduler,
+        metrics=metrics,
+        model_id=model_id,
+        step_hook=paced_hook(step_hook, scheduler),
+    )
+    if config.voice_enabled:
+        state.voice = voice_ws.VoiceResources(state)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if state.voice is not None:
+            state.voice.close()  # the pre-started espeak-ng processes
+
+    app = FastAPI(
+        title="moe2edge", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan
+    )
+    app.state.service = state
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
+        metrics.requests.labels(_route(_request), str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = APIError(exc.status_code, str(exc.detail), code=None, headers=exc.headers)
+        return await api_error(_request, err)
+
+    @app.exception_handler(RuntimeUserError)
+    async def user_error(_request: Request, exc: RuntimeUserError) -> JSONResponse:
+        return await api_error(_request, APIError(400, str(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return await api_error(_request, APIError(400, _validation_message(exc)))
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        if response.status_code < 400:  # errors are counted by the handlers above
+            metrics.requests.labels(_route(request), str(response.status_code)).inc()
+        return response
+
+    app.include_router(openai_api.router)
+    app.include_router(voice_ws.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        s = get_state(request)
+        return {
+            "status": "ok",
+            "model": s.model_id,
+            "voice": s.voice is not None,
+            "voice_sessions": s.voice.sessions if s.voice else 0,
+            "context": s.generator.engine.max_length,
+            **s.scheduler.stats(),
+        }
+
+    @app.get("/metrics", dependencies=[Depends(require_token)])
+    async def prometheus(request: Request) -> Response:
+        get_state(request).refresh_gauges()
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    if config.cors_origins:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+        )
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    return app
+
+
+def _route(request: Request) -> str:
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"

@@ -1,0 +1,366 @@
+"""The OpenAI-compatible text API: /v1/models, /v1/completions, /v1/chat/completions.
+
+Requests are typed pydantic models; the service state comes in through FastAPI
+dependencies. Streaming answers are server-sent events in OpenAI's chunk format, ending
+with ``data: [DONE]``. Every generation holds a scheduler slot; if the client goes away
+mid-stream the generation is cancelled and the slot given back at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.generate import GenerationResult
+from runtime.sampling import SamplingParams
+from runtime.server.scheduler import Overloaded, Slot
+from runtime.server.state import APIError, ServiceState, get_state, require_token
+
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
+State = Annotated[ServiceState, Depends(get_state)]
+_END = object()
+
+
+class TextPart(BaseModel):
+    type: Literal["text", "input_text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted and ignored
+
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    user: str | None = None
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    echo: bool = False
+
+
+# --- prompt building ----------------------------------------------------------------------
+
+
+def render_chat(state: ServiceState, messages: list[ChatMessage]) -> str:
+    """Messages -> the bundle's conversation format (its prompt template for user turns,
+    `` reply<end-of-turn>`` for assistant turns; system text leads the first user turn)."""
+    if messages[-1].role != "user":
+        raise APIError(400, "the last message must have role 'user'", param="messages")
+    gen = state.generator
+    end = gen.tokenizer.id_to_token(gen.eos_token_ids[0]) if gen.eos_token_ids else ""
+    system = "\n".join(m.text() for m in messages if m.role in ("system", "developer"))
+    parts: list[str] = []
+    for m in messages:
+        if m.role == "user":
+            text = f"{system}\n{m.text()}" if system and not parts else m.text()
+            parts.append(gen.prompt_template.format(prompt=text))
+        elif m.role == "assistant":
+            parts.append(f" {m.text()}{end}")
+    return "".join(parts)
+
+
+def encode(state: ServiceState, text: str, template: bool) -> list[int]:
+    gen = state.generator
+    if template:
+        return gen.encode_prompt(text)
+    ids = gen.tokenizer.encode(text, add_special_tokens=False).ids
+    return ([gen.bos_token_id] if gen.bos_token_id is not None else []) + ids
+
+
+def sampling_params(
+    state: ServiceState, req: _Sampling, prompt_tokens: int, max_tokens: int | None
+) -> SamplingParams:
+    cfg, context = state.config, state.generator.engine.max_length
+    if req.n != 1:
+        raise APIError(400, "only n=1 is supported", param="n")
+    if prompt_tokens == 0:
+        raise APIError(400, "the prompt is empty", param="prompt")
+    limit = cfg.max_prompt_tokens or context - 1
+    if prompt_tokens > limit:
+        raise APIError(
+            400,
+            f"the prompt is {prompt_tokens} tokens; this server takes at most {limit} "
+            f"(model context {context}); shorten the prompt or the conversation",
+            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    room = context - prompt_tokens
+    if max_tokens is not None:
+        if max_tokens > cfg.max_new_tokens_limit or max_tokens > room:
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} is too large: at most "
+                f"{min(cfg.max_new_tokens_limit, room)} for this prompt ({prompt_tokens} "
+                f"prompt tokens, context {context}, server limit {cfg.max_new_tokens_limit})",
+                param="max_tokens",
+            )
+    else:
+        max_tokens = min(state.generator.default_max_new_tokens, room, cfg.max_new_tokens_limit)
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > 4:
+        raise APIError(400, "at most 4 stop sequences", param="stop")
+    params = SamplingParams(
+        max_new_tokens=max_tokens,
+        temperature=req.temperature if req.temperature is not None else 0.0,
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        top_k=req.top_k or 0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        seed=req.seed,
+        stop=stop,
+    )
+    return params
+
+
+# --- running a generation -----------------------------------------------------------------
+
+
+async def acquire(state: ServiceState) -> Slot:
+    try:
+        slot = await state.scheduler.acquire()
+    except Overloaded as exc:
+        state.metrics.rejected.inc()
+        raise APIError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="server_busy",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    state.refresh_gauges()
+    return slot
+
+
+async def pieces(
+    state: ServiceState,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    slot: Slot,
+    result: GenerationResult,
+    cancel: threading.Event,
+) -> AsyncIterator[str]:
+    """Reply text pieces from a worker thread; leaving early cancels it and frees the slot."""
+    loop = asyncio.get_running_loop()
+    out: asyncio.Queue = asyncio.Queue()
+    admitted = time.perf_counter()
+
+    def put(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(out.put_nowait, item)
+        except RuntimeError:  # loop closed at shutdown
+            pass
+
+    def work() -> None:
+        try:
+            for piece in state.generator.stream(
+                prompt_ids, params, result=result, step_hook=state.step_hook, cancel=cancel
+            ):
+                put(piece)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+        finally:
+            slot.release()
+            put(_END)
+
+    threading.Thread(target=work, name="generate", daemon=True).start()
+    first = True
+    finished = False
+    try:
+        while True:
+            item = await out.get()
+            if item is _END:
+                finished = True
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if first:
+                state.metrics.ttft.observe(time.perf_counter() - admitted)
+                first = False
+            yield item
+    finally:
+        if not finished:  # client gone (or consumer stopped): stop decoding, free the slot
+            cancel.set()
+            slot.release()
+            state.metrics.cancelled.labels("client_disconnected").inc()
+        state.metrics.tokens.inc(len(result.token_ids))
+        state.metrics.prompt_tokens.inc(result.prompt_tokens)
+        state.refresh_gauges()
+
+
+def usage(result: GenerationResult) -> dict[str, int]:
+    n = len(result.token_ids)
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": n,
+        "total_tokens": result.prompt_tokens + n,
+    }
+
+
+def finish_reason(result: GenerationResult) -> str:
+    return "stop" if result.finish_reason == "stop" else "length"
+
+
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+@router.get("/models")
+async def list_models(state: State) -> dict:
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": state.model_id,
+                "object": "model",
+                "created": state.created,
+                "owned_by": "moe2edge",
+            }
+        ],
+    }
+
+
+@router.post("/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, state: State, request: Request):
+    prompt_ids = encode(state, render_chat(state, req.messages), template=False)
+    params = sampling_params(
+        state, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens
+    )
+    return await _complete(state, req, prompt_ids, params, chat=True)
+
+
+@router.post("/completions")
+async def completions(req: CompletionRequest, state: State, request: Request):
+    prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    if len(prompts) != 1:
+        raise APIError(
+            400, "send one prompt per request (a list of one string at most)", param="prompt"
+        )
+    if req.echo:
+        raise APIError(400, "echo is not supported", param="echo")
+    prompt_ids = encode(state, prompts[0], template=False)
+    params = sampling_params(state, req, len(prompt_ids), req.max_tokens)
+    return await _complete(state, req, prompt_ids, params, chat=False)
+
+
+async def _complete(
+    state: ServiceState, req: _Sampling, prompt_ids: list[int], params: SamplingParams, chat: bool
+):
+    slot = await acquire(state)
+    result, cancel = GenerationResult(), threading.Event()
+    created = int(time.time())
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    kind = "chat.completion" if chat else "text_completion"
+    base = {"id": rid, "created": created, "model": state.model_id}
+    if not req.stream:
+        text = "".join([p async for p in pieces(state, prompt_ids, params, slot, result, cancel)])
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(result)}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        return JSONResponse({**base, "object": kind, "choices": [choice], "usage": usage(result)})
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(delta: str | None = None, reason: str | None = None, role: bool = False) -> str:
+        if chat:
+            d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+            if delta is not None:
+                d["content"] = delta
+            ch = {"index": 0, "delta": d, "finish_reason": reason}
+            obj = {**base, "object": "chat.completion.chunk", "choices": [ch]}
+        else:
+            ch = {"index": 0, "text": delta or "", "finish_reason": reason, "logprobs": None}
+            obj = {**base, "object": "text_completion", "choices": [ch]}
+        if include_usage:
+            obj["usage"] = None
+        return sse(obj)
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield chunk(role=True)
+            async for piece in pieces(state, prompt_ids, params, slot, result, cancel):
+                yield chunk(piece)
+            yield chunk(reason=finish_reason(result))
+            if include_usage:
+                yield sse(
+                    {
+                        **base,
+                        "object": "chat.completion.chunk" if chat else kind,
+                        "choices": [],
+                        "usage": usage(result),
+                    }
+                )
+        except Exception as exc:  # headers are gone: report in the stream, then end it
+            yield sse({"error": {"message": str(exc), "type": "server_error"}})
+        finally:
+            slot.release()
+        yield "data: [DONE]\n\n"
+
+    def on_close() -> None:
+        cancel.set()
+        slot.release()
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return GenerationStream(body(), on_close, media_type="text/event-stream", headers=headers)
+
+
+class GenerationStream(StreamingResponse):
+    """An SSE response that stops its generation and frees its slot however it ends
+    (finished, client gone, or never started)."""
+
+    def __init__(self, content: AsyncIterator[str], on_close, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()

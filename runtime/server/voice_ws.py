@@ -1,0 +1,410 @@
+"""Voice over WebSocket (``/v1/realtime``): PCM16 frames in, Realtime-style JSON events out.
+
+See docs/voice-protocol.md. Binary messages are 16 kHz mono PCM16 audio; text messages are
+JSON client events. Every problem with a message (bad audio, wrong sample rate, oversized,
+invalid JSON, unknown event) is answered with an ``error`` event and the connection stays
+open; only a missing token (1008) or a full house (1013) closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from runtime.server.scheduler import Overloaded
+from runtime.server.state import ServiceState, check_token
+from runtime.voice.asr import make_recognizer
+from runtime.voice.audio import SAMPLE_RATE
+from runtime.voice.pipeline import VoiceSession, VoiceSettings
+from runtime.voice.prespawn import PrespawnedEspeak
+from runtime.voice.reply import PromptCache, new_id
+from runtime.voice.tts import PiperSynthesizer, Synthesizer
+from runtime.voice.vad import VoiceActivityDetector
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+CLIENT_EVENTS = (
+    "session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+    "response.cancel",
+)
+
+
+class VoiceResources:
+    """What voice sessions share: the synthesizer, the template prefix's KV cache, settings."""
+
+    def __init__(self, state: ServiceState) -> None:
+        cfg = self.config = state.config
+        self.state = state
+        if cfg.tts == "piper":
+            self.synthesizer: Synthesizer = PiperSynthesizer(cfg.piper_model)
+        else:
+            self.synthesizer = PrespawnedEspeak(voice=cfg.tts_voice, speed_wpm=cfg.tts_speed_wpm)
+        self.base_cache = PromptCache(state.generator).base
+        self.sessions = 0
+        self._lock = threading.Lock()
+        self.make_recognizer()  # fail at start-up (bad grammar, missing backend), not per call
+
+    def close(self) -> None:
+        close = getattr(self.synthesizer, "close", None)
+        if close is not None:
+            close()
+
+    def make_recognizer(self):
+        opts = dict(self.config.recognizer_options)
+        if self.config.grammar and self.config.recognizer == "pocketsphinx":
+            opts.setdefault("grammar_path", self.config.grammar)
+        return make_recognizer(self.config.recognizer, **opts)
+
+    def settings(self) -> VoiceSettings:
+        c = self.config
+        return VoiceSettings(
+            end_silence_ms=c.vad_end_silence_ms,
+            vad_threshold=c.vad_threshold,
+            min_speech_ms=c.vad_min_speech_ms,
+            preroll_ms=c.preroll_ms,
+            barge_in=c.barge_in,
+            speculate=c.speculate,
+            speculate_after_ms=c.speculate_after_ms,
+            max_new_tokens=c.voice_max_new_tokens or self.state.generator.default_max_new_tokens,
+            temperature=c.voice_temperature,
+            speak_brackets=c.speak_brackets,
+            audio_chunk_ms=c.audio_chunk_ms,
+            audio_lead_ms=c.audio_lead_ms,
+        )
+
+    def try_open(self) -> bool:
+        with self._lock:
+            if self.sessions >= self.config.max_voice_sessions:
+                return False
+            self.sessions += 1
+            return True
+
+    def closed(self) -> None:
+        with self._lock:
+            self.sessions -= 1
+
+
+def error_event(
+    code: str,
+    message: str,
+    param: str | None = None,
+    event_id: Any = None,
+    type: str = "invalid_request_error",
+) -> dict:
+    err = {"type": type, "code": code, "message": message, "param": param}
+    if event_id is not None:
+        err["event_id"] = event_id
+    return {"type": "error", "error": err}
+
+
+def session_view(s: VoiceSettings) -> dict:
+    return {
+        "object": "realtime.session",
+        "input_audio_format": "pcm16",
+        "input_audio_sample_rate": SAMPLE_RATE,
+        "output_audio_format": "pcm16",
+        "output_audio_sample_rate": SAMPLE_RATE,
+        "turn_detection": {
+            "type": "server_vad",
+            "threshold": s.vad_threshold,
+            "silence_duration_ms": s.end_silence_ms,
+            "prefix_padding_ms": s.preroll_ms,
+        }
+        if s.turn_detection
+        else None,
+        "max_response_output_tokens": s.max_new_tokens,
+        "temperature": s.temperature,
+        "moe2edge": {
+            "barge_in": s.barge_in,
+            "speculate": s.speculate,
+            "speculate_after_ms": s.speculate_after_ms,
+            "min_speech_ms": s.min_speech_ms,
+            "audio_lead_ms": s.audio_lead_ms,
+            "audio_chunk_ms": s.audio_chunk_ms,
+            "speak_brackets": s.speak_brackets,
+        },
+    }
+
+
+def parse_session_update(session: Any) -> dict[str, Any]:
+    """A ``session.update``'s session object -> VoiceSettings changes (ValueError if bad)."""
+    if not isinstance(session, dict):
+        raise ValueError("session.update needs a 'session' object")
+    rate = session.get("input_audio_sample_rate", session.get("sample_rate"))
+    fmt = session.get("input_audio_format")
+    if isinstance(fmt, dict):  # {"type": "audio/pcm", "rate": 24000} (GA shape)
+        rate = fmt.get("rate", rate)
+        fmt = fmt.get("type")
+    audio_in = (session.get("audio") or {}).get("input", {}).get("format")
+    if isinstance(audio_in, dict):
+        rate = audio_in.get("rate", rate)
+        fmt = audio_in.get("type", fmt)
+    if fmt is not None and fmt not in ("pcm16", "audio/pcm"):
+        raise ValueError(f"input_audio_format {fmt!r} is not supported; send 'pcm16'")
+    if rate is not None and rate != SAMPLE_RATE:
+        raise ValueError(
+            f"input sample rate {rate} Hz is not supported: this server takes {SAMPLE_RATE} Hz "
+            "mono PCM16; resample on the client (the web page at / does) and send 16000"
+        )
+    changes: dict[str, Any] = {}
+    if "turn_detection" in session:
+        td = session["turn_detection"]
+        if td is None:
+            changes["turn_detection"] = False
+        elif isinstance(td, dict) and td.get("type", "server_vad") == "server_vad":
+            changes["turn_detection"] = True
+            for key, name in (
+                ("silence_duration_ms", "end_silence_ms"),
+                ("threshold", "vad_threshold"),
+                ("prefix_padding_ms", "preroll_ms"),
+            ):
+                if key in td:
+                    changes[name] = td[key]
+        else:
+            raise ValueError("turn_detection must be null or {'type': 'server_vad', ...}")
+    if "max_response_output_tokens" in session:
+        value = session["max_response_output_tokens"]
+        changes["max_new_tokens"] = 4096 if value == "inf" else value
+    if "temperature" in session:
+        changes["temperature"] = session["temperature"]
+    extra = session.get("moe2edge") or {}
+    if not isinstance(extra, dict):
+        raise ValueError("session.moe2edge must be an object of settings")
+    changes.update(extra)
+    for key, value in changes.items():
+        if key != "turn_detection" and (
+            isinstance(value, str) or not isinstance(value, int | float)
+        ):
+            raise ValueError(f"setting {key} must be a number or boolean, got {value!r}")
+    return changes
+
+
+@router.websocket("/v1/realtime")
+async def realtime(websocket: WebSocket) -> None:
+    state: ServiceState = websocket.app.state.service
+    voice: VoiceResources | None = state.voice
+    await websocket.accept()
+    sent = 0
+
+    async def send(event: dict) -> None:
+        nonlocal sent
+        sent += 1
+        event.setdefault("event_id", f"event_{sent}")
+        if event["type"] == "error":
+            state.metrics.ws_errors.labels(event["error"].get("code", "")).inc()
+        await websocket.send_text(json.dumps(event))
+
+    auth = websocket.headers.get("authorization", "")
+    presented = (
+        auth[7:] if auth.lower().startswith("bearer ") else websocket.query_params.get("token")
+    )
+    if not check_token(state, presented):
+        await send(
+            error_event(
+                "invalid_api_key",
+                "missing or wrong token: send 'Authorization: Bearer <token>' or ?token=<token>",
+                type="authentication_error",
+            )
+        )
+        await websocket.close(code=1008, reason="missing or wrong token")
+        return
+    if voice is None:
+        await send(
+            error_event("voice_disabled", "voice is disabled on this server (voice_enabled=false)")
+        )
+        await websocket.close(code=1008, reason="voice disabled")
+        return
+    if not voice.try_open():
+        await send(
+            error_event(
+                "server_busy",
+                f"all {state.config.max_voice_sessions} voice sessions are in use; try again later",
+                type="rate_limit_error",
+            )
+        )
+        await websocket.close(code=1013, reason="voice sessions full")
+        return
+    state.metrics.voice_sessions.inc()
+    loop = asyncio.get_running_loop()
+    outbox: asyncio.Queue = asyncio.Queue()
+
+    def emit(event: dict) -> None:  # called from pipeline threads
+        try:
+            loop.call_soon_threadsafe(outbox.put_nowait, event)
+        except RuntimeError:
+            pass
+
+    def acquire_slot(wait: bool):
+        if not wait:
+            slot = asyncio.run_coroutine_threadsafe(_try_acquire(state), loop).result()
+            if slot is None:
+                raise Overloaded(1, state.scheduler.queued)
+        else:
+            slot = asyncio.run_coroutine_threadsafe(state.scheduler.acquire(), loop).result()
+        loop.call_soon_threadsafe(state.refresh_gauges)
+        return slot.release
+
+    session: VoiceSession | None = None
+    sender: asyncio.Task | None = None
+    try:
+        session = await asyncio.to_thread(
+            lambda: VoiceSession(
+                state.generator,
+                voice.make_recognizer(),
+                voice.synthesizer,
+                emit,
+                settings=(settings := voice.settings()),
+                vad=VoiceActivityDetector(
+                    threshold=settings.vad_threshold,
+                    min_speech_ms=settings.min_speech_ms,
+                    end_silence_ms=settings.end_silence_ms,
+                ),
+                prompt_cache=PromptCache(state.generator, voice.base_cache),
+                acquire_slot=acquire_slot,
+                step_hook=state.step_hook,
+                metrics=state.metrics,
+            ).start()
+        )
+
+        async def pump() -> None:
+            while True:
+                await send(await outbox.get())
+
+        sender = asyncio.create_task(pump())
+        emit(
+            {
+                "type": "session.created",
+                "session": {"id": new_id("sess"), **session_view(session.settings)},
+            }
+        )
+        await _receive_loop(websocket, state, session, emit)
+    except WebSocketDisconnect:
+        pass
+    finally:
+        if session is not None:
+            await asyncio.to_thread(session.close)
+        if sender is not None:
+            sender.cancel()
+        voice.closed()
+        state.metrics.voice_sessions.dec()
+
+
+async def _try_acquire(state: ServiceState):
+    s = state.scheduler
+    if s.active < s.capacity() and not s.queued:
+        return await s.acquire()
+    return None
+
+
+async def _receive_loop(
+    websocket: WebSocket, state: ServiceState, session: VoiceSession, emit
+) -> None:
+    limit = state.config.max_ws_message_bytes
+    while True:
+        message = await websocket.receive()
+        arrived = time.perf_counter()
+        if message["type"] == "websocket.disconnect":
+            return
+        data, text = message.get("bytes"), message.get("text")
+        size = len(data) if data is not None else len((text or "").encode())
+        if size > limit:
+            emit(
+                error_event(
+                    "message_too_large",
+                    f"message of {size} bytes exceeds the limit of "
+                    f"{limit} bytes; send audio in frames of 20 ms (640 bytes)",
+                )
+            )
+            continue
+        if data is not None:
+            _push(session, data, arrived, emit)
+            continue
+        try:
+            event = json.loads(text or "")
+        except json.JSONDecodeError as exc:
+            emit(error_event("invalid_json", f"text messages must be JSON events: {exc}"))
+            continue
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            emit(
+                error_event("invalid_event", "an event must be a JSON object with a string 'type'")
+            )
+            continue
+        _handle_event(session, event, arrived, emit)
+
+
+def _push(session: VoiceSession, pcm: bytes, arrived: float, emit, event_id: Any = None) -> None:
+    try:
+        session.push_audio(pcm, arrived)
+    except OverflowError as exc:
+        emit(error_event("input_overflow", str(exc), event_id=event_id))
+    except (ValueError, TypeError) as exc:
+        emit(
+            error_event(
+                "invalid_audio",
+                f"{exc} (16 kHz mono PCM16 little-endian expected)",
+                event_id=event_id,
+            )
+        )
+
+
+def _handle_event(session: VoiceSession, event: dict, arrived: float, emit) -> None:
+    kind, event_id = event["type"], event.get("event_id")
+    if kind == "input_audio_buffer.append":
+        try:
+            pcm = base64.b64decode(event.get("audio") or "", validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            emit(
+                error_event(
+                    "invalid_audio",
+                    "input_audio_buffer.append needs 'audio': base64 of 16 kHz mono PCM16",
+                    param="audio",
+                    event_id=event_id,
+                )
+            )
+            return
+        _push(session, pcm, arrived, emit, event_id)
+    elif kind == "session.update":
+        try:
+            changes = parse_session_update(event.get("session"))
+            session.update(**changes)
+        except (ValueError, TypeError) as exc:
+            code = "unsupported_sample_rate" if "sample rate" in str(exc) else "invalid_session"
+            emit(error_event(code, str(exc), param="session", event_id=event_id))
+            return
+        session.call(
+            lambda: emit({"type": "session.updated", "session": session_view(session.settings)})
+        )
+    elif kind == "input_audio_buffer.commit":
+        session.commit()
+        session.call(lambda: emit({"type": "input_audio_buffer.committed"}))
+    elif kind == "input_audio_buffer.clear":
+        session.clear()
+    elif kind == "response.cancel":
+        if not session.cancel_reply("client_cancelled"):
+            emit(
+                error_event(
+                    "response_cancel_not_active", "there is no reply to cancel", event_id=event_id
+                )
+            )
+    else:
+        emit(
+            error_event(
+                "unknown_event",
+                f"unknown event type {kind!r}; this server accepts "
+                f"{', '.join(CLIENT_EVENTS)} and binary audio frames",
+                param="type",
+                event_id=event_id,
+            )
+        )

@@ -1,0 +1,457 @@
+"""The voice pipeline of one conversation: VAD -> streaming ASR -> incremental prefill ->
+generation -> streaming TTS -> audio out, with barge-in and per-turn latency accounting.
+
+Audio (16 kHz mono PCM16) is pushed from any thread and processed in order on the
+session's own input thread:
+
+- Silero VAD judges each 32 ms window; ``speech_start`` opens an utterance (the recognizer
+  gets a pre-roll of the audio before the decision), ``speech_end`` closes it once
+  ``end_silence_ms`` of silence follows the last voiced window (the endpoint).
+- The recognizer decodes as audio arrives; each partial transcript's stable words (all
+  but the last) are prefilled into the turn's KV cache (``PromptCache``).
+- Draft: once ``speculate_after_ms`` of silence follows speech, the reply to the latest
+  partial is generated *held* (text and first audio ready, nothing sent). At the endpoint,
+  if the final transcript equals the draft's, the draft is released and its audio goes out
+  at once; otherwise it is discarded and the reply is generated from the final transcript.
+- Barge-in: speech that starts while a reply is being sent cancels its generation and
+  synthesis (``response.done`` with status ``cancelled``, reason ``turn_detected``).
+
+Events (dicts shaped like the OpenAI Realtime API's server events, see
+docs/voice-protocol.md) go to ``emit``, which must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from runtime.generate import Generator
+from runtime.voice.asr import Recognizer
+from runtime.voice.audio import SAMPLE_RATE, validate_frame
+from runtime.voice.reply import Emit, PromptCache, Reply, ReplyOptions, TurnTimes, new_id
+from runtime.voice.tts import Synthesizer
+from runtime.voice.vad import SPEECH_START, WINDOW_SAMPLES, VadEvent, VoiceActivityDetector
+
+log = logging.getLogger(__name__)
+
+WINDOW_MS = 1000 * WINDOW_SAMPLES / SAMPLE_RATE
+
+
+@dataclass
+class VoiceSettings:
+    """Per-session settings (a client may change them with ``session.update``)."""
+
+    end_silence_ms: float = 300.0
+    vad_threshold: float = 0.5
+    min_speech_ms: float = 96.0
+    preroll_ms: float = 300.0
+    turn_detection: bool = True  # False: the client ends turns with input_audio_buffer.commit
+    barge_in: bool = True
+    speculate: bool = True
+    speculate_after_ms: float = 96.0
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    speak_brackets: bool = False
+    first_phrase_words: int = 4
+    audio_chunk_ms: float = 100.0
+    audio_lead_ms: float = 300.0
+    max_frame_ms: float = 1000.0
+
+    def update(self, **values: Any) -> None:
+        known = {f.name: f for f in fields(self)}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"unknown voice setting {key!r}; known: {sorted(known)}")
+            setattr(self, key, type(getattr(self, key))(value))
+
+    def reply_options(self) -> ReplyOptions:
+        return ReplyOptions(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            speak_brackets=self.speak_brackets,
+            first_phrase_words=self.first_phrase_words,
+            audio_chunk_ms=self.audio_chunk_ms,
+            audio_lead_ms=self.audio_lead_ms,
+        )
+
+
+class VoiceSession:
+    """One conversation's voice pipeline (see the module docstring)."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        recognizer: Recognizer,
+        synthesizer: Synthesizer,
+        emit: Emit,
+        settings: VoiceSettings | None = None,
+        vad: VoiceActivityDetector | None = None,
+        prompt_cache: PromptCache | None = None,
+        acquire_slot: Callable[[bool], Callable[[], None]] | None = None,
+        step_hook: Callable[[], None] | None = None,
+        metrics: Any = None,
+    ) -> None:
+        self.generator, self.asr, self.tts = generator, recognizer, synthesizer
+        self.emit = emit
+        self.settings = settings or VoiceSettings()
+        self.vad = vad or VoiceActivityDetector(
+            threshold=self.settings.vad_threshold,
+            min_speech_ms=self.settings.min_speech_ms,
+            end_silence_ms=self.settings.end_silence_ms,
+        )
+        self.prompt = prompt_cache or PromptCache(generator)
+        self.acquire_slot, self.step_hook, self.metrics = acquire_slot, step_hook, metrics
+        self._inbox: queue.Queue = queue.Queue()
+        self.max_backlog = 1500  # queued frames (30 s of 20 ms frames) before frames are refused
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._reset_stream()
+        self.reply: Reply | None = None  # the reply being sent (released)
+        self.draft: Reply | None = None  # a held reply drafted during the end silence
+
+    # --- public API (any thread) -----------------------------------------------------------
+
+    def start(self) -> VoiceSession:
+        self._thread = threading.Thread(target=self._run, name="voice-input", daemon=True)
+        self._thread.start()
+        return self
+
+    def push_audio(self, pcm: bytes, arrived_at: float | None = None) -> None:
+        """Queue a frame of 16 kHz mono PCM16 (validated here; ValueError names the problem)."""
+        validate_frame(pcm, max_ms=self.settings.max_frame_ms)
+        if self._inbox.qsize() >= self.max_backlog:
+            raise OverflowError(
+                f"audio is arriving faster than real time: {self.max_backlog} messages are "
+                "waiting; this frame was dropped (send 20 ms frames at the pace they are recorded)"
+            )
+        self._inbox.put((pcm, arrived_at if arrived_at is not None else time.perf_counter()))
+
+    def call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the input thread, in order with the audio."""
+        self._inbox.put(fn)
+
+    def commit(self) -> None:
+        self.call(self._commit)
+
+    def clear(self) -> None:
+        self.call(self._clear)
+
+    def cancel_reply(self, reason: str = "client_cancelled") -> bool:
+        reply = self.reply
+        if reply is not None and reply.active:
+            reply.cancel(reason)
+            return True
+        return False
+
+    def update(self, **values: Any) -> None:
+        """Change settings now (ValueError for an unknown key); applied on the input thread."""
+        probe = VoiceSettings(
+            **{f.name: getattr(self.settings, f.name) for f in fields(VoiceSettings)}
+        )
+        probe.update(**values)  # raises before anything changes
+        self.call(lambda: self._apply(values))
+
+    def close(self, timeout: float = 2.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for reply in (self.draft, self.reply):
+            if reply is not None:
+                reply.discard()
+        self._inbox.put(None)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Block until queued audio is processed and no reply is running (for tests)."""
+        done = threading.Event()
+        self.call(done.set)
+        if not done.wait(timeout):
+            return False
+        reply = self.reply
+        return reply is None or reply.done.wait(timeout)
+
+    # --- input thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            item = self._inbox.get()
+            if item is None:
+                break
+            try:
+                if callable(item):
+                    item()
+                else:
+                    self._process(*item)
+            except Exception as exc:  # never let one bad frame end the session
+                log.exception("voice pipeline error")
+                self.emit(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "server_error",
+                            "code": "pipeline_error",
+                            "message": f"the voice pipeline failed on this input: {exc}",
+                        },
+                    }
+                )
+        if self._utterance:
+            self.asr.finish()
+
+    def _reset_stream(self) -> None:
+        self._samples = 0  # samples received since the stream (re)started
+        self._origin = 0  # stream sample where the VAD was last reset
+        self._arrivals: deque[tuple[int, float]] = deque(maxlen=500)  # (end sample, time)
+        self._preroll: deque[bytes] = deque()
+        self._preroll_samples = 0
+        self._utterance = False
+        self._item_id: str | None = None
+        self._partial = ""
+        self._judged = 0
+        self._silent_windows = 0
+
+    def _apply(self, values: dict[str, Any]) -> None:
+        self.settings.update(**values)
+        s = self.settings
+        self.vad.threshold = s.vad_threshold
+        self.vad.off_threshold = max(0.01, s.vad_threshold - 0.15)
+        self.vad.min_speech_samples = int(s.min_speech_ms * SAMPLE_RATE / 1000)
+        self.vad.end_silence_samples = int(s.end_silence_ms * SAMPLE_RATE / 1000)
+
+    def _ms(self, vad_sample: int) -> float:
+        return round(1000 * (self._origin + vad_sample) / SAMPLE_RATE, 1)
+
+    def _arrival_of(self, vad_sample: int) -> float | None:
+        """When the frame holding stream sample ``vad_sample`` (VAD time) arrived."""
+        target = self._origin + vad_sample
+        for end, t in self._arrivals:
+            if end >= target:
+                return t
+        return self._arrivals[-1][1] if self._arrivals else None
+
+    def _process(self, pcm: bytes, arrived_at: float) -> None:
+        self._samples += len(pcm) // 2
+        self._arrivals.append((self._samples, arrived_at))
+        if not self.settings.turn_detection:
+            if not self._utterance:
+                self._open_utterance(None)
+            self._feed_asr(pcm)
+            return
+        events = self.vad.feed(pcm)
+        judged = self.vad.samples_seen // WINDOW_SAMPLES
+        if judged > self._judged:
+            quiet = self.vad.in_speech and self.vad.last_probability < self.vad.off_threshold
+            self._silent_windows = self._silent_windows + judged - self._judged if quiet else 0
+            self._judged = judged
+        if self._utterance:
+            self._feed_asr(pcm)
+        else:
+            self._preroll.append(pcm)
+            self._preroll_samples += len(pcm) // 2
+            while self._preroll_samples - len(self._preroll[0]) // 2 >= (
+                self.settings.preroll_ms * SAMPLE_RATE / 1000
+            ):
+                self._preroll_samples -= len(self._preroll.popleft()) // 2
+        for event in events:
+            if event.kind == SPEECH_START:
+                self._on_speech_start(event)
+            elif self._utterance:
+                self._on_speech_end(event)
+        self._maybe_draft()
+
+    def _feed_asr(self, pcm: bytes) -> None:
+        partial = self.asr.feed(pcm)
+        if partial:
+            self._on_partial(partial)
+
+    def _open_utterance(self, event: VadEvent | None) -> None:
+        self._item_id = new_id("item")
+        self._partial = ""
+        self.prompt.reset()
+        self.asr.start_utterance()
+        self._utterance = True
+        if event is not None:
+            self.emit(
+                {
+                    "type": "input_audio_buffer.speech_started",
+                    "audio_start_ms": self._ms(event.sample),
+                    "item_id": self._item_id,
+                }
+            )
+
+    def _on_speech_start(self, event: VadEvent) -> None:
+        self._drop_draft()
+        self._open_utterance(event)  # speech_started goes out before the cancelled reply's done
+        reply = self.reply
+        if reply is not None and reply.active and self.settings.barge_in:
+            reply.cancel("turn_detected")
+            if self.metrics is not None:
+                self.metrics.barge_ins.inc()
+        preroll, self._preroll = list(self._preroll), deque()
+        self._preroll_samples = 0
+        for frame in preroll:
+            self._feed_asr(frame)
+
+    def _on_partial(self, partial: str) -> None:
+        previous, self._partial = self._partial, partial
+        delta = partial[len(previous) :] if partial.startswith(previous) else partial
+        self.emit(
+            {
+                "type": "conversation.item.input_audio_transcription.delta",
+                "item_id": self._item_id,
+                "content_index": 0,
+                "delta": delta,
+                "transcript": partial,
+            }
+        )
+        try:
+            self.prompt.prefill_partial(partial)
+        except Exception:  # e.g. a transcript longer than the context: prefilled at the end
+            log.debug("incremental prefill skipped", exc_info=True)
+
+    def _maybe_draft(self) -> None:
+        s = self.settings
+        if not (s.speculate and self._utterance and self._partial):
+            return
+        if self._silent_windows * WINDOW_MS < s.speculate_after_ms:
+            if self.draft is not None and self._silent_windows == 0:
+                self._drop_draft()  # speech resumed: the transcript will change
+            return
+        if self.draft is not None and self.draft.transcript == self._partial:
+            return
+        self._drop_draft()
+        self.draft = self._make_reply(self._partial, TurnTimes(), held=True)
+        if self.draft is not None:
+            self.draft.start()
+
+    def _drop_draft(self, outcome: str = "discarded") -> None:
+        if self.draft is not None:
+            self.draft.discard()
+            if self.metrics is not None:
+                self.metrics.speculation.labels(outcome).inc()
+            self.draft = None
+
+    def _on_speech_end(self, event: VadEvent | None) -> None:
+        times = TurnTimes(endpoint=time.perf_counter())
+        if event is not None:
+            times.last_voiced = self._arrival_of(event.sample)
+            times.audio_end_ms = self._ms(event.sample)
+            times.endpoint_ms = self._ms(event.decided_sample)
+        else:  # committed by the client: the last frame received is the end
+            times.last_voiced = self._arrivals[-1][1] if self._arrivals else times.endpoint
+            times.audio_end_ms = times.endpoint_ms = round(1000 * self._samples / SAMPLE_RATE, 1)
+        self.emit(
+            {
+                "type": "input_audio_buffer.speech_stopped",
+                "audio_end_ms": times.audio_end_ms,
+                "endpoint_ms": times.endpoint_ms,
+                "item_id": self._item_id,
+            }
+        )
+        transcript = self.asr.finish().strip()
+        times.final_transcript = time.perf_counter()
+        self._utterance = False
+        self._silent_windows = 0
+        self.emit(
+            {
+                "type": "conversation.item.input_audio_transcription.completed",
+                "item_id": self._item_id,
+                "content_index": 0,
+                "transcript": transcript,
+            }
+        )
+        draft, self.draft = self.draft, None
+        if not transcript:
+            if draft is not None:
+                draft.discard()
+            return
+        usable = draft is not None and draft.transcript == transcript and draft.error is None
+        if draft is not None and usable:
+            draft.times.last_voiced, draft.times.endpoint = times.last_voiced, times.endpoint
+            draft.times.final_transcript = times.final_transcript
+            draft.times.audio_end_ms, draft.times.endpoint_ms = (
+                times.audio_end_ms,
+                times.endpoint_ms,
+            )
+            draft.times.extra["drafted"] = True
+            self.reply = draft
+            draft.release()
+        else:
+            if draft is not None:
+                draft.discard()
+            times.extra["drafted"] = False
+            self.reply = self._make_reply(transcript, times, held=False)
+            if self.reply is not None:
+                self.reply.start()
+        if draft is not None and self.metrics is not None:
+            self.metrics.speculation.labels("used" if usable else "missed").inc()
+
+    def _make_reply(self, transcript: str, times: TurnTimes, held: bool) -> Reply | None:
+        prompt_ids = self.prompt.prompt_ids(transcript)
+        room = self.generator.engine.max_length - len(prompt_ids)
+        if room < 1:
+            if not held:
+                self.emit(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "invalid_request_error",
+                            "code": "context_length_exceeded",
+                            "message": f"the transcript is {len(prompt_ids)} tokens, more than "
+                            f"the model's context of {self.generator.engine.max_length}; "
+                            "speak a shorter request",
+                        },
+                    }
+                )
+            return None
+        cache, rest = self.prompt.fork(prompt_ids)
+        options = self.settings.reply_options()
+        options.max_new_tokens = min(options.max_new_tokens, room)
+        times.extra["prompt_tokens"] = len(prompt_ids)
+        times.extra["prefilled_tokens"] = cache.length
+        return Reply(
+            self.generator,
+            self.tts,
+            self.emit,
+            transcript,
+            self._item_id or new_id("item"),
+            cache,
+            rest,
+            options,
+            times,
+            held=held,
+            acquire_slot=self.acquire_slot,
+            step_hook=self.step_hook,
+            on_done=self._on_reply_done,
+        )
+
+    def _on_reply_done(self, reply: Reply) -> None:
+        if not reply.released or self.metrics is None:
+            return
+        self.metrics.voice_turns.labels(reply.status).inc()
+        self.metrics.observe_turn(reply.timings)
+
+    def _commit(self) -> None:
+        if self._utterance:
+            self._drop_draft()
+            self._on_speech_end(None)
+            self.vad.reset()
+            self._origin, self._judged = self._samples, 0
+
+    def _clear(self) -> None:
+        if self._utterance:
+            self.asr.finish()
+        self._drop_draft()
+        self.vad.reset()
+        self._utterance = False
+        self._partial = ""
+        self._preroll.clear()
+        self._preroll_samples = 0
+        self._origin, self._judged, self._silent_windows = self._samples, 0, 0
+        self.emit({"type": "input_audio_buffer.cleared"})

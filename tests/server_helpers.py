@@ -1,0 +1,66 @@
+"""Helpers for the service tests: a real uvicorn server on 127.0.0.1 in a thread, speech."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import uvicorn
+
+from runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving ``app`` on 127.0.0.1 from a background thread (a real HTTP server)."""
+
+    def __init__(self, app) -> None:
+        self.port = free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", ws_max_size=1 << 20
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/realtime"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def speech(text: str, voice: str = "en-us", lead_s: float = 0.3, tail_s: float = 0.6) -> np.ndarray:
+    """``text`` spoken by espeak-ng at 16 kHz with silence around it."""
+    audio = EspeakSynthesizer(voice=voice).synthesize(text)
+    lead, tail = np.zeros(int(lead_s * SAMPLE_RATE)), np.zeros(int(tail_s * SAMPLE_RATE))
+    return np.concatenate([lead, audio, tail]).astype(np.float32)
+
+
+def frames(audio: np.ndarray) -> Iterator[bytes]:
+    pcm = float32_to_pcm16(audio)
+    step = FRAME_SAMPLES * 2
+    for i in range(0, len(pcm) - step + 1, step):
+        yield pcm[i : i + step]

@@ -1,0 +1,264 @@
+"""The text API on a real uvicorn server on 127.0.0.1: the official openai client, auth,
+limits, overload (only 200s and 429s), a disconnect that frees its slot at once, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+
+import httpx
+import openai
+import pytest
+
+from runtime import Generator
+from runtime.server import ServerConfig, create_app
+from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.server_helpers import ServerThread, free_port
+
+TOKEN = "test-token-123"
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_run) -> Generator:
+    return Generator.from_bundle(tiny_run["bundle"], threads=1)
+
+
+def text_server(generator, **overrides):
+    hook = overrides.pop("_hook", None)
+    config = ServerConfig(voice_enabled=False, **overrides)
+    return ServerThread(create_app(config, generator=generator, step_hook=hook))
+
+
+def test_openai_client_streaming_and_not(generator) -> None:
+    prompt = "turn on the kitchen lights"
+    expected = generator.generate(prompt).text  # greedy: the server must say exactly this
+    with text_server(generator, token=TOKEN) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key=TOKEN, max_retries=0)
+        models = client.models.list()
+        assert [m.id for m in models.data] == [generator.engine.bundle_dir.resolve().name]
+
+        chat = client.chat.completions.create(
+            model=models.data[0].id, messages=[{"role": "user", "content": prompt}]
+        )
+        assert chat.choices[0].message.content == expected
+        assert chat.choices[0].finish_reason in ("stop", "length")
+        assert chat.usage.prompt_tokens == len(generator.encode_prompt(prompt))
+        assert chat.usage.completion_tokens >= 1
+
+        stream = client.chat.completions.create(
+            model="any",
+            messages=[{"role": "user", "content": prompt}],
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == expected
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+        assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+
+        raw = generator.tokenizer.decode(generator.encode_prompt(prompt), skip_special_tokens=False)
+        comp = client.completions.create(model="any", prompt=raw, max_tokens=5)
+        assert comp.choices[0].text and comp.usage.completion_tokens <= 5
+        streamed = "".join(
+            c.choices[0].text
+            for c in client.completions.create(model="any", prompt=raw, max_tokens=5, stream=True)
+        )
+        assert streamed == comp.choices[0].text
+
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_auth_limits_and_bad_requests_are_4xx(generator) -> None:
+    with text_server(generator, token=TOKEN, max_body_bytes=4096) as srv:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            r = c.post(
+                "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]}
+            )
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            assert "Bearer" in r.json()["error"]["message"]
+            assert c.get("/metrics").status_code == 401
+            health = c.get("/health").json()  # open, for load balancers and watchdogs
+            assert health["status"] == "ok" and health["slots"] == 2
+
+            def post(body, **kw):
+                return c.post("/v1/chat/completions", headers=auth, **({"json": body} | kw))
+
+            r = post({"messages": [{"role": "user", "content": "word " * 3000}]})
+            assert r.status_code == 413 and "max_body_bytes" in r.json()["error"]["message"]
+            r = post({"messages": [{"role": "user", "content": "lights " * 400}]})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            r = post({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10_000})
+            assert r.status_code == 400 and "max_tokens" in r.json()["error"]["message"]
+            r = c.post(
+                "/v1/chat/completions",
+                headers=auth | {"content-type": "application/json"},
+                content=b"{not json",
+            )
+            assert r.status_code == 400
+            assert post({"messages": []}).status_code == 400
+            assert post({"messages": [{"role": "user", "content": "x"}], "n": 2}).status_code == 400
+            r = post({"messages": [{"role": "assistant", "content": "x"}]})
+            assert r.status_code == 400 and "role 'user'" in r.json()["error"]["message"]
+            r = post({"messages": [{"role": "user", "content": "x"}], "temperature": -1})
+            assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]
+            r = c.post("/v1/completions", headers=auth, json={"prompt": ["a", "b"]})
+            assert r.status_code == 400
+            metrics = c.get("/metrics", headers=auth)
+            assert metrics.status_code == 200
+            assert (
+                'status="400"' in metrics.text
+                and "moe2edge_voice_response_latency_seconds" in metrics.text
+            )
+
+
+async def _stream_status(url: str, max_tokens: int) -> tuple[int, str | None, int]:
+    body = {
+        "messages": [{"role": "user", "content": "turn on the lights"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+    }
+    async with httpx.AsyncClient(timeout=60) as c:
+        async with c.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            n = 0
+            async for line in r.aiter_lines():
+                n += line.startswith("data: ")
+            return r.status_code, r.headers.get("retry-after"), n
+
+
+def test_overload_gives_only_200_and_429(generator) -> None:
+    """10 clients at once against 1 slot + 2 queue places, each decode step paced at 3 ms."""
+    with text_server(generator, slots=1, queue=2, _hook=lambda: time.sleep(0.003)) as srv:
+
+        async def burst():
+            return await asyncio.gather(*[_stream_status(srv.url, 40) for _ in range(10)])
+
+        results = asyncio.run(burst())
+        statuses = sorted(s for s, _, _ in results)
+        assert set(statuses) <= {200, 429}, statuses
+        assert statuses.count(200) >= 3 and statuses.count(429) >= 1, statuses
+        for status, retry_after, n in results:
+            if status == 429:
+                assert retry_after is not None and int(retry_after) >= 1
+            else:
+                assert n >= 3  # role chunk, content, finish (+ [DONE])
+        health = httpx.get(srv.url + "/health").json()
+        assert health["active"] == 0 and health["queued"] == 0 and health["rejected"] >= 1
+
+
+def test_client_disconnect_mid_stream_frees_the_slot_at_once(generator) -> None:
+    """One slot, no queue, 30 ms per decode step: a 100-token reply would hold it for 3 s."""
+    with text_server(generator, slots=1, queue=0, _hook=lambda: time.sleep(0.03)) as srv:
+        body = {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 100,
+            "stream": True,
+            "temperature": 1.0,
+            "seed": 1,
+        }
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                lines = r.iter_lines()
+                while not next(lines).startswith('data: {"id"'):
+                    pass
+                busy = c.post("/v1/chat/completions", json=body | {"stream": False})
+                assert busy.status_code == 429  # the slot is really held
+            closed = time.perf_counter()  # leaving the block closes the connection
+            while c.get("/health").json()["active"] != 0:
+                assert time.perf_counter() - closed < 1.0, "slot still held 1 s after disconnect"
+                time.sleep(0.01)
+            freed_ms = 1000 * (time.perf_counter() - closed)
+            r = c.post("/v1/chat/completions", json=body | {"stream": False, "max_tokens": 3})
+            assert r.status_code == 200
+            metrics = c.get("/metrics").text
+        assert 'moe2edge_cancelled_generations_total{reason="client_disconnected"} 1.0' in metrics
+        print(f"slot freed {freed_ms:.0f} ms after the client disconnected")
+
+
+def test_hooks_limit_concurrency_and_pace_steps(generator) -> None:
+    class Governor:  # duck-typed like jetson.governor.PowerGovernor
+        def __init__(self):
+            self.calls, self.active_seen = 0, set()
+
+        def before_decode_step(self, active=None):
+            self.calls += 1
+            self.active_seen.add(active)
+
+        def allowed_concurrency(self):
+            return 1
+
+    gov = Governor()
+    config = ServerConfig(voice_enabled=False, slots=3)
+    app = create_app(
+        config, generator=generator, step_hook=gov.before_decode_step, concurrency_limiter=gov
+    )
+    with ServerThread(app) as srv:
+        assert httpx.get(srv.url + "/health").json()["capacity"] == 1
+        r = httpx.post(
+            srv.url + "/v1/chat/completions",
+            timeout=30,
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6},
+        )
+        assert r.status_code == 200
+    assert gov.calls >= 1 and gov.active_seen == {1}
+
+
+def test_serve_cli_binds_loopback_with_token(tiny_run) -> None:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            PYTHON,
+            "-m",
+            "moe2edge.cli",
+            "serve",
+            str(tiny_run["bundle"]),
+            "--port",
+            str(port),
+            "--token",
+            TOKEN,
+            "--no-voice",
+            "--log-level",
+            "warning",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "serve did not come up"
+                time.sleep(0.2)
+        assert r.json()["voice"] is False
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 401
+        models = httpx.get(
+            f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {TOKEN}"}
+        )
+        assert models.status_code == 200 and json.loads(models.text)["data"]
+        if shutil.which("ss"):  # listening on loopback only
+            out = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+            assert f"127.0.0.1:{port}" in out and f"0.0.0.0:{port}" not in out
+    finally:
+        proc.terminate()
+        proc.wait(15)
+    bad = subprocess.run(
+        [PYTHON, "-m", "moe2edge.cli", "serve", str(tiny_run["bundle"]), "slots=zero"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and "bad value for slots" in bad.stderr

@@ -1,0 +1,253 @@
+"""Voice over a real WebSocket on 127.0.0.1: espeak-ng speech in, events and audio out.
+
+Bad messages of every kind get an error event and the connection stays usable; speech
+sent while a reply is playing cancels it (barge-in).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+
+import numpy as np
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from runtime import Generator
+from runtime.server import ServerConfig, create_app
+from runtime.voice import SAMPLE_RATE
+from tests.server_helpers import ServerThread, frames, speech
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng missing: apt-get install espeak-ng"
+)
+SILENCE = bytes(640)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run):
+    generator = Generator.from_bundle(tiny_run["bundle"], threads=1)
+    config = ServerConfig(grammar=str(tiny_run["grammar"]), max_ws_message_bytes=8192, token="t0k")
+    with ServerThread(create_app(config, generator=generator)) as srv:
+        yield srv
+
+
+def recv(ws, timeout: float = 5.0) -> dict:
+    message = ws.recv(timeout=timeout)
+    assert isinstance(message, str), "the server sends audio inside JSON events"
+    return json.loads(message)
+
+
+def until(ws, kind: str, timeout: float = 10.0, feed_silence: bool = False) -> list[dict]:
+    """Events up to and including the first of type ``kind`` (sending 20 ms of silence per
+    20 ms waited when ``feed_silence``, as a live microphone would)."""
+    seen, deadline = [], time.time() + timeout
+    while time.time() < deadline:
+        if feed_silence:
+            ws.send(SILENCE)
+        try:
+            event = recv(ws, timeout=0.02 if feed_silence else deadline - time.time())
+        except TimeoutError:
+            continue
+        seen.append(event)
+        if event["type"] == kind:
+            return seen
+    raise AssertionError(f"no {kind} within {timeout} s; got {[e['type'] for e in seen]}")
+
+
+def errors_for(ws, message) -> dict:
+    ws.send(message)
+    event = recv(ws)
+    assert event["type"] == "error", event
+    return event["error"]
+
+
+def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_run) -> None:
+    with pytest.raises(ConnectionClosed) as closed, connect(server.ws_url) as ws:
+        assert recv(ws)["error"]["code"] == "invalid_api_key"
+        ws.recv(timeout=5)
+    assert closed.value.rcvd.code == 1008
+
+    with connect(server.ws_url + "?token=t0k") as ws:
+        created = recv(ws)
+        assert created["type"] == "session.created"
+        assert created["session"]["input_audio_sample_rate"] == SAMPLE_RATE
+        assert errors_for(ws, b"\x01\x02\x03")["code"] == "invalid_audio"  # odd byte count
+        err = errors_for(ws, bytes(20000))
+        assert err["code"] == "message_too_large" and "8192" in err["message"]
+        assert errors_for(ws, "{not json")["code"] == "invalid_json"
+        assert errors_for(ws, json.dumps([1, 2]))["code"] == "invalid_event"
+        err = errors_for(ws, json.dumps({"type": "conversation.frobnicate", "event_id": "e1"}))
+        assert err["code"] == "unknown_event" and err["event_id"] == "e1"
+        assert "session.update" in err["message"]
+        err = errors_for(
+            ws,
+            json.dumps({"type": "session.update", "session": {"input_audio_sample_rate": 44100}}),
+        )
+        assert err["code"] == "unsupported_sample_rate" and "16000" in err["message"]
+        err = errors_for(
+            ws,
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000}}}
+                    },
+                }
+            ),
+        )
+        assert err["code"] == "unsupported_sample_rate"
+        err = errors_for(
+            ws,
+            json.dumps(
+                {"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}
+            ),
+        )
+        assert err["code"] == "invalid_session"
+        err = errors_for(ws, json.dumps({"type": "input_audio_buffer.append", "audio": "%%%"}))
+        assert err["code"] == "invalid_audio"
+        assert errors_for(ws, json.dumps({"type": "response.cancel"}))["code"] == (
+            "response_cancel_not_active"
+        )
+        ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 250}
+                    },
+                }
+            )
+        )
+        updated = until(ws, "session.updated")[-1]
+        assert updated["session"]["turn_detection"]["silence_duration_ms"] == 250
+
+        # still usable: a spoken request, half as binary frames, half as base64 appends
+        utterance = "turn off the kitchen lights"
+        for i, frame in enumerate(frames(speech(utterance))):
+            if i % 2:
+                ws.send(frame)
+            else:
+                ws.send(
+                    json.dumps(
+                        {
+                            "type": "input_audio_buffer.append",
+                            "audio": base64.b64encode(frame).decode(),
+                        }
+                    )
+                )
+        events = until(ws, "response.done", timeout=20, feed_silence=True)
+        kinds = [e["type"] for e in events]
+        final = next(e for e in events if e["type"].endswith("transcription.completed"))
+        assert final["transcript"] == utterance
+        assert (
+            kinds.index("input_audio_buffer.speech_started")
+            < kinds.index("input_audio_buffer.speech_stopped")
+            < kinds.index("response.created")
+        )
+        stopped = next(e for e in events if e["type"] == "input_audio_buffer.speech_stopped")
+        assert 250 <= stopped["endpoint_ms"] - stopped["audio_end_ms"] < 250 + 33
+        timings = next(e for e in events if e["type"] == "turn.timings")
+        done = events[-1]["response"]
+        assert done["status"] in ("completed", "incomplete")
+        if "response.audio.delta" in kinds:
+            assert timings["response_latency_ms"] is not None
+            assert timings["turn_latency_ms"] >= timings["response_latency_ms"]
+        text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
+        assert text == done["output"][0]["content"][0]["text"]
+
+
+def test_speech_during_a_reply_cancels_it(server) -> None:
+    with connect(server.ws_url, additional_headers={"Authorization": "Bearer t0k"}) as ws:
+        recv(ws)
+        ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "max_response_output_tokens": 90,
+                        "moe2edge": {"speak_brackets": True},
+                    },
+                }
+            )
+        )
+        until(ws, "session.updated")
+        for frame in frames(speech("turn on the kitchen lights")):
+            ws.send(frame)
+        first = until(ws, "response.audio.delta", timeout=20, feed_silence=True)
+        reply_id = first[-1]["response_id"]
+        t_audio = time.perf_counter()
+        time.sleep(0.2)  # the reply is playing
+        interrupt = "set the office thermostat to twenty degrees"
+        for frame in frames(speech(interrupt, voice="en-us+f3")):
+            ws.send(frame)
+        events = until(ws, "response.done", timeout=10, feed_silence=True)
+        done = events[-1]["response"]
+        assert done["id"] == reply_id
+        assert done["status"] == "cancelled", done
+        assert done["status_details"]["reason"] == "turn_detected"
+        assert any(e["type"] == "input_audio_buffer.speech_started" for e in events)
+        heard_s = sum(
+            len(base64.b64decode(e["delta"])) / 2 / SAMPLE_RATE
+            for e in first + events
+            if e["type"] == "response.audio.delta"
+        )
+        timings = next(e for e in events if e["type"] == "turn.timings")
+        assert timings["status"] == "cancelled"
+        # what was sent stayed close to real time: cut long before the reply's end
+        assert heard_s < time.perf_counter() - t_audio + 0.5
+        rest = until(
+            ws,
+            "conversation.item.input_audio_transcription.completed",
+            timeout=10,
+            feed_silence=True,
+        )
+        assert rest[-1]["transcript"] == interrupt
+        assert not any(
+            e.get("response_id") == reply_id for e in rest if e["type"] == "response.audio.delta"
+        ), "audio of the cancelled reply"
+        # the second reply is long: the client cancels it (and reads what is left before closing)
+        if any(e["type"] == "response.created" for e in rest):
+            ws.send(json.dumps({"type": "response.cancel"}))
+        else:
+            until(ws, "response.created", timeout=10, feed_silence=True)
+            ws.send(json.dumps({"type": "response.cancel"}))
+        done2 = until(ws, "response.done", timeout=10)[-1]["response"]
+        assert done2["id"] != reply_id
+        assert (done2["status"], done2["status_details"].get("reason")) in (
+            ("cancelled", "client_cancelled"),
+            ("completed", None),  # it may have finished sending just before the cancel
+        ), done2
+
+
+def test_client_managed_turns_with_commit(server) -> None:
+    with connect(server.ws_url + "?token=t0k") as ws:
+        recv(ws)
+        ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+        assert until(ws, "session.updated")[-1]["session"]["turn_detection"] is None
+        for frame in frames(speech("lock the garage door", tail_s=0.2)):
+            ws.send(frame)
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        events = until(ws, "response.done", timeout=20)
+        final = next(e for e in events if e["type"].endswith("transcription.completed"))
+        assert final["transcript"] == "lock the garage door"
+        assert np.isfinite(
+            next(e for e in events if e["type"] == "turn.timings")["final_transcript_ms"]
+        )
+
+
+def test_voice_session_limit(tiny_run) -> None:
+    generator = Generator.from_bundle(tiny_run["bundle"], threads=1)
+    config = ServerConfig(grammar=str(tiny_run["grammar"]), max_voice_sessions=1)
+    with ServerThread(create_app(config, generator=generator)) as srv, connect(srv.ws_url) as ws1:
+        assert recv(ws1)["type"] == "session.created"
+        with pytest.raises(ConnectionClosed) as closed, connect(srv.ws_url) as ws2:
+            err = recv(ws2)["error"]
+            assert err["code"] == "server_busy" and "1 voice sessions" in err["message"]
+            ws2.recv(timeout=5)
+        assert closed.value.rcvd.code == 1013
+        ws1.send(bytes(640))  # the first session is unaffected
+        assert errors_for(ws1, "nope")["code"] == "invalid_json"

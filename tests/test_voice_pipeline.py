@@ -1,0 +1,140 @@
+"""The voice pipeline without a server: real speech through VAD, pocketsphinx, incremental
+prefill, generation and espeak-ng; the KV cache bookkeeping behind incremental prefill."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from runtime import Generator, SamplingParams
+from runtime.voice import EspeakSynthesizer, PocketsphinxRecognizer
+from runtime.voice.pipeline import VoiceSession, VoiceSettings
+from runtime.voice.reply import PromptCache, SpeechText
+from tests.server_helpers import frames, speech
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng missing: apt-get install espeak-ng"
+)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_run) -> Generator:
+    return Generator.from_bundle(tiny_run["bundle"], threads=1)
+
+
+def greedy(generator: Generator, text: str, n: int = 12) -> str:
+    return generator.generate(text, SamplingParams(max_new_tokens=n)).text
+
+
+def test_incremental_prefill_rolls_back_and_matches_a_fresh_prompt(generator) -> None:
+    prompt = PromptCache(generator)
+    final = "turn on the kitchen lights"
+    full = generator.encode_prompt(final)
+    assert full[: prompt.base.length] == prompt.base.tokens and prompt.base.length >= 1
+    ran = []
+    for partial in ["turn", "turn off the", "turn off the kitchen", "turn on the kitchen",
+                    "turn on the kitchen lights"]:  # fmt: skip
+        ran.append(prompt.prefill_partial(partial))
+        words = partial.split()[:-1]
+        if words:  # the cache holds exactly the stable words' tokens
+            assert prompt.tokens == generator.encode_prompt(" ".join(words))[: len(prompt.tokens)]
+    assert sum(ran) > 0
+    cache, rest = prompt.fork(full)
+    assert cache.tokens + rest == full and len(rest) <= 4  # most of the prompt was prefilled
+    reply = "".join(generator.stream(rest, SamplingParams(max_new_tokens=12), cache=cache))
+    assert reply == greedy(generator, final)
+    # a transcript that disagrees from its first word rolls back below the template prefix
+    other = generator.encode_prompt("lock the garage door")
+    cache2, rest2 = prompt.fork(other)
+    assert cache2.tokens + rest2 == other
+    reply2 = "".join(generator.stream(rest2, SamplingParams(max_new_tokens=12), cache=cache2))
+    assert reply2 == greedy(generator, "lock the garage door")
+
+
+def test_speech_text_drops_action_tags_across_pieces() -> None:
+    speech_text = SpeechText()
+    pieces = ["[lig", "hts.on room", "=kitchen]", " ok,", " the [x] lights", " are on."]
+    assert "".join(speech_text.push(p) for p in pieces) == " ok, the  lights are on."
+    assert SpeechText(speak_brackets=True).push("[a] b") == "[a] b"
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[tuple[float, dict]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict) -> None:
+        with self.lock:
+            self.events.append((time.perf_counter(), event))
+
+    def of(self, kind: str) -> list[dict]:
+        with self.lock:
+            return [e for _, e in self.events if e["type"] == kind]
+
+
+@pytest.mark.parametrize("speculate", [True, False])
+def test_spoken_turn_events_reply_and_timings(generator, tiny_run, speculate) -> None:
+    """Frames pushed at real-time pace; the reply equals a fresh greedy reply to the text."""
+    emit = Collector()
+    session = VoiceSession(
+        generator,
+        PocketsphinxRecognizer(grammar_path=tiny_run["grammar"]),
+        EspeakSynthesizer(),
+        emit,
+        settings=VoiceSettings(speculate=speculate, max_new_tokens=12, speak_brackets=True),
+    ).start()
+    utterance = "switch off the fan in the bedroom"
+    try:
+        start = time.perf_counter()
+        for i, frame in enumerate(frames(speech(utterance, tail_s=0.5))):
+            delay = start + 0.02 * i - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            session.push_audio(frame)
+        assert session.wait_idle(20)
+    finally:
+        session.close()
+    kinds = [e["type"] for _, e in emit.events]
+    assert kinds[0] == "input_audio_buffer.speech_started"
+    assert emit.of("conversation.item.input_audio_transcription.delta")
+    final = emit.of("conversation.item.input_audio_transcription.completed")
+    assert [e["transcript"] for e in final] == [utterance]
+    done = emit.of("response.done")
+    assert len(done) == 1 and done[0]["response"]["status"] in ("completed", "incomplete")
+    text = "".join(e["delta"] for e in emit.of("response.text.delta"))
+    assert (
+        text
+        == greedy(generator, utterance)
+        == done[0]["response"]["output"][0]["content"][0]["text"]
+    )
+    timings = emit.of("turn.timings")[0]
+    assert timings["drafted"] is speculate
+    assert timings["prefilled_tokens"] > 1  # the partial transcripts were prefilled
+    assert 300 <= timings["endpoint_ms"] - timings["audio_end_ms"] < 333
+    assert timings["endpoint_delay_ms"] > 250  # the endpoint waits out the silence
+    for key in ("final_transcript_ms", "response_latency_ms", "turn_latency_ms"):
+        assert timings[key] is not None and timings[key] >= 0, (key, timings)
+    assert timings["turn_latency_ms"] > timings["response_latency_ms"]
+    if speculate:  # drafted during the silence: the first token came before the endpoint
+        assert timings["first_token_ms"] < 0
+    audio = b"".join(base64.b64decode(e["delta"]) for e in emit.of("response.audio.delta"))
+    assert len(audio) > 0 and np.abs(np.frombuffer(audio, "<i2")).max() > 1000
+
+
+def test_prespawned_espeak_sounds_the_same_and_cleans_up() -> None:
+    from runtime.voice.prespawn import PrespawnedEspeak
+
+    text = "sure, the kitchen lights are on."
+    warm = PrespawnedEspeak(spares=2)
+    spares = list(warm._ready)
+    assert len(spares) == 2 and all(p.poll() is None for p in spares)  # waiting on stdin
+    for _ in range(3):  # each phrase uses a ready process and starts the next one
+        assert np.array_equal(warm.synthesize(text), EspeakSynthesizer().synthesize(text))
+    assert warm.synthesize("  ").size == 0
+    warm.close()
+    assert all(p.poll() is not None for p in spares + list(warm._ready))
