@@ -3,8 +3,16 @@
 Public API:
 
 - ``onnx_export.export_fp32`` -- optimum export into a bundle (model + tokenizer + manifest)
+- ``genai_graph.export_fast`` -- onnxruntime-genai's fused graph into a bundle
+- ``quantize.quantize_bundle`` -- FP16 / INT8 (dynamic, static) / INT4 (rtn, hqq, gptq) bundles
+- ``tensorrt_flavor.tensorrt_bundle`` -- standard-op FP16 / INT8 / INT4 bundles for TensorRT
+- ``check_trt.check_bundle`` -- nodes TensorRT's ONNX parser would refuse
+- ``report.report`` -- accuracy of variants against their FP32 parent, through the runtime
+- ``variants.build_all_variants`` -- all of the above for one FP32 bundle, with the report
 - ``parity.check_parity`` -- PyTorch vs ONNX Runtime logits and greedy tokens
 - ``verify.verify_io_contract`` -- a bundle's graph still matches its manifest
+
+See docs/export.md and docs/bundle-format.md.
 """
 
 from export.errors import ExportError

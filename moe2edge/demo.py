@@ -68,6 +68,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from distill.train import TrainConfig
     from export.onnx_export import export_fp32
     from export.pipeline import parity_for_bundle
+    from export.variants import build_all_variants
     from runtime.generate import Generator
 
     run_dir = Path(cfg.run_dir)
@@ -130,6 +131,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         onnx_acc = task_accuracy([r.text for r in results], eval_rows)
         decode_ms = sum(r.decode_ms for r in results)
         decode_tokens = sum(max(0, len(r.token_ids) - 1) for r in results)
+    with stage("export_variants"):  # every precision, both targets, scored against FP32
+        variants = build_all_variants(
+            bundle_dir, paths["eval"], run_dir / "bundles", calibration_jsonl=paths["train"]
+        )
+        (run_dir / "export-report.json").write_text(json.dumps(variants, indent=2) + "\n")
     report = {
         "teacher_params": count_parameters(teacher),
         "teacher_active_params": active_parameters(teacher),
@@ -150,7 +156,23 @@ def run_demo(cfg: DemoConfig) -> dict:
             "student": str(student_dir),
             "bundle_fp32": str(bundle_dir),
             "grammar": str(paths["grammar"]),
+            "export_report": str(run_dir / "export-report.json"),
         },
+        "variants": [
+            {
+                k: v[k]
+                for k in (
+                    "bundle",
+                    "target",
+                    "precision",
+                    "method",
+                    "weight_bytes",
+                    "top1_agreement",
+                    "task_acc",
+                )
+            }
+            for v in variants
+        ],
         "examples": [
             {"utterance": r["utterance"], "expected": r["action"], "onnx_reply": res.text}
             for r, res in list(zip(eval_rows, results, strict=True))[:5]
@@ -178,6 +200,18 @@ def render_markdown(report: dict) -> str:
             )
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["stage_seconds"].items()]
+    lines += [
+        "",
+        "Bundles (scored against FP32 on the held-out prompts; full table in export-report.json):",
+        "",
+        "| bundle | target | precision | method | weight bytes | top-1 | task acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {v['bundle']} | {v['target']} | {v['precision']} | {v['method']} | "
+        f"{v['weight_bytes']:,} | {v['top1_agreement']:.4f} | {v['task_acc']:.3f} |"
+        for v in report["variants"]
+    ]
     lines += ["", "Examples (ONNX Runtime, greedy):", ""]
     lines += [
         f"- `{e['utterance']}` -> `{e['onnx_reply']}` (expected `{e['expected']}`)"

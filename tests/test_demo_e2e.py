@@ -68,3 +68,19 @@ def test_demo_writes_reports(tmp_path):
         "runtime_eval",
     }
     assert "# moe2edge demo report" in (run_dir / "report.md").read_text()
+    # every export variant was built and scored against FP32 (issue 4)
+    variants = json.loads((run_dir / "export-report.json").read_text())
+    built = {(v["target"], v["precision"], v["method"]) for v in variants}
+    assert built == {
+        ("onnxruntime", "fp32", "none"),
+        ("onnxruntime", "fp16", "none"),
+        ("onnxruntime", "int8", "dynamic"),
+        ("onnxruntime", "int8", "static"),
+        ("onnxruntime", "int4", "rtn"),
+        ("onnxruntime", "int4", "hqq"),
+        ("onnxruntime", "int4", "gptq"),
+        ("tensorrt", "fp16", "none"),
+        ("tensorrt", "int8", "rtn"),
+        ("tensorrt", "int4", "rtn"),
+    }
+    assert all({"kl", "top1_agreement", "task_acc", "weight_bytes"} <= set(v) for v in variants)

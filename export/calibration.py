@@ -1,0 +1,144 @@
+"""Calibration and evaluation rows: JSONL prompts/replies, tokenised as the runtime does.
+
+Calibration (int8 static, int4 gptq) feeds whole ``prompt + reply`` sequences through the
+graph with an empty KV cache: every weight MatMul sees exactly the activations it sees
+token by token in decoding, because the projections are per position.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from export.errors import ExportError
+from runtime.engine import LOGITS_TO_KEEP
+from runtime.manifest import sha256_file
+
+
+def read_rows(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"calibration/evaluation file {path} does not exist")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ExportError(f"{path}:{number} is not JSON ({exc})") from exc
+            if not (row.get("utterance") or row.get("prompt")):
+                raise ExportError(f"{path}:{number} has neither 'utterance' nor 'prompt'")
+            rows.append(row)
+    if not rows:
+        raise ExportError(f"{path} holds no rows")
+    return rows[:limit] if limit else rows
+
+
+class PromptEncoder:
+    """A bundle's tokenizer and prompt format, as the runtime applies them (no session)."""
+
+    def __init__(self, bundle_dir: str | Path, manifest: dict[str, Any]):
+        tok = Path(bundle_dir) / manifest["io"].get("tokenizer_file", "tokenizer.json")
+        self.tokenizer = Tokenizer.from_file(str(tok))
+        gen = manifest["generation"]
+        self.template = gen.get("prompt_template", "{prompt}")
+        self.bos = gen.get("bos_token_id") if gen.get("add_bos") else None
+        self.eos = list(gen.get("eos_token_ids", []))
+
+    def prompt(self, row: dict[str, Any]) -> list[int]:
+        text = (
+            self.template.format(prompt=row["utterance"]) if row.get("utterance") else row["prompt"]
+        )
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        return ([self.bos] if self.bos is not None else []) + ids
+
+    def reply(self, row: dict[str, Any]) -> list[int]:
+        """``" " + reply`` then end-of-turn: how distill builds its training sequences."""
+        ids = self.tokenizer.encode(" " + row["reply"], add_special_tokens=False).ids
+        return ids + self.eos[:1]
+
+
+def prefill_feed(manifest: dict[str, Any], ids: list[int]) -> dict[str, np.ndarray]:
+    """Inputs for one prefill of ``ids`` over an empty KV cache, from the io contract.
+
+    Both KV layouts of docs/bundle-format.md: concatenating (past of length 0, mask of the
+    new tokens) and shared-buffer (``kv_cache.shared_buffer``: zeroed ``max_length``
+    buffers, a fixed ``[1, max_length]`` mask with ones on the filled positions).
+    """
+    io, kv = manifest["io"], manifest["io"]["kv_cache"]
+    n = len(ids)
+    shared = bool(kv.get("shared_buffer"))
+    capacity = int(kv.get("max_length") or io["max_sequence_length"]) if shared else 0
+    past_shape = (1, int(kv["num_kv_heads"]), capacity, int(kv["head_dim"]))
+    past_dtype = np.float16 if kv["dtype"] == "float16" else np.float32
+    past_names = {
+        kv[kind].format(layer=i)
+        for kind in ("past_key", "past_value")
+        for i in range(kv["num_layers"])
+    }
+    feed: dict[str, np.ndarray] = {}
+    for entry in io["inputs"]:
+        name = entry["name"]
+        if name == "input_ids":
+            feed[name] = np.asarray([ids], dtype=np.int64)
+        elif name == "attention_mask":
+            feed[name] = np.ones((1, n), dtype=np.int64)
+            if shared:
+                feed[name] = np.zeros((1, capacity), dtype=np.int64)
+                feed[name][0, :n] = 1
+        elif name == "position_ids":
+            feed[name] = np.arange(n, dtype=np.int64)[None]
+        elif name in past_names:
+            feed[name] = np.zeros(past_shape, dtype=past_dtype)
+        elif name == LOGITS_TO_KEEP:  # every position through the lm_head: more calibration
+            feed[name] = np.array(n, dtype=np.int64)
+        else:
+            raise ExportError(f"cannot build a calibration feed for graph input {name!r}")
+    return feed
+
+
+def calibration_feeds(
+    bundle_dir: str | Path, manifest: dict[str, Any], jsonl: str | Path, limit: int = 64
+) -> list[dict[str, np.ndarray]]:
+    """One prefill feed per row: ``prompt + reply`` when the row has a reply."""
+    enc = PromptEncoder(bundle_dir, manifest)
+    feeds = []
+    for row in read_rows(jsonl, limit):
+        ids = enc.prompt(row) + (enc.reply(row) if row.get("reply") else [])
+        io = manifest["io"]
+        context = int(io["kv_cache"].get("max_length") or io["max_sequence_length"])
+        feeds.append(prefill_feed(manifest, ids[:context]))
+    return feeds
+
+
+def calibration_reader(feeds: list[dict[str, np.ndarray]]):
+    """An ``onnxruntime.quantization.CalibrationDataReader`` over prepared feeds."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.index = 0
+
+        def get_next(self) -> dict | None:
+            if self.index >= len(feeds):
+                return None
+            self.index += 1
+            return feeds[self.index - 1]
+
+        def __len__(self) -> int:
+            return len(feeds)
+
+        def rewind(self) -> None:
+            self.index = 0
+
+    return Reader()
+
+
+def calibration_record(jsonl: str | Path, samples: int) -> dict[str, Any]:
+    return {"file": str(Path(jsonl).resolve()), "sha256": sha256_file(jsonl), "samples": samples}

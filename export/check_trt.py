@@ -1,0 +1,190 @@
+"""A static check of an ONNX graph against TensorRT's ONNX parser, before any build.
+
+The operator list is data (``export/data/tensorrt_onnx_ops.json``: op -> supported, types,
+restrictions, for a pinned TensorRT version, with its source named). Every node, in
+subgraphs too, is checked for:
+
+- its domain: only the default ONNX domain is parsed (``com.microsoft`` never is);
+- its op: in the list and marked supported;
+- its data type, where type inference knows it: the first input's type is in the list;
+- the restrictions we can decide statically: DequantizeLinear/QuantizeLinear zero points
+  must be zero, Reduce* ``axes`` must be an initializer.
+
+The graph's default opset must lie in the parser's range.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from export.errors import ExportError
+from runtime.manifest import read_manifest
+
+OPS_FILE = Path(__file__).with_name("data") / "tensorrt_onnx_ops.json"
+DEFAULT_DOMAINS = ("", "ai.onnx")
+TYPE_NAMES = {
+    onnx.TensorProto.FLOAT: "FP32",
+    onnx.TensorProto.FLOAT16: "FP16",
+    onnx.TensorProto.BFLOAT16: "BF16",
+    onnx.TensorProto.INT32: "INT32",
+    onnx.TensorProto.INT64: "INT64",
+    onnx.TensorProto.INT8: "INT8",
+    onnx.TensorProto.UINT8: "UINT8",
+    onnx.TensorProto.INT4: "INT4",
+    onnx.TensorProto.UINT4: "UINT4",
+    onnx.TensorProto.BOOL: "BOOL",
+    onnx.TensorProto.DOUBLE: "DOUBLE",
+    onnx.TensorProto.FLOAT8E4M3FN: "FP8",
+}
+ZERO_POINT_INPUT = {"DequantizeLinear": 2, "QuantizeLinear": 2}
+
+
+@cache
+def operator_table() -> dict[str, Any]:
+    try:
+        return json.loads(OPS_FILE.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ExportError(f"cannot read the TensorRT operator list {OPS_FILE}: {exc}") from exc
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _graphs(g)
+
+
+def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # inference is a help, not a requirement
+        inferred = model
+    types = {}
+    g = inferred.graph
+    for v in list(g.input) + list(g.output) + list(g.value_info):
+        if v.type.tensor_type.elem_type:
+            types[v.name] = v.type.tensor_type.elem_type
+    for t in g.initializer:
+        types[t.name] = t.data_type
+    for node in g.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    types[node.output[0]] = a.t.data_type
+    return types
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    found = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    found[node.output[0]] = a.t
+    return found
+
+
+def node_problem(
+    node: onnx.NodeProto, spec: dict | None, types: dict[str, int], consts: dict
+) -> str | None:
+    """Why TensorRT's parser would refuse this node, or None."""
+    if node.domain not in DEFAULT_DOMAINS:
+        return f"domain {node.domain!r} is not standard ONNX; TensorRT's parser takes the default domain only"
+    if spec is None:
+        return "not in TensorRT's ONNX operator list"
+    if not spec["supported"]:
+        return "listed as not supported by TensorRT's ONNX parser"
+    first = node.input[0] if node.input else ""
+    if spec.get("types") and first in types:
+        name = TYPE_NAMES.get(types[first], str(types[first]))
+        if name not in spec["types"] and name != "DOUBLE":  # DOUBLE is cast down by the parser
+            return f"input type {name} not among the supported types {spec['types']}"
+    zp_at = ZERO_POINT_INPUT.get(node.op_type)
+    if zp_at is not None and len(node.input) > zp_at and node.input[zp_at]:
+        zp = consts.get(node.input[zp_at])
+        if zp is None:
+            return "zero point is not a constant (TensorRT needs it zero)"
+        if np.asarray(numpy_helper.to_array(zp)).astype(np.int64).any():
+            return "non-zero zero point: TensorRT quantization is symmetric only"
+    if node.op_type.startswith("Reduce") and len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in consts:
+            return "axes must be an initializer"
+    return None
+
+
+def check_model(model_path: str | Path) -> dict[str, Any]:
+    """``{tensorrt_version, source, opset, nodes, unsupported: [...], errors: [...]}``."""
+    table = operator_table()
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"cannot read {model_path} ({type(exc).__name__}: {exc})") from exc
+    ops, (lo, hi) = table["operators"], table["opset_range"]
+    opset = max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=0)
+    errors = []
+    if not lo <= opset <= hi:
+        errors.append(
+            f"default opset {opset} is outside TensorRT {table['tensorrt_version']}'s {lo}..{hi}"
+        )
+    types = _value_types(model)
+    unsupported, count = [], 0
+    for graph in _graphs(model.graph):
+        consts = _constants(graph)
+        for node in graph.node:
+            count += 1
+            reason = node_problem(node, ops.get(node.op_type), types, consts)
+            if reason:
+                unsupported.append(
+                    {
+                        "op_type": node.op_type,
+                        "domain": node.domain,
+                        "name": node.name,
+                        "reason": reason,
+                    }
+                )
+    return {
+        "tensorrt_version": table["tensorrt_version"],
+        "source": f"{table['source']['repository']} {table['source']['file']}",
+        "opset": opset,
+        "nodes": count,
+        "unsupported": unsupported,
+        "errors": errors,
+    }
+
+
+def check_bundle(bundle_dir: str | Path) -> dict[str, Any]:
+    manifest = read_manifest(bundle_dir)
+    result = check_model(Path(bundle_dir) / manifest["io"]["model_file"])
+    result["bundle"] = str(bundle_dir)
+    result["target"] = manifest.get("target")
+    return result
+
+
+def summary(result: dict[str, Any]) -> str:
+    """Human-readable lines: one per distinct problem, with a count."""
+    lines = [
+        f"{result.get('bundle', '')}: {result['nodes']} nodes checked against TensorRT "
+        f"{result['tensorrt_version']}'s ONNX parser (opset {result['opset']})"
+    ]
+    groups: dict[tuple, list[str]] = {}
+    for u in result["unsupported"]:
+        groups.setdefault((u["domain"] or "ai.onnx", u["op_type"], u["reason"]), []).append(
+            u["name"]
+        )
+    for (domain, op, reason), names in sorted(groups.items()):
+        lines.append(f"  UNSUPPORTED {domain}::{op} x{len(names)} ({reason}), e.g. {names[0]}")
+    lines += [f"  ERROR {e}" for e in result["errors"]]
+    if not result["unsupported"] and not result["errors"]:
+        lines.append("  all nodes supported")
+    return "\n".join(lines)
