@@ -1,16 +1,31 @@
-"""The ONNX Runtime engine: one session over a bundle's decoder graph with a KV cache.
+"""The ONNX Runtime engine: one session over a bundle's decoder graph and its KV caches.
 
-The graph's contract comes from the manifest's ``io`` section (written by export):
-``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.{i}.key/value``
-in; ``logits`` and ``present.{i}.key/value`` out. The engine is the only place that
-knows those names; everything above it works with token ids and logits.
+Two graph flavours, chosen from the manifest's ``io.kv_cache`` (see docs/runtime.md):
+
+* **concat** (optimum's ``text-generation-with-past`` export): ``past_key_values.{i}.*`` in,
+  ``present.{i}.*`` out, one position longer. The presents ORT allocates are bound as
+  OrtValues and fed back as the next step's past: no numpy conversion of the cache.
+* **shared buffer** (onnxruntime-genai's model builder, ``io.kv_cache.shared_buffer: true``):
+  GroupQueryAttention reads and writes a ``[1, kv_heads, max_length, head_dim]`` buffer in
+  place. The buffers are allocated once per cache and bound as both past and present; the
+  attention mask is a fixed ``[1, max_length]`` buffer (ones where the cache is filled), so
+  every decode step has the same shapes and binds nothing new.
+
+Copies of a shared-buffer cache share storage (a copy is O(1)); a cache writes in place
+unless another live copy holds positions it would overwrite, in which case it first takes
+its own storage (copy on write). Use one cache (and its copies) from one thread at a time.
+The engine is the only place that knows the graph's names; above it are token ids and logits.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,36 +40,163 @@ PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+BACKENDS = (*PROVIDERS, "tensorrt-native")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+LOGITS_TO_KEEP = "num_logits_to_keep"  # optional graph input: logits of the last k positions
 
 
-@dataclass
+@dataclass(eq=False)
 class KVCache:
-    """Per-layer past keys/values as the graph returned them, and how many tokens they hold."""
+    """The positions a conversation has run through the model, and their keys/values.
 
-    keys: list[np.ndarray]
-    values: list[np.ndarray]
+    ``keys``/``values`` hold one entry per layer (OrtValues or arrays, engine-specific);
+    ``tokens`` are the ids the cache holds (``length == len(tokens)``).
+    """
+
+    keys: list[Any]
+    values: list[Any]
     length: int = 0
     tokens: list[int] = field(default_factory=list)
+    storage: Any = field(default=None, repr=False)  # engine-owned state (shared buffers)
 
     def copy(self) -> KVCache:
-        return KVCache(list(self.keys), list(self.values), self.length, list(self.tokens))
+        """An independent cache with the same content (cheap: storage is shared until written)."""
+        clone = KVCache(list(self.keys), list(self.values), self.length, list(self.tokens))
+        if self.storage is not None:
+            clone.storage = self.storage.share(clone)
+        return clone
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first ``length`` positions (O(1) for shared buffers)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length == self.length:
+            return
+        if self.storage is None:  # concat flavour: slice the per-layer arrays
+            self.keys = [_slice_positions(k, length) for k in self.keys]
+            self.values = [_slice_positions(v, length) for v in self.values]
+        else:
+            self.storage.truncate(self, length)
+        self.length = length
+        del self.tokens[length:]
 
 
-def session_options(threads: int = 0) -> ort.SessionOptions:
+def _float32(array: np.ndarray) -> np.ndarray:
+    """A float32 copy the caller owns (fp16 graphs return fp16 logits)."""
+    return array.astype(np.float32, copy=True)
+
+
+def _slice_positions(value: Any, length: int) -> Any:
+    array = value.numpy() if isinstance(value, ort.OrtValue) else value
+    out = np.ascontiguousarray(array[:, :, :length])
+    if isinstance(value, ort.OrtValue) and value.device_name() != "cpu":
+        return ort.OrtValue.ortvalue_from_numpy(out, value.device_name(), 0)
+    return out
+
+
+class SharedStorage:
+    """Per-layer KV buffers of ``capacity`` positions, the fixed attention mask and the
+    decode-step IO binding, shared by a cache and its copies."""
+
+    def __init__(self, engine: OnnxEngine, capacity: int):
+        self.engine, self.capacity = engine, capacity
+        self.keys = [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
+        self.values = [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
+        self.mask = np.zeros((1, capacity), dtype=np.int64)
+        self.mask_filled = 0  # mask[0, :mask_filled] may hold ones
+        self.step_ids = np.zeros((1, 1), dtype=np.int64)
+        self.step_logits = np.zeros((1, 1, engine.vocab_size), dtype=engine.logits_dtype)
+        self.sharers: weakref.WeakSet[KVCache] = weakref.WeakSet()
+        self.lock = threading.RLock()
+        self._decode_binding: ort.IOBinding | None = None
+
+    def attach(self, cache: KVCache) -> None:
+        with self.lock:
+            self.sharers.add(cache)
+
+    def share(self, clone: KVCache) -> SharedStorage:
+        self.attach(clone)
+        return self
+
+    def truncate(self, cache: KVCache, length: int) -> None:
+        """Nothing to move: positions past ``length`` are masked out and later overwritten."""
+
+    def claimed_beyond(self, cache: KVCache, position: int) -> bool:
+        """Does another live cache on this storage hold positions at or after ``position``?"""
+        return any(c is not cache and c.length > position for c in list(self.sharers))
+
+    def bind_kv(self, binding: ort.IOBinding) -> None:
+        eng = self.engine
+        for layer in range(eng.num_layers):
+            for kind, bufs in (("key", self.keys), ("value", self.values)):
+                value = eng._ortvalue(bufs[layer])
+                binding.bind_ortvalue_input(eng._name(f"past_{kind}", layer), value)
+                binding.bind_ortvalue_output(eng._name(f"present_{kind}", layer), value)
+
+    def set_mask(self, end: int) -> None:
+        if self.mask_filled > end:
+            self.mask[0, end : self.mask_filled] = 0
+        self.mask[0, :end] = 1
+        self.mask_filled = end
+
+    def decode_binding(self) -> ort.IOBinding:
+        if self._decode_binding is None:
+            eng = self.engine
+            binding = eng.session.io_binding()
+            self.bind_kv(binding)
+            binding.bind_cpu_input("input_ids", self.step_ids)
+            binding.bind_cpu_input("attention_mask", self.mask)
+            if eng.logits_to_keep:
+                binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(1, dtype=np.int64))
+            binding.bind_ortvalue_output(
+                "logits", ort.OrtValue.ortvalue_from_numpy(self.step_logits)
+            )
+            self._decode_binding = binding
+        return self._decode_binding
+
+    def clone_prefix(self, length: int) -> SharedStorage:
+        """New storage holding a copy of the first ``length`` positions."""
+        new = SharedStorage(self.engine, self.capacity)
+        for src, dst in zip(self.keys + self.values, new.keys + new.values, strict=True):
+            self.engine._copy_positions(src, dst, length)
+        return new
+
+
+def session_options(threads: int = 0, spinning: bool | None = False) -> ort.SessionOptions:
+    """ORT options: all graph optimizations, ``threads`` intra-op threads (0: one per core),
+    worker threads that sleep rather than spin between operators unless ``spinning``."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    if spinning is not None:
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if spinning else "0"
+        )
     return options
 
 
 class OnnxEngine:
-    """Runs a bundle's decoder step by step. ``verify=True`` checks every file's sha256."""
+    """Runs a bundle's decoder step by step. ``verify=True`` checks every file's sha256.
+
+    ``device``: cpu, cuda or tensorrt (ONNX Runtime execution providers). ``threads``: ORT
+    intra-op threads (0: ORT's default, one per physical core). ``max_length``: positions a
+    shared-buffer cache allocates (default: the bundle's context). ``spinning``: let ORT's
+    worker threads spin between operators (None: ORT's default, which spins). Off by
+    default: the device shares its cores with speech recognition and synthesis, and on a
+    shared 2-core machine spinning workers cost every process there (docs/runtime.md).
+    """
 
     def __init__(
-        self, bundle_dir: str | Path, device: str = "cpu", threads: int = 0, verify: bool = True
+        self,
+        bundle_dir: str | Path,
+        device: str = "cpu",
+        threads: int = 0,
+        verify: bool = True,
+        max_length: int | None = None,
+        spinning: bool | None = False,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = verify_bundle(bundle_dir) if verify else read_manifest(bundle_dir)
@@ -67,36 +209,93 @@ class OnnxEngine:
                 f"onnxruntime only has {available}; install onnxruntime-gpu (or the Jetson "
                 "wheel) or use device='cpu'"
             )
+        self.device = device
+        self.ort_device = "cpu" if device == "cpu" else "cuda"
         io = self.manifest["io"]
         self.kv = io["kv_cache"]
         self.num_layers = int(self.kv["num_layers"])
-        self.max_length = int(io["max_sequence_length"])
         self.kv_dtype = NUMPY_DTYPES[self.kv["dtype"]]
+        self.shared_buffer = bool(self.kv.get("shared_buffer", False))
+        context = int(self.kv.get("max_length") or io["max_sequence_length"])
+        if max_length is not None and not 1 <= max_length <= context:
+            raise BundleError(f"max_length must be in 1..{context} (the bundle's context)")
+        self.max_length = int(max_length or context)
         model_file = self.bundle_dir / io["model_file"]
         self.session = ort.InferenceSession(
-            str(model_file), sess_options=session_options(threads), providers=PROVIDERS[device]
+            str(model_file),
+            sess_options=session_options(threads, spinning),
+            providers=PROVIDERS[device],
         )
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         expected = {self._name("past_key", i) for i in range(self.num_layers)} | {"input_ids"}
+        if self.shared_buffer:
+            expected.add("attention_mask")
         if not expected <= self.input_names:
             raise BundleError(
                 f"{model_file} lacks inputs {sorted(expected - self.input_names)} "
                 "named in the manifest's io contract; re-export the bundle"
             )
+        self.logits_to_keep = LOGITS_TO_KEEP in self.input_names
+        logits_shape = self.session.get_outputs()[self.output_names.index("logits")].shape
+        vocab = logits_shape[-1] if isinstance(logits_shape[-1], int) else None
+        self.vocab_size = int(vocab or self.manifest["model"]["vocab_size"])
+        out_type = self.session.get_outputs()[self.output_names.index("logits")].type
+        self.logits_dtype = np.float16 if "float16" in out_type else np.float32
+
+    # --- names and buffers ------------------------------------------------------------
 
     def _name(self, kind: str, layer: int) -> str:
         return self.kv[kind].format(layer=layer)
 
+    def _kv_shape(self, positions: int) -> tuple[int, int, int, int]:
+        return (1, int(self.kv["num_kv_heads"]), positions, int(self.kv["head_dim"]))
+
+    def _alloc_kv(self, positions: int) -> Any:
+        if self.ort_device == "cpu":
+            return np.zeros(self._kv_shape(positions), dtype=self.kv_dtype)
+        return ort.OrtValue.ortvalue_from_shape_and_type(
+            self._kv_shape(positions), self.kv_dtype, self.ort_device, 0
+        )
+
+    @staticmethod
+    def _ortvalue(buffer: Any) -> ort.OrtValue:
+        return (
+            buffer if isinstance(buffer, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(buffer)
+        )
+
+    def _copy_positions(self, src: Any, dst: Any, length: int) -> None:
+        if isinstance(src, np.ndarray):
+            dst[:, :, :length] = src[:, :, :length]
+        else:  # device buffers: through the host (only on copy-on-write of a branch)
+            host = dst.numpy()
+            host[:, :, :length] = src.numpy()[:, :, :length]
+            dst.update_inplace(host)
+
+    # --- caches -----------------------------------------------------------------------
+
     def new_cache(self) -> KVCache:
-        shape = (1, int(self.kv["num_kv_heads"]), 0, int(self.kv["head_dim"]))
-        empty = [np.zeros(shape, dtype=self.kv_dtype) for _ in range(self.num_layers)]
+        """An empty cache (shared-buffer graphs: its buffers are allocated on first use)."""
+        if self.shared_buffer:
+            return KVCache(keys=[], values=[])
+        empty = [np.zeros(self._kv_shape(0), dtype=self.kv_dtype) for _ in range(self.num_layers)]
         return KVCache(keys=empty, values=list(empty))
 
-    def forward(self, token_ids: list[int], cache: KVCache, all_logits: bool = False) -> np.ndarray:
-        """Run ``token_ids`` after what ``cache`` holds; update the cache in place.
+    def _adopt(self, cache: KVCache, storage: SharedStorage) -> SharedStorage:
+        cache.storage = storage
+        storage.attach(cache)
+        cache.keys, cache.values = storage.keys, storage.values
+        return storage
 
-        Returns the logits of the last position ([vocab]) or of all new positions.
+    # --- running ------------------------------------------------------------------------
+
+    def forward(
+        self, token_ids: Sequence[int], cache: KVCache, all_logits: bool = False
+    ) -> np.ndarray:
+        """Run ``token_ids`` after what ``cache`` holds; the cache grows in place.
+
+        Returns the logits of the last position ([vocab]) or of all new positions
+        ([n, vocab]) as arrays the caller owns.
         """
         n = len(token_ids)
         if n == 0:
@@ -106,19 +305,105 @@ class OnnxEngine:
                 f"{cache.length} cached + {n} new tokens exceed the model's context of "
                 f"{self.max_length} tokens; start a new conversation or shorten the prompt"
             )
-        feed = {"input_ids": np.asarray([token_ids], dtype=np.int64)}
-        if "attention_mask" in self.input_names:
-            feed["attention_mask"] = np.ones((1, cache.length + n), dtype=np.int64)
-        if "position_ids" in self.input_names:
-            feed["position_ids"] = np.arange(cache.length, cache.length + n, dtype=np.int64)[None]
-        for layer in range(self.num_layers):
-            feed[self._name("past_key", layer)] = cache.keys[layer]
-            feed[self._name("past_value", layer)] = cache.values[layer]
-        outputs = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
-        for layer in range(self.num_layers):
-            cache.keys[layer] = outputs[self._name("present_key", layer)]
-            cache.values[layer] = outputs[self._name("present_value", layer)]
+        ids = [int(t) for t in token_ids]
+        if self.shared_buffer:
+            return self._forward_shared(ids, cache, all_logits)
+        logits = self._forward_concat(ids, cache, all_logits)
         cache.length += n
-        cache.tokens.extend(token_ids)
-        logits = outputs["logits"][0]
-        return logits if all_logits else logits[-1]
+        cache.tokens.extend(ids)
+        return logits
+
+    def _forward_shared(self, ids: list[int], cache: KVCache, all_logits: bool) -> np.ndarray:
+        storage = cache.storage
+        if storage is None or storage.engine is not self:
+            storage = self._adopt(cache, SharedStorage(self, self.max_length))
+        while True:
+            with storage.lock:  # the ownership check and the write are one step
+                if not storage.claimed_beyond(cache, cache.length):
+                    logits = self._run_shared(storage, ids, cache.length, all_logits)
+                    cache.length += len(ids)
+                    cache.tokens.extend(ids)
+                    return logits
+                log.debug("copy on write of a shared KV cache at %d positions", cache.length)
+                new = storage.clone_prefix(cache.length)
+            storage = self._adopt(cache, new)
+
+    def _run_shared(
+        self, storage: SharedStorage, ids: list[int], start: int, all_logits: bool
+    ) -> np.ndarray:
+        n = len(ids)
+        storage.set_mask(start + n)
+        if n == 1:
+            storage.step_ids[0, 0] = ids[0]
+            binding = storage.decode_binding()
+            if self.ort_device != "cpu":  # device inputs are copied at bind time
+                binding.bind_cpu_input("input_ids", storage.step_ids)
+                binding.bind_cpu_input("attention_mask", storage.mask)
+            self.session.run_with_iobinding(binding)
+            row = storage.step_logits[0]
+            return _float32(row if all_logits else row[0])
+        binding = self.session.io_binding()
+        storage.bind_kv(binding)
+        binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", storage.mask)
+        rows = n if all_logits or not self.logits_to_keep else 1
+        if self.logits_to_keep:  # the lm_head runs on the positions we read only
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(rows, dtype=np.int64))
+        logits = np.empty((1, rows, self.vocab_size), dtype=self.logits_dtype)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(binding)
+        return _float32(logits[0]) if all_logits else _float32(logits[0, -1])
+
+    def _forward_concat(self, ids: list[int], cache: KVCache, all_logits: bool) -> np.ndarray:
+        n, past = len(ids), cache.length
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
+        if "attention_mask" in self.input_names:
+            binding.bind_cpu_input("attention_mask", np.ones((1, past + n), dtype=np.int64))
+        if "position_ids" in self.input_names:
+            positions = np.arange(past, past + n, dtype=np.int64)[None]
+            binding.bind_cpu_input("position_ids", positions)
+        names = []
+        for layer in range(self.num_layers):
+            for kind, values in (("key", cache.keys), ("value", cache.values)):
+                binding.bind_ortvalue_input(
+                    self._name(f"past_{kind}", layer), self._ortvalue(values[layer])
+                )
+                names.append(self._name(f"present_{kind}", layer))
+                binding.bind_output(names[-1], self.ort_device)
+        rows = n if all_logits or not self.logits_to_keep else 1
+        if self.logits_to_keep:
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(rows, dtype=np.int64))
+        logits = np.empty((1, rows, self.vocab_size), dtype=self.logits_dtype)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()  # in binding order: presents, then logits
+        for layer in range(self.num_layers):
+            cache.keys[layer] = outputs[2 * layer]
+            cache.values[layer] = outputs[2 * layer + 1]
+        return _float32(logits[0]) if all_logits else _float32(logits[0, -1])
+
+
+def open_engine(
+    bundle_dir: str | Path,
+    backend: str | None = None,
+    threads: int = 0,
+    verify: bool = True,
+    max_length: int | None = None,
+    spinning: bool | None = False,
+) -> Any:
+    """An engine for ``bundle_dir`` on ``backend`` (cpu, cuda, tensorrt: ONNX Runtime
+    execution providers; tensorrt-native: a TensorRT plan built by ``build-engine``).
+
+    Without ``backend``, the manifest's ``runtime.backend`` decides (default: cpu).
+    """
+    if backend is None:
+        manifest = read_manifest(bundle_dir)
+        backend = str(manifest.get("runtime", {}).get("backend", "cpu"))
+    if backend not in BACKENDS:
+        raise BundleError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
+    if backend == "tensorrt-native":
+        from runtime.tensorrt_engine import TensorRTEngine
+
+        return TensorRTEngine(bundle_dir, verify=verify, max_length=max_length)
+    return OnnxEngine(bundle_dir, backend, threads, verify, max_length, spinning)

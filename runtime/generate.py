@@ -4,6 +4,9 @@
 returns the whole reply with token ids and timings. A ``step_hook`` is called before
 every decode step (the Jetson power governor paces decoding through it) and a
 ``cancel`` event stops a generation between two steps.
+
+Context policy: a prompt that does not fit the context raises ``ContextOverflowError``
+before anything runs; a reply that fills the context stops with ``finish_reason="length"``.
 """
 
 from __future__ import annotations
@@ -13,12 +16,14 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from runtime.detokenize import StreamDecoder
-from runtime.engine import KVCache, OnnxEngine
-from runtime.errors import BundleError
+from runtime.engine import KVCache, open_engine
+from runtime.errors import BundleError, ContextOverflowError
 from runtime.sampling import Sampler, SamplingParams
 
 
@@ -26,8 +31,9 @@ from runtime.sampling import Sampler, SamplingParams
 class GenerationResult:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens prefilled for this reply (not those already cached)
     finish_reason: str = "length"  # "stop", "length" or "cancelled"
+    stop_token: int | None = None  # the end token that stopped it (not in token_ids)
     ttft_ms: float = 0.0  # prompt in -> first token chosen
     decode_ms: float = 0.0  # first token -> last token
 
@@ -46,11 +52,11 @@ class _StopMatcher:
 
     def push(self, text: str) -> tuple[str, bool]:
         self.pending += text
-        for stop in self.stops:
-            at = self.pending.find(stop)
-            if at >= 0:
-                out, self.pending = self.pending[:at], ""
-                return out, True
+        found = [(at, stop) for stop in self.stops if (at := self.pending.find(stop)) >= 0]
+        if found:
+            at = min(found)[0]
+            out, self.pending = self.pending[:at], ""
+            return out, True
         hold = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(self.pending)), 0, -1):
@@ -69,7 +75,7 @@ class _StopMatcher:
 class Generator:
     """A bundle's tokenizer, prompt format and engine, ready to generate."""
 
-    def __init__(self, engine: OnnxEngine, tokenizer: Tokenizer):
+    def __init__(self, engine: Any, tokenizer: Tokenizer):
         self.engine = engine
         self.tokenizer = tokenizer
         gen = engine.manifest["generation"]
@@ -80,9 +86,16 @@ class Generator:
 
     @classmethod
     def from_bundle(
-        cls, bundle_dir: str | Path, device: str = "cpu", threads: int = 0, verify: bool = True
+        cls,
+        bundle_dir: str | Path,
+        device: str | None = "cpu",
+        threads: int = 0,
+        verify: bool = True,
+        max_length: int | None = None,
+        spinning: bool | None = False,
     ) -> Generator:
-        engine = OnnxEngine(bundle_dir, device=device, threads=threads, verify=verify)
+        """``device``: cpu, cuda, tensorrt (ORT providers), tensorrt-native, or None (manifest)."""
+        engine = open_engine(bundle_dir, device, threads, verify, max_length, spinning)
         tokenizer_file = Path(bundle_dir) / engine.manifest["io"].get(
             "tokenizer_file", "tokenizer.json"
         )
@@ -90,10 +103,23 @@ class Generator:
             raise BundleError(f"bundle {bundle_dir} has no {tokenizer_file.name}; re-export it")
         return cls(engine, Tokenizer.from_file(str(tokenizer_file)))
 
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no special tokens, no template)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
     def encode_prompt(self, prompt: str, template: bool = True) -> list[int]:
         text = self.prompt_template.format(prompt=prompt) if template else prompt
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + ids
+        return ([self.bos_token_id] if self.bos_token_id is not None else []) + self.encode(text)
+
+    def check_fits(self, cache: KVCache, new_tokens: int) -> None:
+        room = self.engine.max_length - cache.length
+        if new_tokens >= room:
+            raise ContextOverflowError(
+                f"the prompt needs {new_tokens} tokens but only {room - 1} fit after the "
+                f"{cache.length} already in the conversation (context {self.engine.max_length}, "
+                "one position is kept for the reply); shorten the prompt or start a new "
+                "conversation"
+            )
 
     def stream(
         self,
@@ -105,25 +131,47 @@ class Generator:
         cancel: threading.Event | None = None,
     ) -> Iterator[str]:
         """Yield reply text pieces. ``cache`` may hold earlier turns (continued in place)."""
+        cache = cache if cache is not None else self.engine.new_cache()
+        if not prompt_ids:
+            raise ValueError("an empty prompt has nothing to continue; pass at least one token")
+        self.check_fits(cache, len(prompt_ids))
+        result = result if result is not None else GenerationResult()
+        result.prompt_tokens = len(prompt_ids)
+        started = time.perf_counter()
+        logits = self.engine.forward(prompt_ids, cache)
+        yield from self.decode(logits, cache, params, result, step_hook, cancel, started)
+
+    def decode(
+        self,
+        logits: np.ndarray,
+        cache: KVCache,
+        params: SamplingParams | None = None,
+        result: GenerationResult | None = None,
+        step_hook: Callable[[], None] | None = None,
+        cancel: threading.Event | None = None,
+        started: float | None = None,
+    ) -> Iterator[str]:
+        """The decode loop from the logits of the cache's last position.
+
+        Every chosen token but the last one is run into ``cache``; the last (an end token
+        included) is in ``result.token_ids`` / ``result.finish_reason`` only.
+        """
         params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
         sampler = Sampler(params)
         result = result if result is not None else GenerationResult()
-        cache = cache if cache is not None else self.engine.new_cache()
-        stop_ids = set(self.eos_token_ids) | set(params.stop_token_ids)
+        started = started if started is not None else time.perf_counter()
+        stop_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(self.eos_token_ids)
+        )
         decoder, stops = StreamDecoder(self.tokenizer), _StopMatcher(params.stop)
-        result.prompt_tokens = len(prompt_ids)
-        started = time.perf_counter()
-        logits = self.engine.forward(prompt_ids, cache) if prompt_ids else None
-        if logits is None:
-            raise ValueError("an empty prompt with an empty cache has nothing to continue")
         first_token_at, stopped_by_string = None, False
-        for _ in range(params.max_new_tokens):
+        while True:
             token = sampler(logits, cache.tokens)
             if first_token_at is None:
                 first_token_at = time.perf_counter()
                 result.ttft_ms = (first_token_at - started) * 1000
             if token in stop_ids:
-                result.finish_reason = "stop"
+                result.finish_reason, result.stop_token = "stop", token
                 break
             result.token_ids.append(token)
             piece, stopped = stops.push(decoder.push(token))
@@ -136,13 +184,16 @@ class Generator:
             if cancel is not None and cancel.is_set():
                 result.finish_reason = "cancelled"
                 break
-            if len(result.token_ids) == params.max_new_tokens:
+            if (
+                len(result.token_ids) >= params.max_new_tokens
+                or cache.length >= self.engine.max_length
+            ):
+                result.finish_reason = "length"
                 break
             if step_hook is not None:
                 step_hook()
             logits = self.engine.forward([token], cache)
-        if first_token_at is not None:
-            result.decode_ms = (time.perf_counter() - first_token_at) * 1000
+        result.decode_ms = (time.perf_counter() - first_token_at) * 1000
         if not stopped_by_string:
             tail = stops.push(decoder.flush())[0] + stops.flush()
             if tail:

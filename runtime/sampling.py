@@ -1,7 +1,13 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty."""
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p, repetition penalty.
+
+The semantics follow Hugging Face ``generate``: the repetition penalty (CTRL) divides positive
+and multiplies negative logits of every token already in the context (prompt included),
+then temperature, top-k and top-p filter, then one draw from a seeded generator.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +23,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the output)
     stop_token_ids: list[int] = field(default_factory=list)  # added to the model's end tokens
+    ignore_eos: bool = False  # keep going past end tokens (benchmarks: a fixed length)
 
     def validate(self) -> None:
         if self.max_new_tokens < 1:
@@ -30,6 +37,41 @@ class SamplingParams:
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def apply_repetition_penalty(
+    logits: np.ndarray, previous: Sequence[int], penalty: float
+) -> np.ndarray:
+    """A penalised copy of ``logits`` (HF/CTRL: positive / penalty, negative * penalty)."""
+    out = np.array(logits, dtype=np.float64)
+    if penalty != 1.0 and len(previous):
+        seen = np.unique(np.asarray(previous, dtype=np.int64))
+        seen = seen[(seen >= 0) & (seen < out.size)]
+        chosen = out[seen]
+        out[seen] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
+    return out
+
+
+def filtered_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    """Probabilities after temperature, top-k and top-p (the smallest set reaching top_p)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    if top_k and top_k < scaled.size:
+        kth = np.partition(scaled, -top_k)[-top_k]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    if top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        cut = min(int(np.searchsorted(cumulative, top_p)) + 1, order.size)
+        kept = np.zeros_like(probs)
+        kept[order[:cut]] = probs[order[:cut]]
+        probs = kept / kept.sum()
+    return probs
+
 
 class Sampler:
     """Stateful only in its RNG, so a seed reproduces a whole generation."""
@@ -39,28 +81,11 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray, previous: list[int]) -> int:
+    def __call__(self, logits: np.ndarray, previous: Sequence[int]) -> int:
         p = self.params
-        logits = logits.astype(np.float64, copy=True)
-        if p.repetition_penalty != 1.0 and previous:
-            seen = np.unique(np.asarray(previous))
-            chosen = logits[seen]
-            logits[seen] = np.where(
-                chosen > 0, chosen / p.repetition_penalty, chosen * p.repetition_penalty
-            )
-        if p.temperature == 0.0:
-            return int(np.argmax(logits))
-        logits /= p.temperature
-        if p.top_k and p.top_k < logits.size:
-            kth = np.partition(logits, -p.top_k)[-p.top_k]
-            logits[logits < kth] = -np.inf
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-        if p.top_p < 1.0:
-            order = np.argsort(-probs)
-            cumulative = np.cumsum(probs[order])
-            keep = order[: int(np.searchsorted(cumulative, p.top_p)) + 1]
-            mask = np.zeros_like(probs)
-            mask[keep] = probs[keep]
-            probs = mask / mask.sum()
+        if p.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, previous, p.repetition_penalty)
+        if p.greedy:
+            return int(np.argmax(logits))  # no copy: the hot path of greedy decoding
+        probs = filtered_probs(logits, p.temperature, p.top_k, p.top_p)
         return int(self.rng.choice(probs.size, p=probs))

@@ -1,0 +1,542 @@
+"""Runtime benchmark: this runtime vs onnxruntime-genai vs transformers, on one machine, one run.
+
+A randomly initialised ~100M-parameter Llama student (preset ``100m``, vocabulary 16384) so
+decode is bound by memory bandwidth. Measured on the same prompts (random ids, lengths
+16/128/512) and the same number of greedy tokens (end tokens ignored):
+
+- ``moe2edge_fp32`` / ``moe2edge_int4``: our engine (``runtime.engine.OnnxEngine`` + greedy
+  ``Sampler``) on our fast bundles (``export.genai_graph.export_fast``: the model builder's
+  GroupQueryAttention graph, KV updated in place through IO binding);
+- ``genai_fp32`` / ``genai_int4``: onnxruntime-genai's own generator loop (``og.Generator``)
+  on its model builder's output of the same student (the same ONNX files);
+- ``hf_eager_fp32``: transformers' ``generate`` in PyTorch eager mode (default attention).
+
+Every runtime runs in its own process (its peak RSS, VmHWM, is its own), started afresh
+each round in alternating order (the process started first measured slower). All runtimes
+but transformers are driven one decode step at a time in lockstep (prefill on each in turn,
+then step 1 on each, step 2 on each, ...; each step timed inside its process; the order
+shuffled at every step), over ``--repeats`` rounds, so the load other processes put on a
+shared machine falls on all of them alike; transformers runs whole ``generate`` calls after
+each prompt's lockstep (``--hf-stepped`` steps it through its streamer hook instead, which
+costs it 15-20%). Medians over rounds are reported. All ORT-based runtimes get the same intra-op thread count (``--threads``), torch
+the same number of threads. The machine's memory bandwidth is measured in the same run and
+``floor_ms_per_token`` = weight bytes read per token / bandwidth (per precision).
+
+    python bench/runtime.py                      # a few minutes on 2 cores
+    python bench/runtime.py --new-tokens 32 --repeats 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+RUNTIMES = ["moe2edge_fp32", "moe2edge_int4", "genai_fp32", "genai_int4", "hf_eager_fp32"]
+VOCAB = 16384
+SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "0.002"))
+
+
+# --- children: one runtime each, nothing else imported --------------------------------------
+# A child loads its runtime, answers READY, then runs one prompt per stdin line (JSON) and
+# answers RESULT {ttft_s, decode_s, decode_tokens, tokens, peak_rss_mb, torch_in_sys_modules}.
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: this process's peak RSS. (ru_maxrss would also count the parent's memory at
+    fork time, which Linux carries over exec into the child's rusage.)"""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Moe2edge:
+    """Our engine + greedy sampler, one decode step per call."""
+
+    def __init__(self, spec: dict):
+        from runtime.engine import OnnxEngine
+        from runtime.sampling import Sampler, SamplingParams
+
+        self.engine = OnnxEngine(
+            spec["path"],
+            threads=spec["threads"],
+            spinning=spec["spinning"],
+            verify=spec.get("verify", True),
+        )
+        self.sampler = Sampler(SamplingParams())
+
+    def start(self, prompt: list[int], new_tokens: int) -> None:
+        self.cache = self.engine.new_cache()
+        self.tokens = [self.sampler(self.engine.forward(prompt, self.cache), self.cache.tokens)]
+
+    def step(self) -> None:
+        logits = self.engine.forward([self.tokens[-1]], self.cache)
+        self.tokens.append(self.sampler(logits, self.cache.tokens))
+
+    def finish(self) -> list[int]:
+        return self.tokens
+
+
+class Genai:
+    """onnxruntime-genai's own generator loop (greedy, a fixed length)."""
+
+    def __init__(self, spec: dict):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(spec["path"])
+        if spec["threads"]:
+            options = {"intra_op_num_threads": spec["threads"]}
+            config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
+        self.model = og.Model(config)
+
+    def start(self, prompt: list[int], new_tokens: int) -> None:
+        total = len(prompt) + new_tokens
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, max_length=total, min_length=total)
+        self.generator = self.og.Generator(self.model, params)
+        self.generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+        self.generator.generate_next_token()
+        self.prompt_len = len(prompt)
+
+    def step(self) -> None:
+        self.generator.generate_next_token()
+
+    def finish(self) -> list[int]:
+        assert self.generator.is_done()
+        return [int(t) for t in self.generator.get_sequence(0)[self.prompt_len :]]
+
+
+class HfEager:
+    """transformers' ``generate`` (PyTorch eager), stepped through its streamer hook.
+
+    ``generate`` runs in a thread; the streamer's ``put`` (called once with the prompt,
+    then once per new token) blocks until the parent asks for the next step, so the time
+    from a ``step`` command to the next ``put`` is exactly one of generate's decode steps.
+    """
+
+    def __init__(self, spec: dict):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        if spec["threads"]:
+            torch.set_num_threads(spec["threads"])
+        self.model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=torch.float32).eval()
+
+    def put(self, value) -> None:  # the streamer interface generate() calls
+        if self.calls:  # not the prompt
+            self.produced.release()
+            self.go.acquire()
+        self.calls += 1
+
+    def end(self) -> None:
+        pass
+
+    def start(self, prompt: list[int], new_tokens: int) -> None:
+        self.calls, self.out = 0, None
+        self.go, self.produced = threading.Semaphore(0), threading.Semaphore(0)
+        ids = self.torch.tensor([prompt])
+
+        def generate() -> None:
+            with self.torch.inference_mode():
+                self.out = self.model.generate(
+                    ids,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    do_sample=False,
+                    pad_token_id=0,
+                    streamer=self,
+                )[0, len(prompt) :].tolist()
+
+        self.thread = threading.Thread(target=generate)
+        self.thread.start()
+        self.produced.acquire()  # the first new token
+
+    def step(self) -> None:
+        self.go.release()
+        self.produced.acquire()
+
+    def finish(self) -> list[int]:
+        self.go.release()  # let generate() return after its last token
+        self.thread.join()
+        return self.out
+
+    def run(self, prompt: list[int], new_tokens: int) -> dict:
+        """Whole generate() calls, as users run it: TTFT = a one-token generate."""
+        ids = self.torch.tensor([prompt])
+        times, tokens = [], None
+        for new in (1, new_tokens):
+            t0 = time.perf_counter()
+            with self.torch.inference_mode():
+                seq = self.model.generate(
+                    ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+                )
+            times.append(time.perf_counter() - t0)
+            tokens = seq[0, len(prompt) :].tolist()
+        return {"ttft_s": times[0], "decode_s": max(times[1] - times[0], 1e-9), "tokens": tokens}
+
+
+def serve_child(spec_file: str) -> None:
+    """Commands on stdin, one JSON per line: start (prefill and the first token), step (one
+    more token), finish (the tokens), so the parent can interleave the runtimes' steps."""
+    spec = json.loads(Path(spec_file).read_text())
+    runner = {"moe2edge": Moe2edge, "genai": Genai, "hf": HfEager}[spec["kind"]](spec)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        t0 = time.perf_counter()
+        if cmd["cmd"] == "start":
+            runner.start(cmd["prompt"], cmd["new_tokens"])
+            out = {"s": time.perf_counter() - t0}
+        elif cmd["cmd"] == "step":
+            runner.step()
+            out = {"s": time.perf_counter() - t0}
+        elif cmd["cmd"] == "finish":
+            out = {"tokens": runner.finish()}
+        else:
+            out = runner.run(cmd["prompt"], cmd["new_tokens"])
+        out["peak_rss_mb"] = peak_rss_mb()
+        out["torch_in_sys_modules"] = "torch" in sys.modules
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+class Child:
+    """One runtime in its own process, driven over stdin/stdout."""
+
+    def __init__(self, name: str, spec: dict, work: Path):
+        self.name = name
+        spec_file = work / f"spec_{name}.json"
+        spec_file.write_text(json.dumps(spec))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH=str(ROOT))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--child", str(spec_file)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+        )  # fmt: skip
+        self._read("READY")
+        self.peak_rss_mb, self.torch_loaded = 0.0, False
+
+    def _read(self, marker: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(marker):
+                return line[len(marker) :].strip()
+        raise RuntimeError(f"{self.name} exited (code {self.proc.wait()}) before {marker}")
+
+    def __call__(self, cmd: str, **kwargs) -> dict:
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+        out = json.loads(self._read("RESULT "))
+        self.peak_rss_mb = max(self.peak_rss_mb, out["peak_rss_mb"])
+        self.torch_loaded |= out["torch_in_sys_modules"]
+        return out
+
+    def generation(self, prompt: list[int], new_tokens: int) -> dict:
+        """A whole generation of a stepped runtime, not interleaved (warm-up)."""
+        self("start", prompt=prompt, new_tokens=new_tokens)
+        for _ in range(new_tokens - 1):
+            self("step")
+        return self("finish")
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def interleaved(
+    children: list[Child], prompt: list[int], new_tokens: int, rng: np.random.Generator
+) -> dict[str, dict]:
+    """Prefill on each runtime in turn, then their decode steps one at a time in lockstep:
+    whatever else the machine does falls on all of them alike. The order is shuffled for
+    every step, so no runtime always runs right after the same other one (caches, a
+    neighbour's worker threads still spinning)."""
+    out = {}
+    for i in rng.permutation(len(children)):
+        child = children[i]
+        out[child.name] = {"ttft_s": child("start", prompt=prompt, new_tokens=new_tokens)["s"]}
+        out[child.name]["decode_s"] = 0.0
+    for _ in range(new_tokens - 1):
+        for i in rng.permutation(len(children)):
+            child = children[i]
+            time.sleep(SETTLE_S)  # the previous runtime's spinning workers go idle first
+            out[child.name]["decode_s"] += child("step")["s"]
+    for child in children:
+        out[child.name]["tokens"] = child("finish")["tokens"]
+    return out
+
+
+# --- parent: build, measure, compare ----------------------------------------------------------
+
+
+def prepare(work: Path, seed: int) -> dict[str, Path]:
+    """The random 100M student, the builder's fp32/int4 outputs and our bundles (cached)."""
+    student = work / "student"
+    paths = {
+        "student": student,
+        **{f"genai_{p}": work / f"genai_{p}" for p in ("fp32", "int4")},
+        **{f"moe2edge_{p}": work / f"bundle_{p}" for p in ("fp32", "int4")},
+    }
+    if all(p.exists() for p in paths.values()):
+        return paths
+    import torch
+
+    from distill.demo_data import write_demo_data
+    from distill.pipeline import make_tokenizer
+    from distill.student import build_student
+    from distill.tokenizer import load_tokenizer
+    from export.genai_graph import export_fast, run_builder
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    data = write_demo_data(work / "data", seed=seed, train_size=400, eval_size=4)
+    make_tokenizer(data["train"], work / "tokenizer", vocab_size=320)
+    tokenizer = load_tokenizer(work / "tokenizer")
+    model = build_student("100m", vocab_size=VOCAB, seed=seed)
+    model.save_pretrained(student)
+    tokenizer.save_pretrained(student)
+    print(
+        f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
+        file=sys.stderr,
+    )
+    built = run_builder(student, {p: paths[f"genai_{p}"] for p in ("fp32", "int4")})
+    for precision, src in built.items():
+        export_fast(
+            student, paths[f"moe2edge_{precision}"], precision, builder_dir=src, overwrite=True
+        )
+    return paths
+
+
+def memory_bandwidth_gb_s(mib: int = 256, repeats: int = 5) -> dict[str, float]:
+    """Read bandwidth (sum of a large array, 1 and all threads) and copy bandwidth, GB/s."""
+    a = np.ones(mib * (1 << 20) // 4, dtype=np.float32)
+    b = np.empty_like(a)
+    threads = os.cpu_count() or 1
+
+    def best(fn, nbytes: int) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return nbytes / min(times) / 1e9
+
+    def parallel_sum() -> None:
+        parts = np.array_split(a, threads)
+        workers = [threading.Thread(target=np.sum, args=(p,)) for p in parts]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    return {
+        "read_1_thread": best(lambda: a.sum(), a.nbytes),
+        f"read_{threads}_threads": best(parallel_sum, a.nbytes),
+        "copy": best(lambda: np.copyto(b, a), 2 * a.nbytes),
+    }
+
+
+def weight_bytes_per_token(model_path: Path) -> int:
+    """Bytes of initializers a decode step reads: all, except tables only gathered from
+    (the embedding), of which one row is read."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    users: dict[str, set[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    total = 0
+    for init in model.graph.initializer:
+        dims = list(init.dims)
+        size = int(np.prod(dims)) if dims else 1
+        nbytes = size * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        if users.get(init.name) == {"Gather"} and len(dims) == 2:
+            nbytes = dims[1] * nbytes // size  # one row of the table
+        total += nbytes
+    return total
+
+
+def count_params(safetensors_file: Path) -> int:
+    with open(safetensors_file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+
+
+def child_spec(name: str, paths: dict[str, Path], args) -> dict:
+    """``name`` is a runtime, optionally ``@THREADS`` (e.g. ``genai_int4@2``)."""
+    base, _, at = name.partition("@")
+    kind = "hf" if base.startswith("hf") else base.split("_")[0]
+    threads = {"moe2edge": args.threads, "genai": args.genai_threads, "hf": args.threads}[kind]
+    threads = int(at) if at else threads
+    path = paths["student"] if kind == "hf" else paths[base]
+    spinning = {"on": True, "off": False, "default": None}[args.spinning]
+    return {"kind": kind, "path": str(path), "threads": threads, "spinning": spinning}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default=str(ROOT / "runs" / "bench-runtime"))
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2, help="rounds (even: balanced order)")
+    parser.add_argument("--prompt-lengths", default="16,128,512")
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="ORT intra-op / torch threads"
+    )
+    parser.add_argument(
+        "--genai-threads",
+        type=int,
+        default=None,
+        help="onnxruntime-genai's intra-op threads (default: --threads; 0: genai's own default)",
+    )
+    parser.add_argument(
+        "--spinning",
+        choices=["off", "on", "default"],
+        default="off",
+        help="our engine's ORT worker threads spin between operators (off: the engine's "
+        "default; genai cannot choose: its session options have no such key, it keeps ORT's "
+        "default, on)",
+    )
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES))
+    parser.add_argument(
+        "--hf-stepped", action="store_true", help="step transformers in the lockstep too"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return serve_child(args.child)
+    if args.genai_threads is None:
+        args.genai_threads = args.threads
+
+    started = time.time()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = prepare(work, args.seed)
+    rng = np.random.default_rng(args.seed)
+    lengths = [int(x) for x in args.prompt_lengths.split(",")]
+    prompts = [[int(t) for t in rng.integers(3, VOCAB, n)] for n in lengths]
+    names = args.runtimes.split(",")
+    bandwidth = memory_bandwidth_gb_s()
+    samples: dict[str, list[dict]] = {n: [] for n in names}
+    peak_rss = dict.fromkeys(names, 0.0)
+    torch_in_ours = False
+    order_rng = np.random.default_rng(args.seed)
+    # transformers runs whole generate() calls after each prompt's lockstep: stepping it
+    # through its streamer hook measured 15-20% slower than generate() alone (thread
+    # hand-offs, OpenMP teams waking), more under load; --hf-stepped steps it anyway
+    whole = set() if args.hf_stepped else {n for n in names if n.startswith("hf")}
+    for round_ in range(args.repeats):
+        # fresh processes every round, started in alternating order: the process started
+        # first measured up to ~15% slower here, whatever ran in it
+        spawn = names if round_ % 2 == 0 else names[::-1]
+        children = [Child(n, child_spec(n, paths, args), work) for n in spawn]
+        for child in children:
+            child.generation(prompts[0][:8], 4)  # warm-up: first-run allocations, not measured
+        stepped = [c for c in children if c.name not in whole]
+        for prompt in prompts:
+            for name, r in interleaved(stepped, prompt, args.new_tokens, order_rng).items():
+                samples[name].append({**r, "round": round_, "length": len(prompt)})
+            for child in (c for c in children if c.name in whole):
+                r = child("run", prompt=prompt, new_tokens=args.new_tokens)
+                samples[child.name].append({**r, "round": round_, "length": len(prompt)})
+        for child in children:
+            child.close()
+            peak_rss[child.name] = max(peak_rss[child.name], child.peak_rss_mb)
+            torch_in_ours |= child.name.startswith("moe2edge") and child.torch_loaded
+        print(f"round {round_} done after {time.time() - started:.0f} s", file=sys.stderr)
+    result = summarize(samples, names, lengths, bandwidth, paths, args, started)
+    result["peak_rss_mb"] = {n: round(v, 1) for n, v in peak_rss.items()}
+    result["moe2edge_torch_free"] = not torch_in_ours
+    print(json.dumps(result))
+
+
+def summarize(samples, names, lengths, bandwidth, paths, args, started) -> dict:
+    bw = max(bandwidth.values())
+    floor = {
+        p: round(
+            weight_bytes_per_token(paths[f"moe2edge_{p}"] / "model.onnx") / (bw * 1e9) * 1000, 3
+        )
+        for p in ("fp32", "int4")
+    }
+
+    def per_round(name: str) -> list[float]:
+        """decode tok/s of each round: its tokens over its time, all prompt lengths together."""
+        out = []
+        for r in sorted({s["round"] for s in samples[name]}):
+            rs = [s for s in samples[name] if s["round"] == r]
+            out.append(len(rs) * (args.new_tokens - 1) / sum(s["decode_s"] for s in rs))
+        return out
+
+    def ttft(name: str, length: int) -> float:
+        values = [s["ttft_s"] * 1000 for s in samples[name] if s["length"] == length]
+        return round(statistics.median(values), 2)
+
+    def tokens(name: str) -> dict[int, list[int]] | None:
+        if name not in samples:
+            return None
+        return {s["length"]: s["tokens"] for s in samples[name] if s["round"] == 0}
+
+    rounds = {n: per_round(n) for n in names}
+    decode = {n: round(statistics.median(rounds[n]), 2) for n in names}
+    pairs = (
+        ("moe2edge_vs_genai_fp32", "moe2edge_fp32", "genai_fp32"),
+        ("moe2edge_vs_genai_int4", "moe2edge_int4", "genai_int4"),
+        ("moe2edge_vs_hf_eager_fp32", "moe2edge_fp32", "hf_eager_fp32"),
+    )
+    return {
+        "decode_tok_s": decode,
+        "ttft_ms": {n: {str(p): ttft(n, p) for p in lengths} for n in names},
+        "bandwidth_gb_s": round(bw, 2),
+        "floor_ms_per_token": floor,
+        "ratio_to_floor": {
+            n: round(1000 / decode[n] / floor["int4" if n.endswith("int4") else "fp32"], 2)
+            for n in names
+        },
+        "speedup": {
+            k: round(decode[a] / decode[b], 3) for k, a, b in pairs if a in decode and b in decode
+        },
+        "decode_tok_s_rounds": {n: [round(x, 2) for x in rounds[n]] for n in names},
+        "bandwidth_detail_gb_s": {k: round(v, 2) for k, v in bandwidth.items()},
+        "greedy_equals_pytorch_fp32": (
+            tokens("moe2edge_fp32") == tokens("hf_eager_fp32")
+            if "moe2edge_fp32" in samples and "hf_eager_fp32" in samples
+            else None
+        ),
+        "greedy_equals_genai": {
+            p: tokens(f"moe2edge_{p}") == tokens(f"genai_{p}")
+            for p in ("fp32", "int4")
+            if f"moe2edge_{p}" in samples and f"genai_{p}" in samples
+        },
+        "setup": {
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "interleaving": "ORT decode steps in lockstep, order shuffled every step; "
+            + ("transformers stepped too" if args.hf_stepped else "transformers: whole runs"),
+            "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            "prompt_lengths": lengths,
+            "threads": args.threads,
+            "moe2edge_spinning": args.spinning,
+            "genai_threads": args.genai_threads or "genai default",
+            "cpu_count": os.cpu_count(),
+            "student": "distill.student preset 100m, random init, vocab 16384",
+            "params_m": round(count_params(paths["student"] / "model.safetensors") / 1e6, 1),
+            "total_s": round(time.time() - started, 1),
+        },
+    }
+
+
+if __name__ == "__main__":
+    main()
