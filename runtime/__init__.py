@@ -10,21 +10,25 @@ TensorRT), numpy, tokenizers and the web stack only (`pip install moe2edge[runti
         print(piece, end="", flush=True)
 """
 
-from runtime.engine import KVCache, OnnxEngine
+from runtime.engine import KVCache, OnnxEngine, open_engine
 from runtime.errors import BundleError, ContextOverflowError, RuntimeUserError
 from runtime.generate import GenerationResult, Generator
 from runtime.manifest import read_manifest, verify_bundle
 from runtime.sampling import SamplingParams
+from runtime.session import Conversation, PrefixStore
 
 __all__ = [
     "BundleError",
+    "Conversation",
     "ContextOverflowError",
     "GenerationResult",
     "Generator",
     "KVCache",
     "OnnxEngine",
+    "PrefixStore",
     "RuntimeUserError",
     "SamplingParams",
+    "open_engine",
     "read_manifest",
     "verify_bundle",
 ]

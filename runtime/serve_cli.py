@@ -67,8 +67,9 @@ def run(args: argparse.Namespace, step_hook=None, concurrency_limiter=None) -> i
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         log.warning("binding %s without a token: anyone on the network can use it", config.host)
     generator = Generator.from_bundle(args.bundle, device=config.device, threads=config.threads)
-    app = create_app(config, generator=generator, step_hook=step_hook,
-                     concurrency_limiter=concurrency_limiter)
+    app = create_app(
+        config, generator=generator, step_hook=step_hook, concurrency_limiter=concurrency_limiter
+    )
     log.info(
         "serving %s on http://%s:%d (voice %s, %d slots, queue %d)",
         args.bundle,
