@@ -2,6 +2,10 @@
 
 Flat on purpose: every key can be overridden on the command line as ``key=value``
 (``moe2edge serve BUNDLE vad_end_silence_ms=250 slots=1``).
+
+The YAML + ``key=value`` loading mirrors ``distill/config.py`` on purpose: the runtime is
+the leaf package and may not import ``distill`` (which needs torch), so the small loader
+is kept here rather than shared.
 """
 
 from __future__ import annotations

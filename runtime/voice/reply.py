@@ -29,6 +29,7 @@ from typing import Any
 from runtime.engine import KVCache
 from runtime.generate import GenerationResult, Generator
 from runtime.sampling import SamplingParams
+from runtime.session import common_prefix_len
 from runtime.voice.audio import SAMPLE_RATE, float32_to_pcm16
 from runtime.voice.tts import PhraseSplitter, Synthesizer
 
@@ -39,15 +40,6 @@ Emit = Callable[[dict], None]
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PromptCache:
