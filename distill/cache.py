@@ -31,6 +31,7 @@ from tqdm import tqdm
 from distill.data import encode_rows
 from distill.demo_data import read_jsonl
 from distill.errors import DistillError
+from distill.files import sha256_file
 from distill.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -44,14 +45,6 @@ RESUME_KEYS = ("teacher", "tokenizer_sha256", "k", "max_seq_len", "dataset", "sh
 # A scorer maps token-id sequences (each T tokens) to per-sequence (ids [T-1, k], logprobs
 # [T-1, k]) arrays: row t is the teacher's top-k for the token after token t.
 Scorer = Callable[[list[list[int]]], list[tuple[np.ndarray, np.ndarray]]]
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -36,6 +36,7 @@ import torch
 from distill.config import to_dict
 from distill.distributed import DistInfo, barrier, broadcast_object, gather_objects, raise_together
 from distill.errors import DistillError
+from distill.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -76,20 +77,12 @@ FINGERPRINT_KEYS = (
 FILES = ("model.safetensors", "optimizer.pt", "training_state.pt")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def config_fingerprint(cfg) -> dict:
     """The training-relevant config fields, plus the training data's sha256."""
     values = to_dict(cfg)
     fp = {k: values[k] for k in FINGERPRINT_KEYS if k in values}
     if Path(cfg.train_data).is_file():
-        fp["train_data_sha256"] = file_sha256(cfg.train_data)
+        fp["train_data_sha256"] = sha256_file(cfg.train_data)
     return fp
 
 
@@ -174,7 +167,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo)
             "format_version": 1,
             "step": step,
             "files": {
-                name: {"sha256": file_sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                 for name in FILES
             },
             "config_fingerprint": fingerprint,
@@ -232,7 +225,7 @@ def verify_checkpoint(path: str | Path) -> dict:
         ) from exc
     for name, want in files.items():
         f = path / name
-        if not f.is_file() or f.stat().st_size != want["bytes"] or file_sha256(f) != want["sha256"]:
+        if not f.is_file() or f.stat().st_size != want["bytes"] or sha256_file(f) != want["sha256"]:
             raise DistillError(
                 f"checkpoint file {f} is missing or does not match its sha256 in the manifest: "
                 "the checkpoint is damaged; resume from an older one (pass its path as resume=)"

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from distill.data import IGNORE_INDEX, Example, encode_prompt, prompt_part, row_prompt_reply
 from distill.distributed import DistInfo, barrier
+from distill.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -166,14 +167,6 @@ def on_policy_examples(
     return out
 
 
-def _file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def generate_teacher_dataset(
     teacher: torch.nn.Module,
     tokenizer,
@@ -203,7 +196,7 @@ def generate_teacher_dataset(
     meta_path = out_path.with_name(out_path.name + ".meta.json")
     meta = {
         "source": str(source),
-        "source_sha256": _file_sha256(source),
+        "source_sha256": sha256_file(source),
         "teacher": teacher_id,
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,

@@ -36,11 +36,11 @@ import torch
 from tqdm import tqdm
 
 from distill.checkpoint import (
-    file_sha256,
     load_checkpoint,
     save_checkpoint,
     save_final,
     select_checkpoint,
+    sha256_file,
 )
 from distill.config import to_dict
 from distill.data import IGNORE_INDEX, batch_indices, collate, encode_rows, micro_batches
@@ -185,7 +185,7 @@ def _open_cache(path: str, cfg: TrainConfig, data_path: str | None, rows: int):
     meta = cache.meta
     if data_path is not None:
         want = meta.get("dataset", {}).get("sha256")
-        if want and want != file_sha256(data_path):
+        if want and want != sha256_file(data_path):
             raise DistillError(
                 f"the teacher cache {path} was made on another data set than {data_path} "
                 f"(sha256 differs); train on the data the cache was made from, or rebuild it"

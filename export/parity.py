@@ -10,7 +10,6 @@ token iff PyTorch's argmax agrees at every step, including where the runtime sto
 from __future__ import annotations
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from runtime.generate import Generator
@@ -36,11 +35,12 @@ def runtime_greedy_with_logits(
     return tokens, np.stack(steps), False
 
 
-@torch.no_grad()
 def check_parity(
     model, generator: Generator, prompts: list[str], max_new_tokens: int | None = None
 ) -> dict:
     """Compare ``model`` (PyTorch, fp32) with ``generator``'s bundle on ``prompts``."""
+    import torch  # only here: the greedy loop above is shared with the torch-free report
+
     model.eval()
     max_new_tokens = max_new_tokens or generator.default_max_new_tokens
     threads = torch.get_num_threads()
@@ -53,12 +53,13 @@ def check_parity(
                 generator, prompt_ids, max_new_tokens
             )
             sequence = torch.tensor([prompt_ids + tokens])
-            torch_logits = model(input_ids=sequence).logits[0].float().numpy()
+            with torch.no_grad():
+                torch_logits = model(input_ids=sequence).logits[0].float().numpy()
             # logits that chose token i sit at position len(prompt) - 1 + i
             start = len(prompt_ids) - 1
             aligned = torch_logits[start : start + len(ort_logits)]
             max_diff = max(max_diff, float(np.abs(aligned - ort_logits).max()))
-            chosen = tokens + ([generator.eos_token_ids[0]] if hit_eos else [])
+            chosen = tokens + ([int(np.argmax(ort_logits[-1]))] if hit_eos else [])
             torch_choice = aligned.argmax(-1)[: len(chosen)]
             same = bool((torch_choice == np.asarray(chosen)).all())
             matches += same

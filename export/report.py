@@ -33,6 +33,7 @@ from export.bundle import update_manifest
 from export.calibration import PromptEncoder, read_rows
 from export.derived import model_weight_bytes
 from export.errors import ExportError
+from export.parity import runtime_greedy_with_logits
 from runtime.generate import Generator
 from runtime.manifest import read_manifest, sha256_file
 
@@ -65,18 +66,8 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def greedy_path(gen: Generator, prompt_ids: list[int], max_new_tokens: int):
     """FP32 greedy choices (eos included when reached) and the logits before each."""
-    engine = gen.engine
-    cache = engine.new_cache()
-    logits = engine.forward(prompt_ids, cache)
-    chosen, steps = [], []
-    for _ in range(max_new_tokens):
-        steps.append(logits)
-        token = int(np.argmax(logits))
-        chosen.append(token)
-        if token in gen.eos_token_ids or len(chosen) == max_new_tokens:
-            break
-        logits = engine.forward([token], cache)
-    return chosen, np.stack(steps)
+    tokens, steps, hit_eos = runtime_greedy_with_logits(gen, prompt_ids, max_new_tokens)
+    return tokens + ([int(np.argmax(steps[-1]))] if hit_eos else []), steps
 
 
 def scored_logits(gen: Generator, prompt_ids: list[int], continuation: list[int]) -> np.ndarray:
