@@ -46,6 +46,9 @@ sys.path.insert(0, str(ROOT))
 RUNTIMES = ["moe2edge_fp32", "moe2edge_int4", "genai_fp32", "genai_int4", "hf_eager_fp32"]
 VOCAB = 16384
 SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "0.002"))
+# before each whole generation: ORT workers left spinning by the runtime before (genai keeps
+# ORT's default, spin on after a run) would take the cores from the next one
+BURST_SETTLE_S = float(os.environ.get("BENCH_BURST_SETTLE_S", "0.2"))
 
 
 # --- children: one runtime each, nothing else imported --------------------------------------
@@ -100,8 +103,13 @@ class Genai:
 
         self.og = og
         config = og.Config(spec["path"])
-        if spec["threads"]:
-            options = {"intra_op_num_threads": spec["threads"]}
+        options: dict = {"intra_op_num_threads": spec["threads"]} if spec["threads"] else {}
+        # genai passes session_options keys it does not know to ORT as config entries
+        if spec["spinning"] in ("run", "off"):
+            options["session.intra_op.allow_spinning"] = "0" if spec["spinning"] == "off" else "1"
+        if spec["spinning"] == "run":
+            options["session.force_spinning_stop"] = "1"
+        if options:
             config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
 
@@ -209,6 +217,14 @@ def serve_child(spec_file: str) -> None:
             out = {"s": time.perf_counter() - t0}
         elif cmd["cmd"] == "finish":
             out = {"tokens": runner.finish()}
+        elif cmd["cmd"] == "generate" and not isinstance(runner, HfEager):
+            # a whole generation, steps back to back (as a user runs it)
+            runner.start(cmd["prompt"], cmd["new_tokens"])
+            t1 = time.perf_counter()
+            for _ in range(cmd["new_tokens"] - 1):
+                runner.step()
+            out = {"ttft_s": t1 - t0, "decode_s": time.perf_counter() - t1}
+            out["tokens"] = runner.finish()
         else:
             out = runner.run(cmd["prompt"], cmd["new_tokens"])
         out["peak_rss_mb"] = peak_rss_mb()
@@ -290,32 +306,33 @@ def prepare(work: Path, seed: int) -> dict[str, Path]:
         **{f"genai_{p}": work / f"genai_{p}" for p in ("fp32", "int4")},
         **{f"moe2edge_{p}": work / f"bundle_{p}" for p in ("fp32", "int4")},
     }
-    if all(p.exists() for p in paths.values()):
+    sources = [paths[k] for k in ("student", "genai_fp32", "genai_int4")]
+    bundles = {p: paths[f"moe2edge_{p}"] for p in ("fp32", "int4")}
+    if all(p.exists() for p in sources) and all(p.exists() for p in bundles.values()):
         return paths
-    import torch
-
-    from distill.demo_data import write_demo_data
-    from distill.pipeline import make_tokenizer
-    from distill.student import build_student
-    from distill.tokenizer import load_tokenizer
     from export.genai_graph import export_fast, run_builder
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    data = write_demo_data(work / "data", seed=seed, train_size=400, eval_size=4)
-    make_tokenizer(data["train"], work / "tokenizer", vocab_size=320)
-    tokenizer = load_tokenizer(work / "tokenizer")
-    model = build_student("100m", vocab_size=VOCAB, seed=seed)
-    model.save_pretrained(student)
-    tokenizer.save_pretrained(student)
-    print(
-        f"student: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
-        file=sys.stderr,
-    )
-    built = run_builder(student, {p: paths[f"genai_{p}"] for p in ("fp32", "int4")})
-    for precision, src in built.items():
-        export_fast(
-            student, paths[f"moe2edge_{precision}"], precision, builder_dir=src, overwrite=True
-        )
+    if not all(p.exists() for p in sources):
+        import torch
+
+        from distill.demo_data import write_demo_data
+        from distill.pipeline import make_tokenizer
+        from distill.student import build_student
+        from distill.tokenizer import load_tokenizer
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        data = write_demo_data(work / "data", seed=seed, train_size=400, eval_size=4)
+        make_tokenizer(data["train"], work / "tokenizer", vocab_size=320)
+        tokenizer = load_tokenizer(work / "tokenizer")
+        model = build_student("100m", vocab_size=VOCAB, seed=seed)
+        model.save_pretrained(student)
+        tokenizer.save_pretrained(student)
+        n = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"student: {n:.1f}M parameters", file=sys.stderr)
+        run_builder(student, {p: paths[f"genai_{p}"] for p in ("fp32", "int4")})
+    for precision, bundle in bundles.items():
+        src = paths[f"genai_{precision}"]
+        export_fast(student, bundle, precision, builder_dir=src, overwrite=True)
     return paths
 
 
@@ -382,7 +399,7 @@ def child_spec(name: str, paths: dict[str, Path], args) -> dict:
     threads = {"moe2edge": args.threads, "genai": args.genai_threads, "hf": args.threads}[kind]
     threads = int(at) if at else threads
     path = paths["student"] if kind == "hf" else paths[base]
-    spinning = {"on": True, "off": False, "default": None}[args.spinning]
+    spinning = {"moe2edge": args.spinning, "genai": args.genai_spinning, "hf": None}[kind]
     return {"kind": kind, "path": str(path), "threads": threads, "spinning": spinning}
 
 
@@ -403,11 +420,23 @@ def main() -> None:
     )
     parser.add_argument(
         "--spinning",
-        choices=["off", "on", "default"],
-        default="off",
-        help="our engine's ORT worker threads spin between operators (off: the engine's "
-        "default; genai cannot choose: its session options have no such key, it keeps ORT's "
-        "default, on)",
+        choices=["run", "on", "off"],
+        default="run",
+        help="our engine's ORT workers between operators: spin while a step runs (run: the "
+        "engine's default), spin on after it too (on: ORT's default) or sleep (off)",
+    )
+    parser.add_argument(
+        "--genai-spinning",
+        choices=["default", "run", "on", "off"],
+        default="default",
+        help="the same for onnxruntime-genai (default: its own, which is ORT's: on)",
+    )
+    parser.add_argument(
+        "--schedule",
+        choices=["burst", "lockstep"],
+        default="burst",
+        help="burst: each runtime runs whole generations, steps back to back, the runtimes "
+        "taking turns in a shuffled order; lockstep: one decode step of each in turn",
     )
     parser.add_argument("--runtimes", default=",".join(RUNTIMES))
     parser.add_argument(
@@ -445,8 +474,16 @@ def main() -> None:
         children = [Child(n, child_spec(n, paths, args), work) for n in spawn]
         for child in children:
             child.generation(prompts[0][:8], 4)  # warm-up: first-run allocations, not measured
-        stepped = [c for c in children if c.name not in whole]
         for prompt in prompts:
+            if args.schedule == "burst":
+                for i in order_rng.permutation(len(children)):
+                    child = children[i]
+                    cmd = "run" if child.name in whole else "generate"
+                    time.sleep(BURST_SETTLE_S)
+                    r = child(cmd, prompt=prompt, new_tokens=args.new_tokens)
+                    samples[child.name].append({**r, "round": round_, "length": len(prompt)})
+                continue
+            stepped = [c for c in children if c.name not in whole]
             for name, r in interleaved(stepped, prompt, args.new_tokens, order_rng).items():
                 samples[name].append({**r, "round": round_, "length": len(prompt)})
             for child in (c for c in children if c.name in whole):
@@ -523,12 +560,18 @@ def summarize(samples, names, lengths, bandwidth, paths, args, started) -> dict:
         "setup": {
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
-            "interleaving": "ORT decode steps in lockstep, order shuffled every step; "
-            + ("transformers stepped too" if args.hf_stepped else "transformers: whole runs"),
+            "schedule": args.schedule,
+            "interleaving": (
+                "whole generations, runtimes in a shuffled order for every prompt"
+                if args.schedule == "burst"
+                else "ORT decode steps in lockstep, order shuffled every step; "
+                + ("transformers stepped too" if args.hf_stepped else "transformers: whole runs")
+            ),
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "prompt_lengths": lengths,
             "threads": args.threads,
             "moe2edge_spinning": args.spinning,
+            "genai_spinning": args.genai_spinning,
             "genai_threads": args.genai_threads or "genai default",
             "cpu_count": os.cpu_count(),
             "student": "distill.student preset 100m, random init, vocab 16384",

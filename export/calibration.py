@@ -15,7 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from export.errors import ExportError
-from runtime.engine import LOGITS_TO_KEEP
+from runtime.engine import LOGITS_TO_KEEP, SEQLENS, TOTAL_LENGTH
 from runtime.manifest import sha256_file
 
 
@@ -69,7 +69,8 @@ def prefill_feed(manifest: dict[str, Any], ids: list[int]) -> dict[str, np.ndarr
 
     Both KV layouts of docs/bundle-format.md: concatenating (past of length 0, mask of the
     new tokens) and shared-buffer (``kv_cache.shared_buffer``: zeroed ``max_length``
-    buffers, a fixed ``[1, max_length]`` mask with ones on the filled positions).
+    buffers; the attention's lengths as ``seqlens_k``/``total_sequence_length`` inputs, or
+    in older bundles a fixed ``[1, max_length]`` mask with ones on the filled positions).
     """
     io, kv = manifest["io"], manifest["io"]["kv_cache"]
     n = len(ids)
@@ -96,6 +97,10 @@ def prefill_feed(manifest: dict[str, Any], ids: list[int]) -> dict[str, np.ndarr
             feed[name] = np.arange(n, dtype=np.int64)[None]
         elif name in past_names:
             feed[name] = np.zeros(past_shape, dtype=past_dtype)
+        elif name == SEQLENS:
+            feed[name] = np.array([n - 1], dtype=np.int32)
+        elif name == TOTAL_LENGTH:
+            feed[name] = np.array(n, dtype=np.int32)
         elif name == LOGITS_TO_KEEP:  # every position through the lm_head: more calibration
             feed[name] = np.array(n, dtype=np.int64)
         else:

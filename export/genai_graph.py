@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from export.errors import ExportError
+from runtime.engine import SEQLENS, TOTAL_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,54 @@ def add_logits_to_keep(model_path: Path) -> None:
     onnx.save(model, str(model_path))
 
 
+def feed_attention_lengths(model_path: Path) -> bool:
+    """Give GroupQueryAttention its two lengths as graph inputs instead of the mask.
+
+    The builder derives them from ``attention_mask`` in six operators that run every step
+    (ReduceSum, Sub, Cast; Shape, Gather, Cast). At batch 1 the mask is all ones and says
+    nothing else, so the engine feeds ``seqlens_k`` (int32 ``[1]``: positions filled after
+    the run, minus one) and ``total_sequence_length`` (int32 scalar: positions filled after
+    the run) directly, from buffers bound once. Returns False (graph unchanged) when the
+    mask has other uses or the attention nodes do not share one pair of lengths.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    attention = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    pairs = {(n.input[5], n.input[6]) for n in attention if len(n.input) > 6}
+    if not attention or len(pairs) != 1:
+        return False
+    seqlens, total = pairs.pop()
+    kept = list(graph.node)
+    for node in attention:
+        node.input[5], node.input[6] = SEQLENS, TOTAL_LENGTH
+    # drop the nodes nothing reads any more (the mask subgraph), to a fixed point
+    while True:
+        needed = {name for n in kept for name in n.input} | {o.name for o in graph.output}
+        dead = [n for n in kept if not any(out in needed for out in n.output)]
+        if not dead:
+            break
+        kept = [n for n in kept if n not in dead]
+    if any("attention_mask" in n.input for n in kept):
+        return False  # the mask means more in this graph (padding, a sliding window)
+    del graph.node[:]
+    graph.node.extend(kept)
+    inputs = [i for i in graph.input if i.name != "attention_mask"]
+    inputs += [
+        helper.make_tensor_value_info(SEQLENS, TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, []),
+    ]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    log.debug(
+        "GroupQueryAttention fed %s/%s directly (was %s/%s)", SEQLENS, TOTAL_LENGTH, seqlens, total
+    )
+    onnx.save(model, str(model_path))
+    return True
+
+
 def graph_facts(model_path: Path) -> dict[str, Any]:
     """Op counts and MatMulNBits attributes of the builder's graph (recorded in the manifest)."""
     import onnx
@@ -260,6 +309,10 @@ def export_fast(
             for name in files:
                 shutil.copy(src / name, tmp / name)
         add_logits_to_keep(tmp / MODEL_FILE)
+        edits = [f"{LOGITS_TO_KEEP} input: Slice before the lm_head"]
+        direct = feed_attention_lengths(tmp / MODEL_FILE)
+        if direct:
+            edits.append(f"attention_mask input -> {SEQLENS} and {TOTAL_LENGTH} inputs")
         shutil.copy(student_dir / "tokenizer.json", tmp / "tokenizer.json")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         decoder = genai["model"]["decoder"]
@@ -298,7 +351,12 @@ def export_fast(
                 "tokenizer_file": "tokenizer.json",
                 "max_sequence_length": max_length,
                 "graph": "onnxruntime-genai",
-                "attention_mask": "fixed [1, max_length]: 1 where the cache is filled, else 0",
+                "attention_mask": (
+                    f"none: {SEQLENS} (int32 [1]) = positions filled after the run - 1, "
+                    f"{TOTAL_LENGTH} (int32 scalar) = positions filled after the run"
+                    if direct
+                    else "[1, total_length] of ones: the positions filled after the run"
+                ),
                 "position_ids": "none: GroupQueryAttention derives positions from the mask",
                 "kv_cache": kv,
                 **io,
@@ -308,7 +366,7 @@ def export_fast(
                 "student_dir": str(student_dir.resolve()),
                 "exporter": f"onnxruntime-genai {_genai_version()} model builder",
                 "graph_ops": facts["ops"],
-                "graph_edits": [f"{LOGITS_TO_KEEP} input: Slice before the lm_head"],
+                "graph_edits": edits,
                 "builder_search": genai.get("search", {}),
             },
             "files": files + ["tokenizer.json", "config.json"],

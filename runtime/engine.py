@@ -7,9 +7,11 @@ Two graph flavours, chosen from the manifest's ``io.kv_cache`` (see docs/runtime
   OrtValues and fed back as the next step's past: no numpy conversion of the cache.
 * **shared buffer** (onnxruntime-genai's model builder, ``io.kv_cache.shared_buffer: true``):
   GroupQueryAttention reads and writes a ``[1, kv_heads, max_length, head_dim]`` buffer in
-  place. The buffers are allocated once per cache and bound as both past and present; the
-  attention mask is a fixed ``[1, max_length]`` buffer (ones where the cache is filled), so
-  every decode step has the same shapes and binds nothing new.
+  place. The buffers are allocated once per cache and bound as both past and present. The
+  attention's two lengths are graph inputs (``seqlens_k``, ``total_sequence_length``; older
+  bundles: a mask, bound as a view of one row of ones as long as the positions filled): a
+  decode step writes its token id and lengths into buffers bound once, binds nothing and
+  allocates nothing.
 
 Copies of a shared-buffer cache share storage (a copy is O(1)); a cache writes in place
 unless another live copy holds positions it would overwrite, in which case it first takes
@@ -43,6 +45,9 @@ PROVIDERS = {
 BACKENDS = (*PROVIDERS, "tensorrt-native")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 LOGITS_TO_KEEP = "num_logits_to_keep"  # optional graph input: logits of the last k positions
+# optional graph inputs of the fast graph (export.genai_graph.feed_attention_lengths): the
+# lengths GroupQueryAttention needs, fed instead of an attention mask
+SEQLENS, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"
 
 
 @dataclass(eq=False)
@@ -95,17 +100,18 @@ def _slice_positions(value: Any, length: int) -> Any:
 
 
 class SharedStorage:
-    """Per-layer KV buffers of ``capacity`` positions, the fixed attention mask and the
-    decode-step IO binding, shared by a cache and its copies."""
+    """Per-layer KV buffers of ``capacity`` positions and the decode-step IO binding, shared
+    by a cache and its copies."""
 
     def __init__(self, engine: OnnxEngine, capacity: int):
         self.engine, self.capacity = engine, capacity
         self.keys = [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
         self.values = [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
-        self.mask = np.zeros((1, capacity), dtype=np.int64)
-        self.mask_filled = 0  # mask[0, :mask_filled] may hold ones
         self.step_ids = np.zeros((1, 1), dtype=np.int64)
         self.step_logits = np.zeros((1, 1, engine.vocab_size), dtype=engine.logits_dtype)
+        # written before every run, bound once (graphs fed lengths instead of a mask)
+        self.seqlens = np.zeros((1,), dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
         self.sharers: weakref.WeakSet[KVCache] = weakref.WeakSet()
         self.lock = threading.RLock()
         self._decode_binding: ort.IOBinding | None = None
@@ -119,10 +125,13 @@ class SharedStorage:
         return self
 
     def truncate(self, cache: KVCache, length: int) -> None:
-        """Nothing to move: positions past ``length`` are masked out and later overwritten."""
+        """Nothing to move: positions past ``length`` lie beyond the next run's lengths (and
+        are overwritten by it)."""
 
     def claimed_beyond(self, cache: KVCache, position: int) -> bool:
         """Does another live cache on this storage hold positions at or after ``position``?"""
+        if len(self.sharers) <= 1:  # the decode hot path: no copies
+            return False
         return any(c is not cache and c.length > position for c in list(self.sharers))
 
     def bind_kv(self, binding: ort.IOBinding) -> None:
@@ -133,11 +142,10 @@ class SharedStorage:
                 binding.bind_ortvalue_input(eng._name(f"past_{kind}", layer), value)
                 binding.bind_ortvalue_output(eng._name(f"present_{kind}", layer), value)
 
-    def set_mask(self, end: int) -> None:
-        if self.mask_filled > end:
-            self.mask[0, end : self.mask_filled] = 0
-        self.mask[0, :end] = 1
-        self.mask_filled = end
+    def bind_lengths(self, binding: ort.IOBinding) -> None:
+        if self.engine.direct_lengths:  # CPU OrtValues over the arrays: written, not rebound
+            binding.bind_ortvalue_input(SEQLENS, ort.OrtValue.ortvalue_from_numpy(self.seqlens))
+            binding.bind_ortvalue_input(TOTAL_LENGTH, ort.OrtValue.ortvalue_from_numpy(self.total))
 
     def decode_binding(self) -> ort.IOBinding:
         if self._decode_binding is None:
@@ -145,7 +153,7 @@ class SharedStorage:
             binding = eng.session.io_binding()
             self.bind_kv(binding)
             binding.bind_cpu_input("input_ids", self.step_ids)
-            binding.bind_cpu_input("attention_mask", self.mask)
+            self.bind_lengths(binding)
             if eng.logits_to_keep:
                 binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(1, dtype=np.int64))
             binding.bind_ortvalue_output(
@@ -162,19 +170,37 @@ class SharedStorage:
         return new
 
 
-def session_options(threads: int = 0, spinning: bool | None = False) -> ort.SessionOptions:
-    """ORT options: all graph optimizations, ``threads`` intra-op threads (0: one per core),
-    worker threads that sleep rather than spin between operators unless ``spinning``."""
+SPINNING = ("run", "on", "off")
+
+
+def spinning_mode(spinning: str | bool | None) -> str:
+    """``run``, ``on`` or ``off``; True/None mean ``on`` (ORT's default), False ``off``."""
+    mode = {True: "on", None: "on", False: "off"}.get(spinning, spinning)  # type: ignore[arg-type]
+    if mode not in SPINNING:
+        raise BundleError(f"spinning must be one of {SPINNING}, not {spinning!r}")
+    return mode
+
+
+def session_options(threads: int = 0, spinning: str | bool | None = "run") -> ort.SessionOptions:
+    """ORT options: all graph optimizations, ``threads`` intra-op threads (0: one per core).
+
+    ``spinning`` is what the intra-op workers do between operators: ``run`` (default) they
+    busy-wait while a run lasts and stop the moment it returns (``force_spinning_stop``), so
+    a decode step pays no wake-ups and the cores are free between steps; ``on`` is ORT's own
+    default (they go on spinning after a run); ``off`` they sleep between operators.
+    """
+    mode = spinning_mode(spinning)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    if spinning is not None:
-        options.add_session_config_entry(
-            "session.intra_op.allow_spinning", "1" if spinning else "0"
-        )
+    options.add_session_config_entry(
+        "session.intra_op.allow_spinning", "0" if mode == "off" else "1"
+    )
+    if mode == "run":
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     return options
 
 
@@ -183,10 +209,9 @@ class OnnxEngine:
 
     ``device``: cpu, cuda or tensorrt (ONNX Runtime execution providers). ``threads``: ORT
     intra-op threads (0: ORT's default, one per physical core). ``max_length``: positions a
-    shared-buffer cache allocates (default: the bundle's context). ``spinning``: let ORT's
-    worker threads spin between operators (None: ORT's default, which spins). Off by
-    default: the device shares its cores with speech recognition and synthesis, and on a
-    shared 2-core machine spinning workers cost every process there (docs/runtime.md).
+    shared-buffer cache allocates (default: the bundle's context). ``spinning``: ``run``
+    (default; ORT's workers spin only while a step runs), ``on`` (ORT's default: they keep
+    spinning after it) or ``off`` (see ``session_options`` and docs/runtime.md).
     """
 
     def __init__(
@@ -196,7 +221,7 @@ class OnnxEngine:
         threads: int = 0,
         verify: bool = True,
         max_length: int | None = None,
-        spinning: bool | None = False,
+        spinning: str | bool | None = "run",
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = verify_bundle(bundle_dir) if verify else read_manifest(bundle_dir)
@@ -229,7 +254,8 @@ class OnnxEngine:
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         expected = {self._name("past_key", i) for i in range(self.num_layers)} | {"input_ids"}
-        if self.shared_buffer:
+        self.direct_lengths = {SEQLENS, TOTAL_LENGTH} <= self.input_names
+        if self.shared_buffer and not self.direct_lengths:
             expected.add("attention_mask")
         if not expected <= self.input_names:
             raise BundleError(
@@ -242,6 +268,13 @@ class OnnxEngine:
         self.vocab_size = int(vocab or self.manifest["model"]["vocab_size"])
         out_type = self.session.get_outputs()[self.output_names.index("logits")].type
         self.logits_dtype = np.float16 if "float16" in out_type else np.float32
+        # shared-buffer graphs with a mask input: the mask of a run is ones over the positions
+        # filled after it, so GroupQueryAttention's total length is what the cache holds, not
+        # its capacity (a 1024-slot length cost INT4 decode ~2.5%: docs/runtime.md). One row
+        # of ones; an OrtValue per length, made on first use, is a view of it (binding one
+        # costs a few microseconds, converting an array each step ~50).
+        self._ones = np.ones((1, self.max_length), dtype=np.int64)
+        self._masks: dict[int, ort.OrtValue] = {}
 
     # --- names and buffers ------------------------------------------------------------
 
@@ -286,6 +319,13 @@ class OnnxEngine:
         storage.attach(cache)
         cache.keys, cache.values = storage.keys, storage.values
         return storage
+
+    def _mask(self, length: int) -> ort.OrtValue:
+        value = self._masks.get(length)
+        if value is None:
+            value = ort.OrtValue.ortvalue_from_numpy(self._ones[:, :length])
+            self._masks[length] = value
+        return value
 
     # --- running ------------------------------------------------------------------------
 
@@ -332,20 +372,27 @@ class OnnxEngine:
         self, storage: SharedStorage, ids: list[int], start: int, all_logits: bool
     ) -> np.ndarray:
         n = len(ids)
-        storage.set_mask(start + n)
+        end = start + n  # positions filled after this run
+        if self.direct_lengths:
+            storage.seqlens[0], storage.total[()] = end - 1, end
         if n == 1:
             storage.step_ids[0, 0] = ids[0]
             binding = storage.decode_binding()
             if self.ort_device != "cpu":  # device inputs are copied at bind time
                 binding.bind_cpu_input("input_ids", storage.step_ids)
-                binding.bind_cpu_input("attention_mask", storage.mask)
+                storage.bind_lengths(binding)
+            if not self.direct_lengths:
+                binding.bind_ortvalue_input("attention_mask", self._mask(end))
             self.session.run_with_iobinding(binding)
             row = storage.step_logits[0]
             return _float32(row if all_logits else row[0])
         binding = self.session.io_binding()
         storage.bind_kv(binding)
         binding.bind_cpu_input("input_ids", np.asarray([ids], dtype=np.int64))
-        binding.bind_cpu_input("attention_mask", storage.mask)
+        if self.direct_lengths:
+            storage.bind_lengths(binding)
+        else:
+            binding.bind_ortvalue_input("attention_mask", self._mask(end))
         rows = n if all_logits or not self.logits_to_keep else 1
         if self.logits_to_keep:  # the lm_head runs on the positions we read only
             binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(rows, dtype=np.int64))
@@ -390,7 +437,7 @@ def open_engine(
     threads: int = 0,
     verify: bool = True,
     max_length: int | None = None,
-    spinning: bool | None = False,
+    spinning: str | bool | None = "run",
 ) -> Any:
     """An engine for ``bundle_dir`` on ``backend`` (cpu, cuda, tensorrt: ONNX Runtime
     execution providers; tensorrt-native: a TensorRT plan built by ``build-engine``).

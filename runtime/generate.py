@@ -92,7 +92,7 @@ class Generator:
         threads: int = 0,
         verify: bool = True,
         max_length: int | None = None,
-        spinning: bool | None = False,
+        spinning: str | bool | None = "run",
     ) -> Generator:
         """``device``: cpu, cuda, tensorrt (ORT providers), tensorrt-native, or None (manifest)."""
         engine = open_engine(bundle_dir, device, threads, verify, max_length, spinning)

@@ -36,10 +36,13 @@ def test_fast_bundle_manifest_describes_the_shared_buffer(fast):
     assert kv["shared_buffer"] is True
     assert kv["max_length"] == io["max_sequence_length"] == 128
     assert kv["past_key"] == "past_key_values.{layer}.key"
-    assert {e["name"] for e in io["inputs"]} >= {"input_ids", "attention_mask"}
-    assert "position_ids" not in {e["name"] for e in io["inputs"]}
+    inputs = {e["name"] for e in io["inputs"]}
+    # the attention's lengths are inputs: no mask, and none of the six ops that derived them
+    assert inputs >= {"input_ids", "seqlens_k", "total_sequence_length"}
+    assert not inputs & {"attention_mask", "position_ids"}
     ops = manifest["source"]["graph_ops"]
     assert ops["com.microsoft::GroupQueryAttention"] == 2
+    assert not {"ai.onnx::ReduceSum", "ai.onnx::Shape"} & set(ops)
     assert "com.microsoft::MatMulNBits" not in ops
     int4 = json.loads((fast["int4"] / "manifest.json").read_text())
     assert int4["precision"]["weights"] == "int4" and int4["precision"]["block_size"] == 32
@@ -132,6 +135,41 @@ def test_int4_fast_bundle_decodes_like_its_fp32_parent(fast):
     assert 0 < np.abs(a - b).max()
 
 
+def test_a_fast_bundle_with_the_builders_mask_input_gives_the_same_logits(
+    fast, tmp_path, monkeypatch
+):
+    """Bundles exported before the lengths edit feed a mask; the engine runs both forms."""
+    from export import genai_graph
+
+    monkeypatch.setattr(genai_graph, "feed_attention_lengths", lambda path: False)
+    old = genai_graph.export_fast(
+        fast["student"], tmp_path / "mask", "fp32", builder_dir=fast["genai_fp32"]
+    )
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert "attention_mask" in {e["name"] for e in manifest["io"]["inputs"]}
+    a, b = OnnxEngine(fast["fp32"], threads=1), OnnxEngine(old, threads=1)
+    ca, cb = a.new_cache(), b.new_cache()
+    for chunk in ([5, 6, 7, 8], [9], [10, 11], [12]):  # prefill, decode, incremental prefill
+        assert np.abs(a.forward(chunk, ca) - b.forward(chunk, cb)).max() <= 1e-5
+    cb.truncate(2)  # a rewind: the old graph's mask shortens with it
+    ca.truncate(2)
+    assert np.abs(a.forward([40], ca) - b.forward([40], cb)).max() <= 1e-5
+
+
+def test_spinning_modes_set_ort_thread_options(tiny_run):
+    from runtime.engine import session_options
+
+    run = session_options(1, "run")
+    assert run.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert run.get_session_config_entry("session.force_spinning_stop") == "1"
+    off = session_options(1, False)
+    assert off.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    on = session_options(1, "on")
+    assert on.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    with pytest.raises(BundleError, match="spinning must be one of"):
+        OnnxEngine(tiny_run["bundle"], spinning="fast")
+
+
 def test_engine_rejects_bad_backends(tiny_run):
     with pytest.raises(BundleError, match="unknown device"):
         OnnxEngine(tiny_run["bundle"], device="gpu")
@@ -194,3 +232,20 @@ def test_fast_export_for_cuda_records_fp16_and_runs_on_cpu_too(fast, tmp_path):
     assert np.abs(a - ref.forward(ids, ref.new_cache(), all_logits=True)).max() < 1e-2
     with pytest.raises(ExportError, match="fp16 graphs are for the GPU"):
         export_fast(fast["student"], tmp_path / "x", "fp16")
+
+
+def test_calibration_feed_of_a_fast_bundle_runs_its_graph(fast):
+    """export.calibration builds prefill feeds from the manifest's inputs (the lengths too)."""
+    import onnxruntime as ort
+
+    from export.calibration import prefill_feed
+
+    manifest = json.loads((fast["fp32"] / "manifest.json").read_text())
+    ids = list(range(5, 25))
+    feed = prefill_feed(manifest, ids)
+    session = ort.InferenceSession(str(fast["fp32"] / "model.onnx"))
+    logits = session.run(["logits"], feed)[0][0]
+    engine = OnnxEngine(fast["fp32"], threads=1)
+    expected = engine.forward(ids, engine.new_cache(), all_logits=True)
+    assert logits.shape == expected.shape
+    assert np.abs(logits - expected).max() <= 1e-4
