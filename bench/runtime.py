@@ -12,13 +12,16 @@ decode is bound by memory bandwidth. Measured on the same prompts (random ids, l
 - ``hf_eager_fp32``: transformers' ``generate`` in PyTorch eager mode (default attention).
 
 Every runtime runs in its own process (its peak RSS, VmHWM, is its own), started afresh
-each round in alternating order (the process started first measured slower). All runtimes
-but transformers are driven one decode step at a time in lockstep (prefill on each in turn,
-then step 1 on each, step 2 on each, ...; each step timed inside its process; the order
-shuffled at every step), over ``--repeats`` rounds, so the load other processes put on a
-shared machine falls on all of them alike; transformers runs whole ``generate`` calls after
-each prompt's lockstep (``--hf-stepped`` steps it through its streamer hook instead, which
-costs it 15-20%). Medians over rounds are reported. All ORT-based runtimes get the same intra-op thread count (``--threads``), torch
+each round in alternating order (the process started first measured slower). By default
+(``--schedule burst``) each runtime in turn, in a shuffled order for every prompt, runs a
+whole generation with its decode steps back to back, as a user runs it (prefill and steps
+timed inside its process; 0.2 s between runtimes so workers left spinning stop first).
+``--schedule lockstep`` drives the ORT runtimes one decode step at a time instead (step 1
+on each, step 2 on each, ...; the order shuffled at every step), so the load other processes
+put on a shared machine falls on all of them alike; transformers then runs whole
+``generate`` calls after each prompt's lockstep (``--hf-stepped`` steps it through its
+streamer hook instead, which costs it 15-20%). Medians over ``--repeats`` rounds are
+reported. All ORT-based runtimes get the same intra-op thread count (``--threads``), torch
 the same number of threads. The machine's memory bandwidth is measured in the same run and
 ``floor_ms_per_token`` = weight bytes read per token / bandwidth (per precision).
 

@@ -357,7 +357,7 @@ def export_fast(
                     if direct
                     else "[1, total_length] of ones: the positions filled after the run"
                 ),
-                "position_ids": "none: GroupQueryAttention derives positions from the mask",
+                "position_ids": "none: GroupQueryAttention derives positions from the lengths",
                 "kv_cache": kv,
                 **io,
             },
