@@ -28,13 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from distill.cache import TeacherCache, build_cache  # noqa: E402
-from distill.demo_data import read_jsonl, write_demo_data  # noqa: E402
-from distill.evaluate import evaluate_heldout  # noqa: E402
-from distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher  # noqa: E402
-from distill.teacher import load_teacher  # noqa: E402
-from distill.tokenizer import load_tokenizer  # noqa: E402
-from distill.train import TrainConfig  # noqa: E402
+from moe2edge.distill.cache import TeacherCache, build_cache  # noqa: E402
+from moe2edge.distill.demo_data import read_jsonl, write_demo_data  # noqa: E402
+from moe2edge.distill.evaluate import evaluate_heldout  # noqa: E402
+from moe2edge.distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher  # noqa: E402
+from moe2edge.distill.teacher import load_teacher  # noqa: E402
+from moe2edge.distill.tokenizer import load_tokenizer  # noqa: E402
+from moe2edge.distill.train import TrainConfig  # noqa: E402
 
 LOSSES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
 

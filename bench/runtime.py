@@ -4,8 +4,8 @@ A randomly initialised ~100M-parameter Llama student (preset ``100m``, vocabular
 decode is bound by memory bandwidth. Measured on the same prompts (random ids, lengths
 16/128/512) and the same number of greedy tokens (end tokens ignored):
 
-- ``moe2edge_fp32`` / ``moe2edge_int4``: our engine (``runtime.engine.OnnxEngine`` + greedy
-  ``Sampler``) on our fast bundles (``export.genai_graph.export_fast``: the model builder's
+- ``moe2edge_fp32`` / ``moe2edge_int4``: our engine (``moe2edge.runtime.engine.OnnxEngine`` + greedy
+  ``Sampler``) on our fast bundles (``moe2edge.export.genai_graph.export_fast``: the model builder's
   GroupQueryAttention graph, KV updated in place through IO binding);
 - ``genai_fp32`` / ``genai_int4``: onnxruntime-genai's own generator loop (``og.Generator``)
   on its model builder's output of the same student (the same ONNX files);
@@ -75,8 +75,8 @@ class Moe2edge:
     """Our engine + greedy sampler, one decode step per call."""
 
     def __init__(self, spec: dict):
-        from runtime.engine import OnnxEngine
-        from runtime.sampling import Sampler, SamplingParams
+        from moe2edge.runtime.engine import OnnxEngine
+        from moe2edge.runtime.sampling import Sampler, SamplingParams
 
         self.engine = OnnxEngine(
             spec["path"],
@@ -313,15 +313,15 @@ def prepare(work: Path, seed: int) -> dict[str, Path]:
     bundles = {p: paths[f"moe2edge_{p}"] for p in ("fp32", "int4")}
     if all(p.exists() for p in sources) and all(p.exists() for p in bundles.values()):
         return paths
-    from export.genai_graph import export_fast, run_builder
+    from moe2edge.export.genai_graph import export_fast, run_builder
 
     if not all(p.exists() for p in sources):
         import torch
 
-        from distill.demo_data import write_demo_data
-        from distill.pipeline import make_tokenizer
-        from distill.student import build_student
-        from distill.tokenizer import load_tokenizer
+        from moe2edge.distill.demo_data import write_demo_data
+        from moe2edge.distill.pipeline import make_tokenizer
+        from moe2edge.distill.student import build_student
+        from moe2edge.distill.tokenizer import load_tokenizer
 
         torch.set_num_threads(os.cpu_count() or 1)
         data = write_demo_data(work / "data", seed=seed, train_size=400, eval_size=4)
@@ -577,7 +577,7 @@ def summarize(samples, names, lengths, bandwidth, paths, args, started) -> dict:
             "genai_spinning": args.genai_spinning,
             "genai_threads": args.genai_threads or "genai default",
             "cpu_count": os.cpu_count(),
-            "student": "distill.student preset 100m, random init, vocab 16384",
+            "student": "moe2edge.distill.student preset 100m, random init, vocab 16384",
             "params_m": round(count_params(paths["student"] / "model.safetensors") / 1e6, 1),
             "total_s": round(time.time() - started, 1),
         },

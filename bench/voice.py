@@ -38,12 +38,14 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16  # noqa: E402
+from moe2edge.runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16  # noqa: E402
 
 VOICES = ["en-us", "en-us+f3", "en-us+m1", "en-us+f2"]  # US English: the ASR model is en-US
 
 
-def extract_action(reply: str) -> str | None:  # same rule as distill.demo_data.extract_action
+def extract_action(
+    reply: str,
+) -> str | None:  # same rule as moe2edge.distill.demo_data.extract_action
     match = re.search(r"\[[^\]]*\]", reply)
     return match.group(0) if match else None
 

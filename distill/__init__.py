@@ -10,6 +10,6 @@ Public API (small on purpose; the modules are flat and readable):
 - ``evaluate.task_accuracy`` -- greedy replies scored on the demo task
 """
 
-from distill.errors import DistillError
+from moe2edge.distill.errors import DistillError
 
 __all__ = ["DistillError"]

@@ -2,7 +2,7 @@
 
 ``cache/index.json`` (teacher identity, tokenizer hash, k, data sha256, per-shard sha256) and
 ``shard-N.safetensors`` (ids int32 [R, k], logprobs float16 [R, k], tail float16 [R] = log of
-the mass outside the top k, offsets int64 [n+1]). Example i (``distill.data.encode_rows``' T ids) owns
+the mass outside the top k, offsets int64 [n+1]). Example i (``moe2edge.distill.data.encode_rows``' T ids) owns
 T - 1 rows; row t is the top-k for the token after token t (logits position t). Why the tail is
 stored, the exact layout and the resume rules: docs/teacher-cache.md.
 
@@ -28,11 +28,11 @@ from safetensors import safe_open
 from safetensors.numpy import save as save_safetensors
 from tqdm import tqdm
 
-from distill.data import encode_rows
-from distill.demo_data import read_jsonl
-from distill.errors import DistillError
-from distill.files import sha256_file
-from distill.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_hash
+from moe2edge.distill.data import encode_rows
+from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.files import sha256_file
+from moe2edge.distill.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_hash
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def score_local(
 
 
 def encode_dataset(tokenizer, data_path: str | Path, max_seq_len: int) -> list[list[int]]:
-    """The token ids of every row, exactly as training encodes them (distill.data.encode_rows:
+    """The token ids of every row, exactly as training encodes them (moe2edge.distill.data.encode_rows:
     prompt/reply, chat ``messages`` or plain ``text`` rows)."""
     path = Path(data_path)
     if not path.is_file():
@@ -316,13 +316,13 @@ def build_cache(
         "shard_examples": shard_examples,
     }
     if teacher is not None:
-        from distill.teacher import load_teacher
+        from moe2edge.distill.teacher import load_teacher
 
         model = load_teacher(teacher, trust_remote_code=trust_remote_code)
         check_vocab_matches(tok, model.config.vocab_size, "teacher")
         header["teacher"] = local_teacher_identity(teacher)
         return write_cache(out, seqs, local_scorer(model, k, batch_size), header, on_shard)
-    from distill.served import ServedTeacher
+    from moe2edge.distill.served import ServedTeacher
 
     with ServedTeacher(
         server, api, k, model=model_name, concurrency=concurrency, timeout=timeout,

@@ -33,10 +33,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.config import to_dict
-from distill.distributed import DistInfo, barrier, broadcast_object, gather_objects, raise_together
-from distill.errors import DistillError
-from distill.files import sha256_file
+from moe2edge.distill.config import to_dict
+from moe2edge.distill.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_object,
+    gather_objects,
+    raise_together,
+)
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.files import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import os
 import subprocess
 import sys
 
-from distill.cache import register_cache_command
-from distill.config import load_config
-from distill.train import TrainConfig, check_config
+from moe2edge.distill.cache import register_cache_command
+from moe2edge.distill.config import load_config
+from moe2edge.distill.train import TrainConfig, check_config
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -67,7 +67,7 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run_demo_data(args: argparse.Namespace) -> int:
-    from distill.demo_data import write_demo_data
+    from moe2edge.distill.demo_data import write_demo_data
 
     paths = write_demo_data(args.out_dir, args.seed, args.train_size, args.eval_size)
     print(json.dumps({k: str(v) for k, v in paths.items()}))
@@ -75,14 +75,14 @@ def run_demo_data(args: argparse.Namespace) -> int:
 
 
 def run_tokenizer(args: argparse.Namespace) -> int:
-    from distill.pipeline import make_tokenizer
+    from moe2edge.distill.pipeline import make_tokenizer
 
     print(f"wrote {make_tokenizer(args.train_jsonl, args.out_dir, args.vocab_size)}")
     return 0
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from distill.teacher import active_parameters, count_parameters, load_teacher
+    from moe2edge.distill.teacher import active_parameters, count_parameters, load_teacher
 
     model = load_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
     print(
@@ -99,7 +99,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from distill.pipeline import merge_teacher_into_dense
+    from moe2edge.distill.pipeline import merge_teacher_into_dense
 
     out = merge_teacher_into_dense(
         args.teacher,
@@ -118,16 +118,16 @@ def run_train(args: argparse.Namespace) -> int:
     check_config(cfg, has_teacher=cfg.teacher is not None)  # fail here, not in N ranks
     if args.nproc > 1:
         return launch_torchrun(args.nproc, args.config, args.overrides)
-    from distill.pipeline import distill_student
+    from moe2edge.distill.pipeline import distill_student
 
     print(f"wrote {distill_student(cfg)}")
     return 0
 
 
 def torchrun_command(nproc: int, config: str | None, overrides: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N -m distill.train ...``."""
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m moe2edge.distill.train ...``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += ["--nproc_per_node", str(nproc), "-m", "distill.train"]
+    cmd += ["--nproc_per_node", str(nproc), "-m", "moe2edge.distill.train"]
     if config:
         cmd += ["--config", config]
     return cmd + list(overrides)
@@ -141,15 +141,15 @@ def launch_torchrun(nproc: int, config: str | None, overrides: list[str]) -> int
 
 
 def train_main(argv: list[str]) -> int:
-    """The entry point of ``python -m distill.train`` (each torchrun rank runs it)."""
+    """The entry point of ``python -m moe2edge.distill.train`` (each torchrun rank runs it)."""
     import logging
 
-    from distill.distributed import cleanup, init_distributed
-    from distill.errors import DistillError
-    from distill.pipeline import distill_student
+    from moe2edge.distill.distributed import cleanup, init_distributed
+    from moe2edge.distill.errors import DistillError
+    from moe2edge.distill.pipeline import distill_student
 
     parser = argparse.ArgumentParser(
-        prog="python -m distill.train", description="distil a teacher into a student"
+        prog="python -m moe2edge.distill.train", description="distil a teacher into a student"
     )
     parser.add_argument("--config", help="YAML recipe (see recipes/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
@@ -177,7 +177,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def run_demo_teacher(args: argparse.Namespace) -> int:
-    from distill.pipeline import pretrain_demo_teacher
+    from moe2edge.distill.pipeline import pretrain_demo_teacher
 
     print(f"wrote {pretrain_demo_teacher(load_config(TrainConfig, args.config, args.overrides))}")
     return 0

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from distill.errors import DistillError
+from moe2edge.distill.errors import DistillError
 
 T = TypeVar("T")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.errors import DistillError
+from moe2edge.distill.errors import DistillError
 
 IGNORE_INDEX = -100
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from distill.errors import DistillError
+from moe2edge.distill.errors import DistillError
 
 log = logging.getLogger(__name__)
 

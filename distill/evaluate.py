@@ -7,10 +7,10 @@ from contextlib import nullcontext
 import torch
 from tqdm import tqdm
 
-from distill.data import IGNORE_INDEX, collate, encode_prompt, encode_rows, prompt_part
-from distill.demo_data import extract_action
-from distill.losses import dense_divergence, sparse_divergence
-from distill.modes import sample_replies
+from moe2edge.distill.data import IGNORE_INDEX, collate, encode_prompt, encode_rows, prompt_part
+from moe2edge.distill.demo_data import extract_action
+from moe2edge.distill.losses import dense_divergence, sparse_divergence
+from moe2edge.distill.modes import sample_replies
 
 
 def prompt_ids(tokenizer, prompt: str) -> list[int]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from distill.errors import DistillError
+from moe2edge.distill.errors import DistillError
 
 log = logging.getLogger(__name__)
 SUPPORTED = ("deepseek_v3", "mixtral")

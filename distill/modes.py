@@ -26,9 +26,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from distill.data import IGNORE_INDEX, Example, encode_prompt, prompt_part, row_prompt_reply
-from distill.distributed import DistInfo, barrier
-from distill.files import sha256_file
+from moe2edge.distill.data import (
+    IGNORE_INDEX,
+    Example,
+    encode_prompt,
+    prompt_part,
+    row_prompt_reply,
+)
+from moe2edge.distill.distributed import DistInfo, barrier
+from moe2edge.distill.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +195,7 @@ def generate_teacher_dataset(
     teacher and settings; otherwise (re)generated, each rank taking every world_size-th
     row, and written atomically by rank 0.
     """
-    from distill.demo_data import read_jsonl
+    from moe2edge.distill.demo_data import read_jsonl
 
     info = info or DistInfo()
     out_path = Path(out_path)

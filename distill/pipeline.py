@@ -7,12 +7,17 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from distill.demo_data import read_jsonl
-from distill.errors import DistillError
-from distill.student import build_student
-from distill.teacher import active_parameters, build_demo_teacher, count_parameters, load_teacher
-from distill.tokenizer import check_vocab_matches, load_tokenizer, train_tokenizer
-from distill.train import TrainConfig, train_model
+from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.student import build_student
+from moe2edge.distill.teacher import (
+    active_parameters,
+    build_demo_teacher,
+    count_parameters,
+    load_teacher,
+)
+from moe2edge.distill.tokenizer import check_vocab_matches, load_tokenizer, train_tokenizer
+from moe2edge.distill.train import TrainConfig, train_model
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +77,9 @@ def merge_teacher_into_dense(
     max_seq_len: int = 64,
 ) -> Path:
     """Write a dense HF checkpoint merged from the teacher's experts (use as student_init)."""
-    from distill.data import collate, encode_rows
-    from distill.merge import merge_moe_to_dense
-    from distill.train import save_final
+    from moe2edge.distill.data import collate, encode_rows
+    from moe2edge.distill.merge import merge_moe_to_dense
+    from moe2edge.distill.train import save_final
 
     teacher = load_teacher(teacher_dir)
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 
-from distill.errors import DistillError
+from moe2edge.distill.errors import DistillError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ _CAP_HINT = {
 
 
 class ServedTeacher:
-    """A Scorer (see distill.cache) that asks a served teacher for prompt top-k log-probs."""
+    """A Scorer (see moe2edge.distill.cache) that asks a served teacher for prompt top-k log-probs."""
 
     def __init__(
         self,

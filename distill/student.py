@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from distill.errors import DistillError
+from moe2edge.distill.errors import DistillError
 
 # name -> LlamaConfig fields (vocab_size comes from the tokenizer / teacher)
 PRESETS: dict[str, dict] = {

@@ -12,7 +12,7 @@ schemas documented in docs/teacher-cache.md:
 
 ``Faults`` injects what real servers do: 503 for the first N scoring requests, and after N
 good ones every request failing with 503, malformed JSON, a missing field, or a dropped
-connection. ``python -m distill.teacher_server --teacher DIR`` runs it standalone.
+connection. ``python -m moe2edge.distill.teacher_server --teacher DIR`` runs it standalone.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from distill.cache import topk_logprobs
+from moe2edge.distill.cache import topk_logprobs
 
 BREAK_MODES = ("503", "malformed", "schema", "close")
 
@@ -226,7 +226,7 @@ class TeacherServer:
         model_name: str | None = None,
         faults: Faults | None = None,
     ):
-        from distill.teacher import load_teacher
+        from moe2edge.distill.teacher import load_teacher
 
         self.model = load_teacher(model_dir)
         self.model_name = model_name or Path(model_dir).resolve().name
@@ -293,7 +293,7 @@ class TeacherServer:
 
     @torch.no_grad()
     def logits(self, ids: list[int]) -> torch.Tensor:
-        """float32 logits [T, V]; the same forward as distill.cache.local_scorer's."""
+        """float32 logits [T, V]; the same forward as moe2edge.distill.cache.local_scorer's."""
         x = torch.tensor([ids])
         return self.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float()
 

@@ -12,8 +12,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from distill.demo_data import ASSISTANT_PREFIX, END_OF_TURN, SPECIAL_TOKENS, USER_PREFIX
-from distill.errors import DistillError
+from moe2edge.distill.demo_data import ASSISTANT_PREFIX, END_OF_TURN, SPECIAL_TOKENS, USER_PREFIX
+from moe2edge.distill.errors import DistillError
 
 
 def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:

@@ -14,7 +14,7 @@ One readable loop in the style of torchtune's recipes, driven by ``TrainConfig``
 - evaluation and logging (distill/evaluate.py, distill/metrics.py): held-out KL, top-1
   agreement, perplexity, task accuracy; ``metrics.jsonl``, TensorBoard, ``curves.png``.
 
-Run it as ``python -m distill.train --config recipes/x.yaml key=value`` or under torchrun;
+Run it as ``python -m moe2edge.distill.train --config recipes/x.yaml key=value`` or under torchrun;
 ``moe2edge distill train --nproc N`` launches torchrun for you.
 """
 
@@ -35,17 +35,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distill.checkpoint import (
+from moe2edge.distill.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_final,
     select_checkpoint,
     sha256_file,
 )
-from distill.config import to_dict
-from distill.data import IGNORE_INDEX, batch_indices, collate, encode_rows, micro_batches
-from distill.demo_data import read_jsonl
-from distill.distributed import (
+from moe2edge.distill.config import to_dict
+from moe2edge.distill.data import IGNORE_INDEX, batch_indices, collate, encode_rows, micro_batches
+from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
@@ -53,11 +53,16 @@ from distill.distributed import (
     init_distributed,
     shard_model,
 )
-from distill.errors import DistillError
-from distill.evaluate import evaluate_heldout
-from distill.losses import LOSS_NAMES, distillation_loss
-from distill.metrics import RunLogger, plot_curves
-from distill.modes import MODES, generate_teacher_dataset, on_policy_examples, use_on_policy
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.evaluate import evaluate_heldout
+from moe2edge.distill.losses import LOSS_NAMES, distillation_loss
+from moe2edge.distill.metrics import RunLogger, plot_curves
+from moe2edge.distill.modes import (
+    MODES,
+    generate_teacher_dataset,
+    on_policy_examples,
+    use_on_policy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +184,7 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> t
 
 
 def _open_cache(path: str, cfg: TrainConfig, data_path: str | None, rows: int):
-    from distill.cache import TeacherCache
+    from moe2edge.distill.cache import TeacherCache
 
     cache = TeacherCache(path, tokenizer_dir=cfg.tokenizer, verify=True)
     meta = cache.meta
@@ -410,7 +415,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     return out
 
 
-if __name__ == "__main__":  # python -m distill.train / torchrun -m distill.train
-    from distill.cli import train_main
+if __name__ == "__main__":  # python -m moe2edge.distill.train / torchrun -m moe2edge.distill.train
+    from moe2edge.distill.cli import train_main
 
     sys.exit(train_main(sys.argv[1:]))

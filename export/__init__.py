@@ -15,6 +15,6 @@ Public API:
 See docs/export.md and docs/bundle-format.md.
 """
 
-from export.errors import ExportError
+from moe2edge.export.errors import ExportError
 
 __all__ = ["ExportError"]

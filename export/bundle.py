@@ -11,8 +11,8 @@ from typing import Any
 
 import onnx
 
-from export.errors import ExportError
-from runtime.manifest import MANIFEST_NAME, read_manifest, write_manifest
+from moe2edge.export.errors import ExportError
+from moe2edge.runtime.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",

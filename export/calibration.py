@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from export.errors import ExportError
-from runtime.engine import LOGITS_TO_KEEP, SEQLENS, TOTAL_LENGTH
-from runtime.manifest import sha256_file
+from moe2edge.export.errors import ExportError
+from moe2edge.runtime.engine import LOGITS_TO_KEEP, SEQLENS, TOTAL_LENGTH
+from moe2edge.runtime.manifest import sha256_file
 
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:

@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from export.errors import ExportError
-from runtime.manifest import read_manifest
+from moe2edge.export.errors import ExportError
+from moe2edge.runtime.manifest import read_manifest
 
 OPS_FILE = Path(__file__).with_name("data") / "tensorrt_onnx_ops.json"
 DEFAULT_DOMAINS = ("", "ai.onnx")

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from runtime.manifest import verify_bundle
+from moe2edge.runtime.manifest import verify_bundle
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -35,7 +35,7 @@ def register(subparsers, name: str, help_text: str) -> None:
     onnx.add_argument("--parity-limit", type=int, default=50)
     onnx.set_defaults(handler=run_onnx)
 
-    from export.genai_graph import register_fast  # imports nothing heavy at module level
+    from moe2edge.export.genai_graph import register_fast  # imports nothing heavy at module level
 
     register_fast(sub)
 
@@ -114,12 +114,12 @@ def register(subparsers, name: str, help_text: str) -> None:
 
 
 def run_onnx(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_fp32
+    from moe2edge.export.onnx_export import export_fp32
 
     bundle = export_fp32(args.student, args.bundle, args.max_new_tokens, overwrite=args.overwrite)
     print(f"wrote {bundle}")
     if args.parity_prompts:
-        from export.pipeline import parity_for_bundle
+        from moe2edge.export.pipeline import parity_for_bundle
 
         result = parity_for_bundle(args.student, bundle, args.parity_prompts, args.parity_limit)
         print(json.dumps({k: v for k, v in result.items() if k != "per_prompt"}))
@@ -127,7 +127,7 @@ def run_onnx(args: argparse.Namespace) -> int:
 
 
 def _precision_line(bundle) -> str:
-    from runtime.manifest import read_manifest
+    from moe2edge.runtime.manifest import read_manifest
 
     p = read_manifest(bundle)["precision"]
     ratio = p.get("weight_ratio_vs_fp32")
@@ -138,13 +138,13 @@ def _precision_line(bundle) -> str:
 
 def run_quantize(args: argparse.Namespace) -> int:
     if args.target == "tensorrt":
-        from export.errors import ExportError
+        from moe2edge.export.errors import ExportError
 
         if args.method not in (None, "rtn"):
             raise ExportError("the TensorRT flavour quantizes with rtn only")
         args.asymmetric = False  # TensorRT takes symmetric quantization only
         return run_tensorrt(args)
-    from export.quantize import quantize_bundle
+    from moe2edge.export.quantize import quantize_bundle
 
     bundle = quantize_bundle(
         args.parent,
@@ -165,7 +165,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 
 def run_tensorrt(args: argparse.Namespace) -> int:
-    from export.tensorrt_flavor import tensorrt_bundle
+    from moe2edge.export.tensorrt_flavor import tensorrt_bundle
 
     bundle = tensorrt_bundle(
         args.parent,
@@ -180,7 +180,7 @@ def run_tensorrt(args: argparse.Namespace) -> int:
 
 
 def run_check_trt(args: argparse.Namespace) -> int:
-    from export.check_trt import check_bundle, summary
+    from moe2edge.export.check_trt import check_bundle, summary
 
     result = check_bundle(args.bundle)
     print(json.dumps(result, indent=2) if args.json else summary(result))
@@ -188,7 +188,7 @@ def run_check_trt(args: argparse.Namespace) -> int:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from export.report import json_rows, markdown_table, report
+    from moe2edge.export.report import json_rows, markdown_table, report
 
     rows = report(
         args.bundles,
@@ -200,7 +200,7 @@ def run_report(args: argparse.Namespace) -> int:
     )
     table = markdown_table(rows)
     if args.markdown:
-        from runtime.manifest import atomic_write_text
+        from moe2edge.runtime.manifest import atomic_write_text
 
         atomic_write_text(args.markdown, table)
     print(json.dumps(json_rows(rows), indent=2) if args.json else table, end="\n")
@@ -208,7 +208,7 @@ def run_report(args: argparse.Namespace) -> int:
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    from runtime.tensorrt_build import build_engine
+    from moe2edge.runtime.tensorrt_build import build_engine
 
     engine_json = build_engine(
         args.bundle,
@@ -226,7 +226,7 @@ def run_engine(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from export.verify import lineage_warning, verify_io_contract
+    from moe2edge.export.verify import lineage_warning, verify_io_contract
 
     manifest = verify_bundle(args.bundle)
     verify_io_contract(args.bundle, manifest)

@@ -30,8 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from export.errors import ExportError
-from runtime.engine import SEQLENS, TOTAL_LENGTH
+from moe2edge.export.errors import ExportError
+from moe2edge.runtime.engine import SEQLENS, TOTAL_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def run_builder(
 
 
 def check_builder_input(student_dir: Path) -> dict[str, Any]:
-    from export.onnx_export import check_student_dir
+    from moe2edge.export.onnx_export import check_student_dir
 
     config = check_student_dir(student_dir)
     heads = config["num_attention_heads"]
@@ -288,8 +288,8 @@ def export_fast(
     """
     from transformers import AutoTokenizer
 
-    from export.bundle import describe_io, kv_contract, model_summary, write_bundle
-    from export.onnx_export import generation_config
+    from moe2edge.export.bundle import describe_io, kv_contract, model_summary, write_bundle
+    from moe2edge.export.onnx_export import generation_config
 
     check_precision([precision], ep)
     student_dir = Path(student_dir)
@@ -422,7 +422,7 @@ def run_fast(args: argparse.Namespace) -> int:
     )
     print(f"wrote {bundle}")
     if args.parity_prompts:
-        from export.pipeline import parity_for_bundle
+        from moe2edge.export.pipeline import parity_for_bundle
 
         result = parity_for_bundle(args.student, bundle, args.parity_prompts, args.parity_limit)
         print(json.dumps({k: v for k, v in result.items() if k != "per_prompt"}))

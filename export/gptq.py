@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 def _session(model: onnx.ModelProto, work: str) -> ort.InferenceSession:
-    from export.derived import save_for_tool
+    from moe2edge.export.derived import save_for_tool
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

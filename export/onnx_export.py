@@ -14,8 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from export.bundle import describe_io, kv_contract, load_json, model_summary, write_bundle
-from export.errors import ExportError
+from moe2edge.export.bundle import describe_io, kv_contract, load_json, model_summary, write_bundle
+from moe2edge.export.errors import ExportError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from tqdm import tqdm
 
-from runtime.generate import Generator
+from moe2edge.runtime.generate import Generator
 
 
 def runtime_greedy_with_logits(

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from export.bundle import update_manifest
-from export.parity import check_parity
-from runtime.generate import Generator
+from moe2edge.export.bundle import update_manifest
+from moe2edge.export.parity import check_parity
+from moe2edge.runtime.generate import Generator
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:

@@ -1,6 +1,6 @@
 """Quantized ONNX Runtime bundles from an FP32 bundle, with onnxruntime's own tools.
 
-Every result is a NEW bundle (written atomically by ``export.bundle.write_bundle``) whose
+Every result is a NEW bundle (written atomically by ``moe2edge.export.bundle.write_bundle``) whose
 manifest names its parent: ``precision.parent = {path, manifest_sha256, model_sha256}``.
 
 | precision | method  | tool (onnxruntime 1.32)                                             |
@@ -10,7 +10,7 @@ manifest names its parent: ``precision.parent = {path, manifest_sha256, model_sh
 | int8      | static  | ``quantize_static`` QDQ on weight MatMuls, MinMax calibration       |
 | int4      | rtn     | ``MatMulNBitsQuantizer`` + ``DefaultWeightOnlyQuantConfig``          |
 | int4      | hqq     | ``MatMulNBitsQuantizer`` + ``HQQWeightOnlyQuantConfig``              |
-| int4      | gptq    | ``export.gptq`` (ORT's GPTQ is RTN in 1.32), calibrated through ORT |
+| int4      | gptq    | ``moe2edge.export.gptq`` (ORT's GPTQ is RTN in 1.32), calibrated through ORT |
 
 INT4 quantizes every MatMul with a constant weight, the lm_head included, and (by default)
 the embedding table through ``GatherBlockQuantized`` with round-to-nearest: HQQ refuses
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import onnx
 
-from export.calibration import calibration_feeds, calibration_reader, calibration_record
-from export.derived import (
+from moe2edge.export.calibration import calibration_feeds, calibration_reader, calibration_record
+from moe2edge.export.derived import (
     check_block_size,
     derived_bundle,
     load_model,
@@ -47,8 +47,8 @@ from export.derived import (
     save_model,
     weight_nodes,
 )
-from export.errors import ExportError
-from export.gptq import gptq_model
+from moe2edge.export.errors import ExportError
+from moe2edge.export.gptq import gptq_model
 
 log = logging.getLogger(__name__)
 

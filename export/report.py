@@ -29,13 +29,13 @@ import numpy as np
 import onnx
 from tqdm import tqdm
 
-from export.bundle import update_manifest
-from export.calibration import PromptEncoder, read_rows
-from export.derived import model_weight_bytes
-from export.errors import ExportError
-from export.parity import runtime_greedy_with_logits
-from runtime.generate import Generator
-from runtime.manifest import read_manifest, sha256_file
+from moe2edge.export.bundle import update_manifest
+from moe2edge.export.calibration import PromptEncoder, read_rows
+from moe2edge.export.derived import model_weight_bytes
+from moe2edge.export.errors import ExportError
+from moe2edge.export.parity import runtime_greedy_with_logits
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.manifest import read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 

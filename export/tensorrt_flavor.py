@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from export.derived import (
+from moe2edge.export.derived import (
     check_block_size,
     derived_bundle,
     load_model,
@@ -36,8 +36,8 @@ from export.derived import (
     onnx_runtime_version,
     save_model,
 )
-from export.errors import ExportError
-from export.quantize import to_fp16
+from moe2edge.export.errors import ExportError
+from moe2edge.export.quantize import to_fp16
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def tensorrt_bundle(
 
     extra = {
         "quantization": {
-            "tool": "moe2edge export.tensorrt_flavor (numpy RTN) + onnxruntime "
+            "tool": "moe2edge.export.tensorrt_flavor (numpy RTN) + onnxruntime "
             f"{onnx_runtime_version()} float16 conversion",
             "onnx": onnx.__version__,
             "opset": TRT_OPSET,

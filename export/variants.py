@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from export.quantize import quantize_bundle
-from export.report import json_rows, markdown_table, report
-from export.tensorrt_flavor import tensorrt_bundle
+from moe2edge.export.quantize import quantize_bundle
+from moe2edge.export.report import json_rows, markdown_table, report
+from moe2edge.export.tensorrt_flavor import tensorrt_bundle
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Checking that a bundle's ONNX graph still has the io contract its manifest promises.
 
-``runtime.manifest.verify_bundle`` already recomputes every file's size and sha256 (a
+``moe2edge.runtime.manifest.verify_bundle`` already recomputes every file's size and sha256 (a
 tampered or truncated file fails there). Here the manifest is checked against the graph:
 inputs and outputs (names, dtypes), the KV cache contract (names, dtype, heads, head dim)
 and the precision it claims (an "int4" manifest over an FP32 graph is a mismatch).
@@ -13,9 +13,9 @@ from typing import Any
 
 import onnx
 
-from export.bundle import describe_io
-from runtime.errors import BundleError
-from runtime.manifest import MANIFEST_NAME, read_manifest
+from moe2edge.export.bundle import describe_io
+from moe2edge.runtime.errors import BundleError
+from moe2edge.runtime.manifest import MANIFEST_NAME, read_manifest
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
 WEIGHT_TYPES = {

@@ -5,12 +5,23 @@ No Jetson-only imports at module level: everything here imports on any machine, 
 functions that need the device raise ``JetsonError`` with a clear message elsewhere.
 """
 
-from jetson.board import is_jetson, read_board, require_jetson
-from jetson.errors import JetsonError
-from jetson.governor import PowerGovernor
-from jetson.planner import PlanInputs, make_inputs, plan
-from jetson.power_modes import find_mode, load_nvpmodel_conf, query_mode, read_clocks, set_mode
-from jetson.telemetry import PowerSample, PowerTelemetry, open_telemetry, parse_tegrastats_line
+from moe2edge.jetson.board import is_jetson, read_board, require_jetson
+from moe2edge.jetson.errors import JetsonError
+from moe2edge.jetson.governor import PowerGovernor
+from moe2edge.jetson.planner import PlanInputs, make_inputs, plan
+from moe2edge.jetson.power_modes import (
+    find_mode,
+    load_nvpmodel_conf,
+    query_mode,
+    read_clocks,
+    set_mode,
+)
+from moe2edge.jetson.telemetry import (
+    PowerSample,
+    PowerTelemetry,
+    open_telemetry,
+    parse_tegrastats_line,
+)
 
 __all__ = [
     "JetsonError",

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jetson.errors import JetsonError
+from moe2edge.jetson.errors import JetsonError
 
 log = logging.getLogger(__name__)
 

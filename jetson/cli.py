@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jetson import deploy, doctor, planner, power_modes, published, telemetry
-from jetson.board import is_jetson, read_board, require_jetson
-from jetson.errors import JetsonError
-from jetson.serve import register_serve
+from moe2edge.jetson import deploy, doctor, planner, power_modes, published, telemetry
+from moe2edge.jetson.board import is_jetson, read_board, require_jetson
+from moe2edge.jetson.errors import JetsonError
+from moe2edge.jetson.serve import register_serve
 
 
 def _common() -> argparse.ArgumentParser:
@@ -202,9 +202,11 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 def cmd_governor_sim(args: argparse.Namespace) -> int:
     import logging
 
-    from jetson import governor_sim
+    from moe2edge.jetson import governor_sim
 
-    logging.getLogger("jetson.governor").setLevel(logging.WARNING)  # one line per limit change
+    logging.getLogger("moe2edge.jetson.governor").setLevel(
+        logging.WARNING
+    )  # one line per limit change
     results = governor_sim.run_all(args.duration, args.budget_w)
     if args.json:
         _print_json([r.to_dict() for r in results])
@@ -335,7 +337,7 @@ def register(subparsers: Any, name: str, help_text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``jetson`` subcommands directly (``python -m jetson.cli plan ...``)."""
+    """Run ``jetson`` subcommands directly (``python -m moe2edge.jetson.cli plan ...``)."""
     parser = argparse.ArgumentParser(prog="moe2edge")
     register(parser.add_subparsers(dest="command", required=True), "jetson", "Jetson tools")
     args = parser.parse_args(["jetson", *(sys.argv[1:] if argv is None else argv)])

@@ -18,9 +18,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jetson.board import read_board, read_meminfo, require_jetson
-from jetson.errors import JetsonError
-from jetson.power_modes import DEFAULT_CONF, DEFAULT_NVPMODEL, find_mode, load_nvpmodel_conf
+from moe2edge.jetson.board import read_board, read_meminfo, require_jetson
+from moe2edge.jetson.errors import JetsonError
+from moe2edge.jetson.power_modes import (
+    DEFAULT_CONF,
+    DEFAULT_NVPMODEL,
+    find_mode,
+    load_nvpmodel_conf,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +154,8 @@ def build_engine_on_device(
     require_device: bool = True,
 ) -> Path:
     """Check the board and memory, then build with the runtime's TensorRT builder."""
-    from runtime import tensorrt_build  # the device install has runtime; import on use
-    from runtime.manifest import read_manifest
+    from moe2edge.runtime import tensorrt_build  # the device install has runtime; import on use
+    from moe2edge.runtime.manifest import read_manifest
 
     module = None
     if require_device:

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jetson import power_modes, telemetry
-from jetson.board import read_board, read_meminfo
-from jetson.errors import JetsonError
+from moe2edge.jetson import power_modes, telemetry
+from moe2edge.jetson.board import read_board, read_meminfo
+from moe2edge.jetson.errors import JetsonError
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jetson.governor import PowerGovernor
+from moe2edge.jetson.governor import PowerGovernor
 
 
 @dataclass(frozen=True)

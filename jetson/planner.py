@@ -8,7 +8,7 @@ It is also bounded by compute: a batch-1 GEMV uses at most 1/8 of the FP16 tenso
 peak (the token pads the MMA tile's 8-wide side). The roofline is max of the two; the
 estimate divides the memory time by ``decode_bw_eff``: the share of peak bandwidth that
 decode reaches in practice (calibrated on published AGX Orin figures, see
-``jetson.published`` and docs/jetson.md). The embedding table is read one row per token,
+``moe2edge.jetson.published`` and docs/jetson.md). The embedding table is read one row per token,
 so it is counted in memory but not in bytes per token.
 
 Prefill of N tokens: 2 FLOP per weight per token (+ attention) at the mode's FP16 peak
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jetson.errors import JetsonError
+from moe2edge.jetson.errors import JetsonError
 
 GB = 1e9  # decimal gigabytes throughout
 
@@ -285,7 +285,7 @@ def mode_from_conf(module: ModuleSpec, conf_mode: Any) -> ModeSpec:
 # --- runtimes (the calibrated part) -----------------------------------------------------
 
 # Share of the roofline reached in practice. Decode: geometric mean of published/roofline
-# over the TensorRT(-LLM, Edge-LLM) and MLC cases (0.67-0.88, see jetson.published);
+# over the TensorRT(-LLM, Edge-LLM) and MLC cases (0.67-0.88, see moe2edge.jetson.published);
 # llama.cpp's CUDA path reaches 0.43-0.49 of it on Orin. llama.cpp's prefill factor is
 # a guess (no published figure here). Prefill: TensorRT Edge-LLM's
 # 2048-token prefill of Qwen3-4B and -8B both come out at 0.50 of the FP16 peak.

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from jetson.planner import RUNTIMES, make_inputs, plan
+from moe2edge.jetson.planner import RUNTIMES, make_inputs, plan
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,14 @@ import logging
 import os
 from typing import Any
 
-from jetson import telemetry
-from jetson.governor import PowerGovernor
+from moe2edge.jetson import telemetry
+from moe2edge.jetson.governor import PowerGovernor
 
 log = logging.getLogger(__name__)
 
 
 def register_serve(sub: Any, common: argparse.ArgumentParser) -> None:
-    from runtime import serve_cli
+    from moe2edge.runtime import serve_cli
 
     p = serve_cli.register(
         sub, "serve", "run the text and voice service inside a power budget", parents=[common]
@@ -39,7 +39,7 @@ def register_serve(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime import serve_cli
+    from moe2edge.runtime import serve_cli
 
     tel = telemetry.open_telemetry(
         args.source, args.root, args.rate, args.window_s, tegrastats=args.tegrastats

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from jetson.board import require_jetson
-from jetson.errors import JetsonError
+from moe2edge.jetson.board import require_jetson
+from moe2edge.jetson.errors import JetsonError
 
 log = logging.getLogger(__name__)
 

@@ -13,20 +13,20 @@ import sys
 
 # subcommand -> (module with `register(subparsers)`, one-line help)
 STAGES: dict[str, tuple[str, str]] = {
-    "distill": ("distill.cli", "distil an MoE teacher into a dense student"),
-    "export": ("export.cli", "quantize and export a student as an ONNX bundle"),
-    "generate": ("runtime.cli", "generate text from a bundle (streams to stdout)"),
-    "serve": ("runtime.serve_cli", "run the on-device text and voice service"),
-    "jetson": ("jetson.cli", "Jetson power modes, telemetry, planner, deployment"),
+    "distill": ("moe2edge.distill.cli", "distil an MoE teacher into a dense student"),
+    "export": ("moe2edge.export.cli", "quantize and export a student as an ONNX bundle"),
+    "generate": ("moe2edge.runtime.cli", "generate text from a bundle (streams to stdout)"),
+    "serve": ("moe2edge.runtime.serve_cli", "run the on-device text and voice service"),
+    "jetson": ("moe2edge.jetson.cli", "Jetson power modes, telemetry, planner, deployment"),
     "demo": ("moe2edge.demo", "run the whole pipeline on the built-in tiny models"),
 }
 
 # Exceptions that mean "the user gave us something wrong": printed without a traceback.
 USER_ERROR_CLASSES = {
-    "distill.errors": "DistillError",
-    "export.errors": "ExportError",
-    "runtime.errors": "RuntimeUserError",
-    "jetson.errors": "JetsonError",
+    "moe2edge.distill.errors": "DistillError",
+    "moe2edge.export.errors": "ExportError",
+    "moe2edge.runtime.errors": "RuntimeUserError",
+    "moe2edge.jetson.errors": "JetsonError",
 }
 
 

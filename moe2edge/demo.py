@@ -60,16 +60,16 @@ class StageTimer:
 def run_demo(cfg: DemoConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from distill.demo_data import read_jsonl, write_demo_data
-    from distill.evaluate import evaluate_model, task_accuracy
-    from distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher
-    from distill.teacher import active_parameters, count_parameters, load_teacher
-    from distill.tokenizer import load_tokenizer
-    from distill.train import TrainConfig
-    from export.onnx_export import export_fp32
-    from export.pipeline import parity_for_bundle
-    from export.variants import build_all_variants
-    from runtime.generate import Generator
+    from moe2edge.distill.demo_data import read_jsonl, write_demo_data
+    from moe2edge.distill.evaluate import evaluate_model, task_accuracy
+    from moe2edge.distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher
+    from moe2edge.distill.teacher import active_parameters, count_parameters, load_teacher
+    from moe2edge.distill.tokenizer import load_tokenizer
+    from moe2edge.distill.train import TrainConfig
+    from moe2edge.export.onnx_export import export_fp32
+    from moe2edge.export.pipeline import parity_for_bundle
+    from moe2edge.export.variants import build_all_variants
+    from moe2edge.runtime.generate import Generator
 
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def render_markdown(report: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distill.config import load_config
+    from moe2edge.distill.config import load_config
 
     config_path = args.config
     if config_path is None and Path("recipes/demo.yaml").is_file():

@@ -4,18 +4,18 @@ This package is the leaf of moe2edge: it imports nothing else of ours and never
 imports torch or transformers, so it installs on a Jetson with onnxruntime (or
 TensorRT), numpy, tokenizers and the web stack only (`pip install moe2edge[runtime]`).
 
-    from runtime import Generator, SamplingParams
+    from moe2edge.runtime import Generator, SamplingParams
     gen = Generator.from_bundle("runs/demo/bundles/fp32")
     for piece in gen.stream(gen.encode_prompt("turn on the kitchen lights")):
         print(piece, end="", flush=True)
 """
 
-from runtime.engine import KVCache, OnnxEngine, open_engine
-from runtime.errors import BundleError, ContextOverflowError, RuntimeUserError
-from runtime.generate import GenerationResult, Generator
-from runtime.manifest import read_manifest, verify_bundle
-from runtime.sampling import SamplingParams
-from runtime.session import Conversation, PrefixStore
+from moe2edge.runtime.engine import KVCache, OnnxEngine, open_engine
+from moe2edge.runtime.errors import BundleError, ContextOverflowError, RuntimeUserError
+from moe2edge.runtime.generate import GenerationResult, Generator
+from moe2edge.runtime.manifest import read_manifest, verify_bundle
+from moe2edge.runtime.sampling import SamplingParams
+from moe2edge.runtime.session import Conversation, PrefixStore
 
 __all__ = [
     "BundleError",

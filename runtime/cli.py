@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from runtime.generate import GenerationResult, Generator
-from runtime.sampling import SamplingParams
+from moe2edge.runtime.generate import GenerationResult, Generator
+from moe2edge.runtime.sampling import SamplingParams
 
 
 def register(subparsers, name: str, help_text: str) -> None:

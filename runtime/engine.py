@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.errors import BundleError, ContextOverflowError
-from runtime.manifest import read_manifest, verify_bundle
+from moe2edge.runtime.errors import BundleError, ContextOverflowError
+from moe2edge.runtime.manifest import read_manifest, verify_bundle
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ PROVIDERS = {
 BACKENDS = (*PROVIDERS, "tensorrt-native")
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 LOGITS_TO_KEEP = "num_logits_to_keep"  # optional graph input: logits of the last k positions
-# optional graph inputs of the fast graph (export.genai_graph.feed_attention_lengths): the
+# optional graph inputs of the fast graph (moe2edge.export.genai_graph.feed_attention_lengths): the
 # lengths GroupQueryAttention needs, fed instead of an attention mask
 SEQLENS, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"
 
@@ -450,7 +450,7 @@ def open_engine(
     if backend not in BACKENDS:
         raise BundleError(f"unknown backend {backend!r}; choose one of {list(BACKENDS)}")
     if backend == "tensorrt-native":
-        from runtime.tensorrt_engine import TensorRTEngine
+        from moe2edge.runtime.tensorrt_engine import TensorRTEngine
 
         return TensorRTEngine(bundle_dir, verify=verify, max_length=max_length)
     return OnnxEngine(bundle_dir, backend, threads, verify, max_length, spinning)

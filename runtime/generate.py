@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from runtime.detokenize import StreamDecoder
-from runtime.engine import KVCache, open_engine
-from runtime.errors import BundleError, ContextOverflowError
-from runtime.sampling import Sampler, SamplingParams
+from moe2edge.runtime.detokenize import StreamDecoder
+from moe2edge.runtime.engine import KVCache, open_engine
+from moe2edge.runtime.errors import BundleError, ContextOverflowError
+from moe2edge.runtime.sampling import Sampler, SamplingParams
 
 
 @dataclass

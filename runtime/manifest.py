@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import BundleError
+from moe2edge.runtime.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "moe2edge.bundle"

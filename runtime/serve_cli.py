@@ -47,8 +47,8 @@ def run(args: argparse.Namespace, step_hook=None, concurrency_limiter=None) -> i
     (``moe2edge jetson serve`` passes its power governor here)."""
     import uvicorn
 
-    from runtime.generate import Generator
-    from runtime.server import create_app, load_server_config
+    from moe2edge.runtime.generate import Generator
+    from moe2edge.runtime.server import create_app, load_server_config
 
     config = load_server_config(
         args.config,

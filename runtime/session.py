@@ -26,9 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.engine import KVCache
-from runtime.generate import GenerationResult, Generator
-from runtime.sampling import SamplingParams
+from moe2edge.runtime.engine import KVCache
+from moe2edge.runtime.generate import GenerationResult, Generator
+from moe2edge.runtime.sampling import SamplingParams
 
 
 @dataclass

@@ -47,8 +47,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.errors import BundleError
-from runtime.manifest import atomic_write_text, read_manifest, sha256_file
+from moe2edge.runtime.errors import BundleError
+from moe2edge.runtime.manifest import atomic_write_text, read_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 

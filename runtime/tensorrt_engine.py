@@ -1,4 +1,4 @@
-"""A native TensorRT runner for plans built by ``runtime.tensorrt_build`` (``build-engine``).
+"""A native TensorRT runner for plans built by ``moe2edge.runtime.tensorrt_build`` (``build-engine``).
 
 Same API as ``OnnxEngine`` (``manifest``, ``max_length``, ``new_cache``, ``forward``), so
 ``Generator`` and ``Conversation`` run on it unchanged. The plan comes from a bundle with
@@ -27,10 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from runtime.engine import KVCache
-from runtime.errors import BundleError, ContextOverflowError
-from runtime.manifest import read_manifest, verify_bundle
-from runtime.tensorrt_build import (
+from moe2edge.runtime.engine import KVCache
+from moe2edge.runtime.errors import BundleError, ContextOverflowError
+from moe2edge.runtime.manifest import read_manifest, verify_bundle
+from moe2edge.runtime.tensorrt_build import (
     ENGINE_MANIFEST,
     TensorRTUnavailable,
     _import_tensorrt,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.quantize import quantize_bundle
-from export.tensorrt_flavor import tensorrt_bundle
-from runtime.generate import Generator
+from moe2edge.export.quantize import quantize_bundle
+from moe2edge.export.tensorrt_flavor import tensorrt_bundle
+from moe2edge.runtime.generate import Generator
 
 TINY_INT4 = (("rtn", 16), ("rtn", 32), ("hqq", 32), ("gptq", 16), ("gptq", 32))
 

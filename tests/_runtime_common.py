@@ -16,9 +16,9 @@ def fast_bundles(root: Path, tokenizer_dir: Path) -> dict[str, Path]:
     """student (random init, head_dim 16) -> builder (fp32 + int4, one subprocess) -> bundles."""
     import torch
 
-    from distill.student import build_student
-    from distill.tokenizer import load_tokenizer
-    from export.genai_graph import export_fast, run_builder
+    from moe2edge.distill.student import build_student
+    from moe2edge.distill.tokenizer import load_tokenizer
+    from moe2edge.export.genai_graph import export_fast, run_builder
 
     torch.set_num_threads(1)
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -32,8 +32,8 @@ def train_overrides(tiny_run, run_dir: Path, **extra) -> list[str]:
 
 
 def train_config(tiny_run, run_dir: Path, **extra):
-    from distill.config import load_config
-    from distill.train import TrainConfig
+    from moe2edge.distill.config import load_config
+    from moe2edge.distill.train import TrainConfig
 
     return load_config(TrainConfig, None, train_overrides(tiny_run, run_dir, **extra))
 

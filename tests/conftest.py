@@ -26,12 +26,12 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     """data -> tokenizer -> tiny MoE teacher -> tiny student -> FP32 bundle (seconds)."""
     import torch
 
-    from distill.demo_data import write_demo_data
-    from distill.pipeline import distill_student, make_tokenizer
-    from distill.teacher import build_demo_teacher
-    from distill.tokenizer import load_tokenizer
-    from distill.train import TrainConfig, train_model
-    from export.onnx_export import export_fp32
+    from moe2edge.distill.demo_data import write_demo_data
+    from moe2edge.distill.pipeline import distill_student, make_tokenizer
+    from moe2edge.distill.teacher import build_demo_teacher
+    from moe2edge.distill.tokenizer import load_tokenizer
+    from moe2edge.distill.train import TrainConfig, train_model
+    from moe2edge.export.onnx_export import export_fp32
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny_run")

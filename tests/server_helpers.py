@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import uvicorn
 
-from runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16
+from moe2edge.runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16
 
 
 def free_port() -> int:

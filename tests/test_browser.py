@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect
 
-from runtime import Generator
-from runtime.server import ServerConfig, create_app
-from runtime.voice import SAMPLE_RATE, write_wav
+from moe2edge.runtime import Generator
+from moe2edge.runtime.server import ServerConfig, create_app
+from moe2edge.runtime.voice import SAMPLE_RATE, write_wav
 from tests.server_helpers import ServerThread, speech
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)

@@ -1,4 +1,4 @@
-from distill.demo_data import (
+from moe2edge.distill.demo_data import (
     INTENTS,
     ROOMS,
     extract_action,

@@ -10,13 +10,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.calibration import read_rows
-from export.errors import ExportError
-from export.gptq import gptq_weight, nbits_tensors
-from export.quantize import quantize_bundle
-from export.verify import verify_io_contract
-from runtime.generate import Generator
-from runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_bundle
+from moe2edge.export.calibration import read_rows
+from moe2edge.export.errors import ExportError
+from moe2edge.export.gptq import gptq_weight, nbits_tensors
+from moe2edge.export.quantize import quantize_bundle
+from moe2edge.export.verify import verify_io_contract
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_bundle
 from tests._export_common import TINY_INT4, build_tiny_variants, prompt_logits, relative_error
 
 # Max logit error relative to the FP32 logit spread, per precision (measured on the tiny
@@ -205,9 +205,9 @@ def test_parent_is_pinned_by_manifest_and_model_hashes(tiny_variants, tmp_path):
 def test_large_model_path_writes_external_data(tiny_variants, tmp_path, monkeypatch, prompts):
     """Above 1 GiB of weights (protobuf's 2 GB cap) bundles keep them in model.onnx_data;
     the threshold is lowered here so the tiny model takes that path end to end."""
-    import export.derived
+    import moe2edge.export.derived
 
-    monkeypatch.setattr(export.derived, "EXTERNAL_DATA_BYTES", 0)
+    monkeypatch.setattr(moe2edge.export.derived, "EXTERNAL_DATA_BYTES", 0)
     out = quantize_bundle(tiny_variants["fp32"], tmp_path / "int8", "int8", "dynamic")
     manifest = verify_bundle(out)
     assert set(manifest["files"]) == {
@@ -226,8 +226,8 @@ def test_large_model_path_writes_external_data(tiny_variants, tmp_path, monkeypa
 
 
 def test_hessians_collected_in_several_passes_equal_one_pass(tiny_variants, tiny_run):
-    from export.calibration import calibration_feeds
-    from export.gptq import collect_hessians
+    from moe2edge.export.calibration import calibration_feeds
+    from moe2edge.export.gptq import collect_hessians
 
     manifest = read_manifest(tiny_variants["fp32"])
     model = onnx.load(str(tiny_variants["fp32"] / "model.onnx"))

@@ -10,10 +10,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from export.calibration import PromptEncoder, read_rows
-from export.derived import derived_bundle, load_model, load_parent, save_model
-from export.errors import ExportError
-from export.report import (
+from moe2edge.export.calibration import PromptEncoder, read_rows
+from moe2edge.export.derived import derived_bundle, load_model, load_parent, save_model
+from moe2edge.export.errors import ExportError
+from moe2edge.export.report import (
     JSON_KEYS,
     extract_action,
     greedy_path,
@@ -22,9 +22,9 @@ from export.report import (
     report,
     scored_logits,
 )
-from export.variants import build_all_variants
-from runtime.generate import Generator
-from runtime.manifest import read_manifest, verify_bundle
+from moe2edge.export.variants import build_all_variants
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.manifest import read_manifest, verify_bundle
 from tests._export_common import build_tiny_variants
 
 LIMIT = 6  # evaluation rows: the metrics' plumbing, not the tiny model's quality
@@ -122,7 +122,7 @@ def test_report_refuses_a_variant_of_another_model(tiny_variants, tiny_run, tmp_
     model.producer_name = "another export"  # another model file: other sha256
     onnx.save(model, str(other / "model.onnx"))
     manifest = read_manifest(other)
-    from runtime.manifest import write_manifest
+    from moe2edge.runtime.manifest import write_manifest
 
     write_manifest(other, {**manifest, "files": list(manifest["files"])})
     with pytest.raises(ExportError, match="another FP32 model"):

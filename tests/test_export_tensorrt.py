@@ -11,10 +11,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from export.check_trt import check_bundle, check_model, operator_table
-from export.tensorrt_flavor import dequantize, quantize_blockwise, tensorrt_bundle
-from runtime import tensorrt_build as tb
-from runtime.manifest import read_manifest
+from moe2edge.export.check_trt import check_bundle, check_model, operator_table
+from moe2edge.export.tensorrt_flavor import dequantize, quantize_blockwise, tensorrt_bundle
+from moe2edge.runtime import tensorrt_build as tb
+from moe2edge.runtime.manifest import read_manifest
 from tests._export_common import build_tiny_variants, prompt_logits, relative_error
 from tests.test_export_quantize import TOLERANCE
 
@@ -44,7 +44,7 @@ def test_blockwise_round_to_nearest(bits, block, symmetric):
 
 def _dq_matmul_model(q, scale, zero, block):
     """x[1, K] @ DequantizeLinear(W_q, scale[, zp]) as the flavour writes it (opset 21)."""
-    from export.tensorrt_flavor import _tensor
+    from moe2edge.export.tensorrt_flavor import _tensor
 
     k, n = q.shape
     inits = [_tensor(q, "wq", 4, zero is None), onnx.numpy_helper.from_array(scale, "s")]

@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 
-from export.verify import lineage_warning, verify_io_contract
-from runtime.errors import BundleError
-from runtime.manifest import read_manifest, verify_bundle, write_manifest
+from moe2edge.export.verify import lineage_warning, verify_io_contract
+from moe2edge.runtime.errors import BundleError
+from moe2edge.runtime.manifest import read_manifest, verify_bundle, write_manifest
 from tests._export_common import build_tiny_variants
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from jetson import deploy, doctor
-from jetson.errors import JetsonError
 from moe2edge.cli import main
+from moe2edge.jetson import deploy, doctor
+from moe2edge.jetson.errors import JetsonError
 
 REPO = Path(__file__).resolve().parents[1]
 FIX = Path(__file__).parent / "fixtures" / "jetson"
@@ -236,7 +236,7 @@ def test_doctor_old_jetpack_and_library_only(device, monkeypatch):
 
 
 def make_bundle(tmp_path: Path) -> Path:
-    from runtime.manifest import write_manifest
+    from moe2edge.runtime.manifest import write_manifest
 
     b = tmp_path / "bundle"
     b.mkdir()

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from jetson import governor_sim as sim
-from jetson.governor import PowerGovernor
+from moe2edge.jetson import governor_sim as sim
+from moe2edge.jetson.governor import PowerGovernor
 
 BUDGET = 30.0
 SCENARIOS = sim.scenarios()

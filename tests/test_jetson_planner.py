@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jetson import planner, power_modes, published
-from jetson.errors import JetsonError
+from moe2edge.jetson import planner, power_modes, published
+from moe2edge.jetson.errors import JetsonError
 
 FIX = Path(__file__).parent / "fixtures" / "jetson"
 REQUIRED = (

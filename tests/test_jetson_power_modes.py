@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from jetson import board, power_modes
-from jetson.errors import JetsonError
+from moe2edge.jetson import board, power_modes
+from moe2edge.jetson.errors import JetsonError
 
 FIX = Path(__file__).parent / "fixtures" / "jetson"
 BOARDS = ["agx-orin-jp6", "agx-orin-iio", "orin-nx-jp6"]

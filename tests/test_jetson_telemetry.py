@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from jetson import telemetry
-from jetson.errors import JetsonError
+from moe2edge.jetson import telemetry
+from moe2edge.jetson.errors import JetsonError
 
 FIX = Path(__file__).parent / "fixtures" / "jetson"
 AGX_TOTAL_MW = 3150 + 14310 + 4970 + 1090  # fixture: 5 V x (630, 2862, 994, 218) mA

@@ -1,4 +1,4 @@
-"""Tests for distill.losses against float64 references written out here from the definitions."""
+"""Tests for moe2edge.distill.losses against float64 references written out here from the definitions."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import (
+from moe2edge.distill.losses import (
     LOSS_NAMES,
     dense_divergence,
     distillation_loss,

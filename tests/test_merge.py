@@ -11,11 +11,11 @@ from transformers import (
     MixtralForCausalLM,
 )
 
-from distill.data import collate, encode_rows
-from distill.demo_data import read_jsonl
-from distill.merge import expert_usage, merge_moe_to_dense
-from distill.student import build_student
-from distill.tokenizer import load_tokenizer
+from moe2edge.distill.data import collate, encode_rows
+from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.merge import expert_usage, merge_moe_to_dense
+from moe2edge.distill.student import build_student
+from moe2edge.distill.tokenizer import load_tokenizer
 
 IDS = torch.randint(3, 90, (4, 12), generator=torch.Generator().manual_seed(0))
 
@@ -126,8 +126,8 @@ def test_dense_13b_preset_is_13b_parameters():
 
 
 def test_unsupported_family_is_refused():
-    from distill.errors import DistillError
-    from distill.student import build_student as build
+    from moe2edge.distill.errors import DistillError
+    from moe2edge.distill.student import build_student as build
 
     with pytest.raises(DistillError, match="merging experts supports"):
         expert_usage(build("tiny", vocab_size=50), [{"input_ids": IDS % 50}])

@@ -8,16 +8,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.config import load_config
-from distill.errors import DistillError
-from distill.pipeline import distill_student, make_tokenizer
-from distill.train import TrainConfig
-from export.bundle import describe_io
-from export.parity import check_parity
-from export.pipeline import read_prompts
-from runtime.errors import BundleError
-from runtime.generate import Generator
-from runtime.manifest import read_manifest, verify_bundle
+from moe2edge.distill.config import load_config
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.pipeline import distill_student, make_tokenizer
+from moe2edge.distill.train import TrainConfig
+from moe2edge.export.bundle import describe_io
+from moe2edge.export.parity import check_parity
+from moe2edge.export.pipeline import read_prompts
+from moe2edge.runtime.errors import BundleError
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.manifest import read_manifest, verify_bundle
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 

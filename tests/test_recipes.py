@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from distill.config import load_config
-from distill.student import build_student
-from distill.train import TrainConfig, check_config
 from moe2edge.demo import DemoConfig
+from moe2edge.distill.config import load_config
+from moe2edge.distill.student import build_student
+from moe2edge.distill.train import TrainConfig, check_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from runtime import Generator, SamplingParams
-from runtime.engine import OnnxEngine, open_engine
-from runtime.errors import BundleError
-from runtime.session import Conversation, PrefixStore
+from moe2edge.runtime import Generator, SamplingParams
+from moe2edge.runtime.engine import OnnxEngine, open_engine
+from moe2edge.runtime.errors import BundleError
+from moe2edge.runtime.session import Conversation, PrefixStore
 from tests._runtime_common import fast_bundles
 
 PROVIDERS = ort.get_available_providers()
@@ -22,7 +22,7 @@ PROVIDERS = ort.get_available_providers()
 
 def has_gpu() -> bool:
     try:
-        from runtime.tensorrt_build import cuda_device_info
+        from moe2edge.runtime.tensorrt_build import cuda_device_info
 
         cuda_device_info()
         return True
@@ -86,7 +86,7 @@ def test_tensorrt_execution_provider_matches_cpu(tiny_run):
 
 @needs_tensorrt
 def test_native_tensorrt_runner_matches_cpu(tiny_run, tmp_path):
-    from runtime.tensorrt_build import build_engine
+    from moe2edge.runtime.tensorrt_build import build_engine
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_run["bundle"], bundle)

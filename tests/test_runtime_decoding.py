@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from runtime import ContextOverflowError, GenerationResult, Generator, SamplingParams
-from runtime.detokenize import StreamDecoder
-from runtime.generate import _StopMatcher
-from runtime.sampling import Sampler, apply_repetition_penalty, filtered_probs
+from moe2edge.runtime import ContextOverflowError, GenerationResult, Generator, SamplingParams
+from moe2edge.runtime.detokenize import StreamDecoder
+from moe2edge.runtime.generate import _StopMatcher
+from moe2edge.runtime.sampling import Sampler, apply_repetition_penalty, filtered_probs
 from tests._runtime_common import fast_bundles
 
 ASCII_TEXT = ["turn on the kitchen lights", "set the thermostat to twenty degrees"] * 20

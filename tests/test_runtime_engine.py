@@ -9,10 +9,10 @@ import subprocess
 import numpy as np
 import pytest
 
-from export.errors import ExportError
-from runtime import ContextOverflowError, Generator, OnnxEngine, SamplingParams
-from runtime.engine import open_engine
-from runtime.errors import BundleError
+from moe2edge.export.errors import ExportError
+from moe2edge.runtime import ContextOverflowError, Generator, OnnxEngine, SamplingParams
+from moe2edge.runtime.engine import open_engine
+from moe2edge.runtime.errors import BundleError
 from tests._runtime_common import PROMPTS, fast_bundles, torch_greedy, torch_logits
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
@@ -139,7 +139,7 @@ def test_a_fast_bundle_with_the_builders_mask_input_gives_the_same_logits(
     fast, tmp_path, monkeypatch
 ):
     """Bundles exported before the lengths edit feed a mask; the engine runs both forms."""
-    from export import genai_graph
+    from moe2edge.export import genai_graph
 
     monkeypatch.setattr(genai_graph, "feed_attention_lengths", lambda path: False)
     old = genai_graph.export_fast(
@@ -157,7 +157,7 @@ def test_a_fast_bundle_with_the_builders_mask_input_gives_the_same_logits(
 
 
 def test_spinning_modes_set_ort_thread_options(tiny_run):
-    from runtime.engine import session_options
+    from moe2edge.runtime.engine import session_options
 
     run = session_options(1, "run")
     assert run.get_session_config_entry("session.intra_op.allow_spinning") == "1"
@@ -180,7 +180,7 @@ def test_engine_rejects_bad_backends(tiny_run):
 
 
 def test_fast_export_refuses_head_dim_not_multiple_of_16(tiny_run, tmp_path):
-    from export.genai_graph import export_fast
+    from moe2edge.export.genai_graph import export_fast
 
     with pytest.raises(ExportError, match="head_dim 8.*multiple of 16"):
         export_fast(tiny_run["student"], tmp_path / "b")
@@ -189,8 +189,8 @@ def test_fast_export_refuses_head_dim_not_multiple_of_16(tiny_run, tmp_path):
 
 PROBE = """
 import sys, threading
-from runtime import Generator, SamplingParams
-from runtime.session import Conversation
+from moe2edge.runtime import Generator, SamplingParams
+from moe2edge.runtime.session import Conversation
 gen = Generator.from_bundle(sys.argv[1], threads=1)
 conv = Conversation(gen, system="you are a home assistant")
 conv.user_turn("turn on the", final=False)
@@ -217,7 +217,7 @@ def test_fast_bundle_and_session_run_without_torch(fast):
 def test_fast_export_for_cuda_records_fp16_and_runs_on_cpu_too(fast, tmp_path):
     """The builder's CUDA graph (fp16 activations and KV) through export_fast's own builder
     run; ONNX Runtime's CPU kernels take it as well, so its numerics are checked here."""
-    from export.genai_graph import export_fast
+    from moe2edge.export.genai_graph import export_fast
 
     bundle = export_fast(fast["student"], tmp_path / "cuda", "fp16", ep="cuda")
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -235,10 +235,10 @@ def test_fast_export_for_cuda_records_fp16_and_runs_on_cpu_too(fast, tmp_path):
 
 
 def test_calibration_feed_of_a_fast_bundle_runs_its_graph(fast):
-    """export.calibration builds prefill feeds from the manifest's inputs (the lengths too)."""
+    """moe2edge.export.calibration builds prefill feeds from the manifest's inputs (the lengths too)."""
     import onnxruntime as ort
 
-    from export.calibration import prefill_feed
+    from moe2edge.export.calibration import prefill_feed
 
     manifest = json.loads((fast["fp32"] / "manifest.json").read_text())
     ids = list(range(5, 25))

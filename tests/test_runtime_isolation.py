@@ -6,13 +6,14 @@ from tests.conftest import PYTHON, ROOT, subprocess_env
 
 PROBE = """
 import importlib, pkgutil, sys
-import runtime
-for m in pkgutil.walk_packages(runtime.__path__, "runtime."):
+import moe2edge.runtime
+for m in pkgutil.walk_packages(moe2edge.runtime.__path__, "moe2edge.runtime."):
     importlib.import_module(m.name)
-from runtime.generate import Generator
+from moe2edge.runtime.generate import Generator
 gen = Generator.from_bundle(sys.argv[1])
 reply = gen.generate("turn on the kitchen lights")
-ours = sorted(n for n in sys.modules if n.split(".")[0] in {"distill", "export", "jetson", "moe2edge"})
+others = ("moe2edge.distill", "moe2edge.export", "moe2edge.jetson", "moe2edge.cli", "moe2edge.demo")
+ours = sorted(n for n in sys.modules if n.startswith(others) or n.split(".")[0] in {"distill", "export", "runtime", "jetson"})
 heavy = sorted(n for n in ("torch", "transformers", "optimum") if n in sys.modules)
 print(repr((ours, heavy, len(reply.token_ids))))
 """

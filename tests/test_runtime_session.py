@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from runtime import Generator, SamplingParams
-from runtime.session import Conversation, PrefixStore, shared_prefixes
+from moe2edge.runtime import Generator, SamplingParams
+from moe2edge.runtime.session import Conversation, PrefixStore, shared_prefixes
 from tests._runtime_common import fast_bundles
 
 SYSTEM = "you are the assistant of a smart home; answer briefly"

@@ -8,11 +8,11 @@ import socket
 
 import pytest
 
-from distill.cache import TeacherCache, build_cache, sha256_file
-from distill.demo_data import read_jsonl, write_jsonl
-from distill.errors import DistillError
-from distill.served import ServedTeacher, parse_sglang, parse_vllm
-from distill.teacher_server import Faults, TeacherServer
+from moe2edge.distill.cache import TeacherCache, build_cache, sha256_file
+from moe2edge.distill.demo_data import read_jsonl, write_jsonl
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.served import ServedTeacher, parse_sglang, parse_vllm
+from moe2edge.distill.teacher_server import Faults, TeacherServer
 
 K = 16
 SHARD = 8

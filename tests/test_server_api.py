@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from runtime import Generator
-from runtime.server import ServerConfig, create_app
+from moe2edge.runtime import Generator
+from moe2edge.runtime.server import ServerConfig, create_app
 from tests.conftest import PYTHON, ROOT, subprocess_env
 from tests.server_helpers import ServerThread, free_port
 
@@ -182,7 +182,7 @@ def test_client_disconnect_mid_stream_frees_the_slot_at_once(generator) -> None:
 
 
 def test_hooks_limit_concurrency_and_pace_steps(generator) -> None:
-    class Governor:  # duck-typed like jetson.governor.PowerGovernor
+    class Governor:  # duck-typed like moe2edge.jetson.governor.PowerGovernor
         def __init__(self):
             self.calls, self.active_seen = 0, set()
 

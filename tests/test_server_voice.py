@@ -16,9 +16,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from runtime import Generator
-from runtime.server import ServerConfig, create_app
-from runtime.voice import SAMPLE_RATE
+from moe2edge.runtime import Generator
+from moe2edge.runtime.server import ServerConfig, create_app
+from moe2edge.runtime.voice import SAMPLE_RATE
 from tests.server_helpers import ServerThread, frames, speech
 
 pytestmark = pytest.mark.skipif(

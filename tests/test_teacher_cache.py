@@ -13,15 +13,15 @@ import time
 import pytest
 import torch
 
-from distill.cache import TeacherCache, build_cache, register_cache_command, sha256_file
-from distill.data import collate, encode_example, encode_rows
-from distill.demo_data import read_jsonl, write_jsonl
-from distill.errors import DistillError
-from distill.losses import distillation_loss
-from distill.pipeline import make_tokenizer
-from distill.teacher import load_teacher
-from distill.teacher_server import Faults, TeacherServer
-from distill.tokenizer import load_tokenizer
+from moe2edge.distill.cache import TeacherCache, build_cache, register_cache_command, sha256_file
+from moe2edge.distill.data import collate, encode_example, encode_rows
+from moe2edge.distill.demo_data import read_jsonl, write_jsonl
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.losses import distillation_loss
+from moe2edge.distill.pipeline import make_tokenizer
+from moe2edge.distill.teacher import load_teacher
+from moe2edge.distill.teacher_server import Faults, TeacherServer
+from moe2edge.distill.tokenizer import load_tokenizer
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 K = 16
@@ -135,7 +135,7 @@ def test_resume_after_sigkill(setup, tmp_path):
     out = tmp_path / "cache"
     with TeacherServer(setup["teacher"], faults=Faults(delay_s=0.04)) as server:
         code = (
-            "from distill.cache import build_cache\n"
+            "from moe2edge.distill.cache import build_cache\n"
             f"build_cache(data={str(setup['data'])!r}, tokenizer={str(setup['tokenizer'])!r}, "
             f"out={str(out)!r}, server={server.url!r}, api='vllm', k={K}, max_seq_len={SEQ}, "
             f"shard_examples={SHARD}, concurrency=1)\n"
@@ -220,7 +220,7 @@ def test_other_tokenizer_or_settings_are_refused(setup, tmp_path):
 
 
 def test_sparse_loss_with_k_equal_to_vocab_matches_dense(setup, tmp_path):
-    """Cached top-k with k = vocabulary gives the dense loss (distill.losses, sparse form)."""
+    """Cached top-k with k = vocabulary gives the dense loss (moe2edge.distill.losses, sparse form)."""
     tok = load_tokenizer(setup["tokenizer"])
     teacher = load_teacher(setup["teacher"])
     vocab = teacher.config.vocab_size
@@ -258,7 +258,7 @@ def test_sparse_loss_with_k_equal_to_vocab_matches_dense(setup, tmp_path):
 
 
 def test_rows_follow_the_training_encoding(setup, tmp_path):
-    """Chat and plain-text rows are cached exactly as distill.data.encode_rows encodes them."""
+    """Chat and plain-text rows are cached exactly as moe2edge.distill.data.encode_rows encodes them."""
     rows = [
         {"prompt": "turn on the kitchen lights", "reply": "[lights_on kitchen] done"},
         {

@@ -19,8 +19,8 @@ from transformers import (
     ViTModel,
 )
 
-from distill.errors import DistillError
-from distill.teacher import active_parameters, count_parameters, load_teacher
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.teacher import active_parameters, count_parameters, load_teacher
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 COMMON = dict(

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from runtime import tensorrt_build as tb
-from runtime.errors import BundleError, RuntimeUserError
-from runtime.manifest import write_manifest
+from moe2edge.runtime import tensorrt_build as tb
+from moe2edge.runtime.errors import BundleError, RuntimeUserError
+from moe2edge.runtime.manifest import write_manifest
 
 try:  # the ONNX pieces need the `onnx` package (the export extra); the rest runs without it
     import onnx
@@ -270,7 +270,7 @@ def test_build_without_tensorrt_is_a_clear_error(bundle, monkeypatch):
 
 
 def test_model_file_and_bytes(bundle):
-    from runtime.manifest import read_manifest
+    from moe2edge.runtime.manifest import read_manifest
 
     m = read_manifest(bundle)
     assert tb.model_file(m, bundle) == "model.onnx"
@@ -281,7 +281,7 @@ def test_model_file_and_bytes(bundle):
 
 def test_runtime_module_imports_nothing_heavy():
     code = (
-        "import sys, runtime.tensorrt_build; bad = sorted({m.split('.')[0] for m in sys.modules} & "
+        "import sys, moe2edge.runtime.tensorrt_build; bad = sorted({m.split('.')[0] for m in sys.modules} & "
         "{'torch', 'transformers', 'distill', 'export', 'jetson', 'tensorrt', 'onnx'}); print(bad)"
     )
     out = subprocess.run(

@@ -8,13 +8,13 @@ import shutil
 import pytest
 import torch
 
-from distill.cli import launch_torchrun, run_train, torchrun_command
-from distill.data import micro_batches
-from distill.distributed import decoder_layers
-from distill.errors import DistillError
-from distill.pipeline import distill_student
-from distill.student import build_student
 from moe2edge.cli import build_parser
+from moe2edge.distill.cli import launch_torchrun, run_train, torchrun_command
+from moe2edge.distill.data import micro_batches
+from moe2edge.distill.distributed import decoder_layers
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.pipeline import distill_student
+from moe2edge.distill.student import build_student
 from tests._train_common import train_config, train_overrides, train_records, weights
 
 RUN = dict(batch_size=8, max_steps=6, checkpoint_every=3, keep_checkpoints=0)
@@ -26,7 +26,7 @@ def _close(a: float, b: float, rel: float = 1e-4) -> bool:
 
 def test_two_ranks_fsdp2_match_one_process(tiny_run, tmp_path, capfd):
     # 2 ranks x 2 micro-batches of 2 rows vs 1 process with the whole batch of 8, launched the
-    # way `moe2edge distill train --nproc 2` does (torchrun --standalone -m distill.train).
+    # way `moe2edge distill train --nproc 2` does (torchrun --standalone -m moe2edge.distill.train).
     two = tmp_path / "two_ranks"
     status = launch_torchrun(2, None, train_overrides(tiny_run, two, grad_accum_steps=2, **RUN))
     err = capfd.readouterr().err
@@ -62,7 +62,7 @@ def test_cli_nproc_launches_torchrun():
     cmd = torchrun_command(2, "recipes/x.yaml", ["lr=0.1"])
     assert cmd[1:] == [
         "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "distill.train", "--config", "recipes/x.yaml", "lr=0.1",
+        "-m", "moe2edge.distill.train", "--config", "recipes/x.yaml", "lr=0.1",
     ]  # fmt: skip
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distill.data import collate, encode_rows
-from distill.demo_data import read_jsonl
-from distill.evaluate import evaluate_heldout, evaluate_model
-from distill.metrics import plot_curves, truncate_metrics
-from distill.pipeline import distill_student
-from distill.teacher import load_teacher
-from distill.tokenizer import load_tokenizer
+from moe2edge.distill.data import collate, encode_rows
+from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.evaluate import evaluate_heldout, evaluate_model
+from moe2edge.distill.metrics import plot_curves, truncate_metrics
+from moe2edge.distill.pipeline import distill_student
+from moe2edge.distill.teacher import load_teacher
+from moe2edge.distill.tokenizer import load_tokenizer
 from tests._train_common import train_config, train_records
 
 
@@ -55,7 +55,7 @@ def test_heldout_metrics_against_identities_and_references(tiny_run, models):
 
 
 def test_heldout_kl_from_a_full_k_cache_matches_the_live_teacher(tiny_run, models, tmp_path):
-    from distill.cache import TeacherCache, build_cache
+    from moe2edge.distill.cache import TeacherCache, build_cache
 
     tokenizer, teacher, student = models
     cache_dir = tmp_path / "eval_cache"

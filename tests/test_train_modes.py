@@ -10,21 +10,21 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from distill.data import IGNORE_INDEX, encode_prompt, encode_rows
-from distill.demo_data import read_jsonl
-from distill.errors import DistillError
-from distill.evaluate import greedy_replies
-from distill.modes import (
+from moe2edge.distill.data import IGNORE_INDEX, encode_prompt, encode_rows
+from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.evaluate import greedy_replies
+from moe2edge.distill.modes import (
     generate_teacher_dataset,
     on_policy_examples,
     sample_replies,
     use_on_policy,
 )
-from distill.pipeline import distill_student
-from distill.student import build_student
-from distill.teacher import load_teacher
-from distill.tokenizer import load_tokenizer
-from distill.train import train_model
+from moe2edge.distill.pipeline import distill_student
+from moe2edge.distill.student import build_student
+from moe2edge.distill.teacher import load_teacher
+from moe2edge.distill.tokenizer import load_tokenizer
+from moe2edge.distill.train import train_model
 from tests._train_common import train_config, train_records, weights
 
 
@@ -118,7 +118,7 @@ def test_seq_kd_trains_on_the_teachers_replies(tiny_run, models, tmp_path):
 
 
 def test_cached_teacher_at_full_k_trains_like_the_live_teacher(tiny_run, tmp_path):
-    from distill.cache import build_cache
+    from moe2edge.distill.cache import build_cache
 
     data = tmp_path / "train64.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(tiny_run["train"])[:64]))

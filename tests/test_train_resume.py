@@ -13,10 +13,10 @@ import time
 import pytest
 import torch
 
-from distill.checkpoint import complete_checkpoints, find_checkpoint, verify_checkpoint
-from distill.errors import DistillError
-from distill.pipeline import distill_student
 from moe2edge.cli import main as cli_main
+from moe2edge.distill.checkpoint import complete_checkpoints, find_checkpoint, verify_checkpoint
+from moe2edge.distill.errors import DistillError
+from moe2edge.distill.pipeline import distill_student
 from tests._train_common import train_config, train_overrides, train_records, tree_digest, weights
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
@@ -36,7 +36,7 @@ def test_sigkill_mid_run_then_resume_is_bitwise_identical(tiny_run, tmp_path):
     run_dir = tmp_path / "killed"
     log = open(tmp_path / "child.log", "w")
     child = subprocess.Popen(
-        [PYTHON, "-m", "distill.train", *train_overrides(tiny_run, run_dir, **KILL_RUN)],
+        [PYTHON, "-m", "moe2edge.distill.train", *train_overrides(tiny_run, run_dir, **KILL_RUN)],
         cwd=ROOT,
         env=subprocess_env(),
         stdout=log,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from runtime.voice import (
+from moe2edge.runtime.voice import (
     FRAME_SAMPLES,
     SAMPLE_RATE,
     EspeakSynthesizer,
@@ -36,8 +36,8 @@ from runtime.voice import (
     validate_frame,
     write_wav,
 )
-from runtime.voice.audio import parse_wav_bytes
-from runtime.voice.tts import espeak_phonemize, ipa_to_phonemes, phonemes_to_ids
+from moe2edge.runtime.voice.audio import parse_wav_bytes
+from moe2edge.runtime.voice.tts import espeak_phonemize, ipa_to_phonemes, phonemes_to_ids
 
 pytestmark = pytest.mark.skipif(
     shutil.which("espeak-ng") is None, reason="espeak-ng missing: apt-get install espeak-ng"

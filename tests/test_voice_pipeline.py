@@ -11,10 +11,10 @@ import time
 import numpy as np
 import pytest
 
-from runtime import Generator, SamplingParams
-from runtime.voice import EspeakSynthesizer, PocketsphinxRecognizer
-from runtime.voice.pipeline import VoiceSession, VoiceSettings
-from runtime.voice.reply import PromptCache, SpeechText
+from moe2edge.runtime import Generator, SamplingParams
+from moe2edge.runtime.voice import EspeakSynthesizer, PocketsphinxRecognizer
+from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
+from moe2edge.runtime.voice.reply import PromptCache, SpeechText
 from tests.server_helpers import frames, speech
 
 pytestmark = pytest.mark.skipif(
@@ -127,7 +127,7 @@ def test_spoken_turn_events_reply_and_timings(generator, tiny_run, speculate) ->
 
 
 def test_prespawned_espeak_sounds_the_same_and_cleans_up() -> None:
-    from runtime.voice.prespawn import PrespawnedEspeak
+    from moe2edge.runtime.voice.prespawn import PrespawnedEspeak
 
     text = "sure, the kitchen lights are on."
     warm = PrespawnedEspeak(spares=2)

@@ -19,13 +19,19 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.errors import RuntimeUserError
-from runtime.generate import Generator
-from runtime.server import openai_api, voice_ws
-from runtime.server.config import ServerConfig
-from runtime.server.metrics import Metrics
-from runtime.server.scheduler import Scheduler
-from runtime.server.state import APIError, ServiceState, get_state, paced_hook, require_token
+from moe2edge.runtime.errors import RuntimeUserError
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.server import openai_api, voice_ws
+from moe2edge.runtime.server.config import ServerConfig
+from moe2edge.runtime.server.metrics import Metrics
+from moe2edge.runtime.server.scheduler import Scheduler
+from moe2edge.runtime.server.state import (
+    APIError,
+    ServiceState,
+    get_state,
+    paced_hook,
+    require_token,
+)
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from runtime.errors import RuntimeUserError
+from moe2edge.runtime.errors import RuntimeUserError
 
 
 @dataclass

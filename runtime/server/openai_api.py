@@ -20,10 +20,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.generate import GenerationResult
-from runtime.sampling import SamplingParams
-from runtime.server.scheduler import Overloaded, Slot
-from runtime.server.state import APIError, ServiceState, get_state, require_token
+from moe2edge.runtime.generate import GenerationResult
+from moe2edge.runtime.sampling import SamplingParams
+from moe2edge.runtime.server.scheduler import Overloaded, Slot
+from moe2edge.runtime.server.state import APIError, ServiceState, get_state, require_token
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 State = Annotated[ServiceState, Depends(get_state)]

@@ -12,10 +12,10 @@ from typing import Any
 from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from runtime.generate import Generator
-from runtime.server.config import ServerConfig
-from runtime.server.metrics import Metrics
-from runtime.server.scheduler import Scheduler
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.server.config import ServerConfig
+from moe2edge.runtime.server.metrics import Metrics
+from moe2edge.runtime.server.scheduler import Scheduler
 
 
 class APIError(Exception):
@@ -69,7 +69,7 @@ class ServiceState:
     metrics: Metrics
     model_id: str
     step_hook: Callable[[], None] | None = None
-    voice: Any = None  # runtime.server.voice_ws.VoiceResources, when voice is enabled
+    voice: Any = None  # moe2edge.runtime.server.voice_ws.VoiceResources, when voice is enabled
     created: int = field(default_factory=lambda: int(time.time()))
 
     def refresh_gauges(self) -> None:

@@ -19,15 +19,15 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from runtime.server.scheduler import Overloaded
-from runtime.server.state import ServiceState, check_token
-from runtime.voice.asr import make_recognizer
-from runtime.voice.audio import SAMPLE_RATE
-from runtime.voice.pipeline import VoiceSession, VoiceSettings
-from runtime.voice.prespawn import PrespawnedEspeak
-from runtime.voice.reply import PromptCache, new_id
-from runtime.voice.tts import PiperSynthesizer, Synthesizer
-from runtime.voice.vad import VoiceActivityDetector
+from moe2edge.runtime.server.scheduler import Overloaded
+from moe2edge.runtime.server.state import ServiceState, check_token
+from moe2edge.runtime.voice.asr import make_recognizer
+from moe2edge.runtime.voice.audio import SAMPLE_RATE
+from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
+from moe2edge.runtime.voice.prespawn import PrespawnedEspeak
+from moe2edge.runtime.voice.reply import PromptCache, new_id
+from moe2edge.runtime.voice.tts import PiperSynthesizer, Synthesizer
+from moe2edge.runtime.voice.vad import VoiceActivityDetector
 
 log = logging.getLogger(__name__)
 router = APIRouter()

@@ -4,14 +4,14 @@ Only numpy, onnxruntime, the stdlib, pocketsphinx (imported by its recognizer) a
 espeak-ng binary are used here: nothing from torch, transformers or the build packages.
 """
 
-from runtime.voice.asr import (
+from moe2edge.runtime.voice.asr import (
     PocketsphinxRecognizer,
     Recognizer,
     available_recognizers,
     make_recognizer,
     register_recognizer,
 )
-from runtime.voice.audio import (
+from moe2edge.runtime.voice.audio import (
     FRAME_MS,
     FRAME_SAMPLES,
     SAMPLE_RATE,
@@ -22,7 +22,7 @@ from runtime.voice.audio import (
     validate_frame,
     write_wav,
 )
-from runtime.voice.tts import (
+from moe2edge.runtime.voice.tts import (
     EspeakSynthesizer,
     PhraseSplitter,
     PiperSynthesizer,
@@ -30,7 +30,7 @@ from runtime.voice.tts import (
     SpeechChunk,
     Synthesizer,
 )
-from runtime.voice.vad import SileroVadModel, VadEvent, VoiceActivityDetector
+from moe2edge.runtime.voice.vad import SileroVadModel, VadEvent, VoiceActivityDetector
 
 __all__ = [
     "FRAME_MS",

@@ -43,7 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from runtime.voice.audio import SAMPLE_RATE, as_pcm16
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, as_pcm16
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +234,6 @@ def make_recognizer(name: str = "pocketsphinx", **opts: Any) -> Recognizer:
     except KeyError:
         raise ValueError(
             f"unknown recognizer {name!r}: registered are {', '.join(available_recognizers())}; "
-            "add one with runtime.voice.asr.register_recognizer(name, factory)"
+            "add one with moe2edge.runtime.voice.asr.register_recognizer(name, factory)"
         ) from None
     return factory(**opts)

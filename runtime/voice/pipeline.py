@@ -31,12 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-from runtime.generate import Generator
-from runtime.voice.asr import Recognizer
-from runtime.voice.audio import SAMPLE_RATE, validate_frame
-from runtime.voice.reply import Emit, PromptCache, Reply, ReplyOptions, TurnTimes, new_id
-from runtime.voice.tts import Synthesizer
-from runtime.voice.vad import SPEECH_START, WINDOW_SAMPLES, VadEvent, VoiceActivityDetector
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.voice.asr import Recognizer
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, validate_frame
+from moe2edge.runtime.voice.reply import Emit, PromptCache, Reply, ReplyOptions, TurnTimes, new_id
+from moe2edge.runtime.voice.tts import Synthesizer
+from moe2edge.runtime.voice.vad import SPEECH_START, WINDOW_SAMPLES, VadEvent, VoiceActivityDetector
 
 log = logging.getLogger(__name__)
 

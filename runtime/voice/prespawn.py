@@ -15,8 +15,8 @@ from collections import deque
 
 import numpy as np
 
-from runtime.voice.audio import SAMPLE_RATE, parse_wav_bytes, resample
-from runtime.voice.tts import EspeakSynthesizer
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, parse_wav_bytes, resample
+from moe2edge.runtime.voice.tts import EspeakSynthesizer
 
 log = logging.getLogger(__name__)
 

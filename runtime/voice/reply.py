@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.engine import KVCache
-from runtime.generate import GenerationResult, Generator
-from runtime.sampling import SamplingParams
-from runtime.session import common_prefix_len
-from runtime.voice.audio import SAMPLE_RATE, float32_to_pcm16
-from runtime.voice.tts import PhraseSplitter, Synthesizer
+from moe2edge.runtime.engine import KVCache
+from moe2edge.runtime.generate import GenerationResult, Generator
+from moe2edge.runtime.sampling import SamplingParams
+from moe2edge.runtime.session import common_prefix_len
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, float32_to_pcm16
+from moe2edge.runtime.voice.tts import PhraseSplitter, Synthesizer
 
 log = logging.getLogger(__name__)
 

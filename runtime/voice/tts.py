@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.voice.audio import SAMPLE_RATE, parse_wav_bytes, resample
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, parse_wav_bytes, resample
 
 logger = logging.getLogger(__name__)
 

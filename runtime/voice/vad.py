@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from runtime.voice.audio import SAMPLE_RATE, as_float32, ms_to_samples, samples_to_ms
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, as_float32, ms_to_samples, samples_to_ms
 
 logger = logging.getLogger(__name__)
 
