@@ -29,12 +29,13 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moe2edge.distill.cache import TeacherCache, build_cache  # noqa: E402
-from moe2edge.distill.demo_data import read_jsonl, write_demo_data  # noqa: E402
+from moe2edge.distill.demo_data import write_demo_data  # noqa: E402
 from moe2edge.distill.evaluate import evaluate_heldout  # noqa: E402
 from moe2edge.distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher  # noqa: E402
 from moe2edge.distill.teacher import load_teacher  # noqa: E402
 from moe2edge.distill.tokenizer import load_tokenizer  # noqa: E402
 from moe2edge.distill.train import TrainConfig  # noqa: E402
+from moe2edge.rows import read_rows  # noqa: E402
 
 LOSSES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
 
@@ -85,7 +86,7 @@ def main() -> None:
     train_jsonl, eval_jsonl = data / "train.jsonl", data / "eval.jsonl"
     subset = work / "train_subset.jsonl"
     subset.write_text(
-        "".join(json.dumps(r) + "\n" for r in read_jsonl(train_jsonl)[: args.cache_examples])
+        "".join(json.dumps(r) + "\n" for r in read_rows(train_jsonl)[: args.cache_examples])
     )
 
     # Cache size per token at several k.
@@ -131,7 +132,7 @@ def main() -> None:
     # Loss table at equal steps on the full training set.
     tokenizer = load_tokenizer(tokenizer_dir)
     teacher = load_teacher(teacher_dir)
-    eval_rows = read_jsonl(eval_jsonl)[: args.eval_rows]
+    eval_rows = read_rows(eval_jsonl)[: args.eval_rows]
     table = []
     for loss in LOSSES:
         cfg = replace(

@@ -6,7 +6,8 @@ Public API (small on purpose; the modules are flat and readable):
 - ``tokenizer.train_tokenizer`` / ``tokenizer.load_tokenizer``
 - ``teacher.load_teacher`` -- any local HF MoE causal-LM checkpoint directory
 - ``student.build_student`` -- a dense Llama student from a preset
-- ``train.distill`` -- the distillation loop (see recipes/*.yaml)
+- ``train.distill_student`` / ``train.train_model`` -- the distillation loop (recipes/*.yaml)
+- ``cache.build_cache`` / ``cache.TeacherCache`` -- the teacher's top-k, scored once
 - ``evaluate.task_accuracy`` -- greedy replies scored on the demo task
 """
 

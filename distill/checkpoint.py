@@ -10,7 +10,8 @@
                            training config fingerprint
 
 A checkpoint is first written to ``.step-NNNNNNNN.tmp`` and renamed into place once complete
-and fsynced, so a killed writer leaves only a ``.tmp`` directory, which is never read. On load
+and fsynced (``moe2edge.fileio.atomic_dir``), so a killed writer leaves only a ``.tmp``
+directory, which is never read. On load
 every file is checked against the manifest. Under FSDP2 the state is gathered with
 ``torch.distributed.checkpoint.state_dict`` (full_state_dict, cpu_offload) and rank 0 writes it;
 on load rank 0 reads it and broadcasts it into the shards. Because the state is saved in full
@@ -42,7 +43,7 @@ from moe2edge.distill.distributed import (
     raise_together,
 )
 from moe2edge.distill.errors import DistillError
-from moe2edge.distill.files import sha256_file
+from moe2edge.fileio import atomic_dir, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +120,6 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous tensors, cloning any that share storage (safetensors refuses aliases)."""
     seen, out = set(), {}
@@ -157,40 +150,33 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo)
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{final.name}.tmp"
-        tmp.mkdir()
-        save_file(_unshared(model_state), tmp / "model.safetensors", metadata={"format": "pt"})
-        torch.save(optim_state, tmp / "optimizer.pt")
-        training_state = {
-            "step": step,
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "world_size": info.world_size,
-        }
-        torch.save(training_state, tmp / "training_state.pt")
-        fingerprint = config_fingerprint(cfg)
-        manifest = {
-            "format_version": 1,
-            "step": step,
-            "files": {
+        with atomic_dir(final) as tmp:
+            save_file(_unshared(model_state), tmp / "model.safetensors", metadata={"format": "pt"})
+            torch.save(optim_state, tmp / "optimizer.pt")
+            training_state = {
+                "step": step,
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs,
+                "world_size": info.world_size,
+            }
+            torch.save(training_state, tmp / "training_state.pt")
+            fingerprint = config_fingerprint(cfg)
+            files = {
                 name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                 for name in FILES
-            },
-            "config_fingerprint": fingerprint,
-            "config_hash": fingerprint_hash(fingerprint),
-            "config": to_dict(cfg),
-            "world_size": info.world_size,
-            "torch_version": torch.__version__,
-            "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_dir(root)
+            }
+            manifest = {
+                "format_version": 1,
+                "step": step,
+                "files": files,
+                "config_fingerprint": fingerprint,
+                "config_hash": fingerprint_hash(fingerprint),
+                "config": to_dict(cfg),
+                "world_size": info.world_size,
+                "torch_version": torch.__version__,
+                "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         prune_checkpoints(root, cfg.keep_checkpoints)
         log.info("checkpoint %s", final)
     barrier(info)
@@ -372,15 +358,8 @@ def save_final(
         plain = _unsharded_copy(model, state, lora) if info.enabled else model
         if lora:
             plain = plain.merge_and_unload()
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        plain.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
+        with atomic_dir(out_dir) as tmp:
+            plain.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     barrier(info)
     return out_dir

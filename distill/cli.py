@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 
-from moe2edge.distill.cache import register_cache_command
+from moe2edge.distill.cache.cli import register_cache_command
 from moe2edge.distill.config import load_config
-from moe2edge.distill.train import TrainConfig, check_config
+from moe2edge.distill.train import TrainConfig, check_config, distill_student
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -118,14 +117,13 @@ def run_train(args: argparse.Namespace) -> int:
     check_config(cfg, has_teacher=cfg.teacher is not None)  # fail here, not in N ranks
     if args.nproc > 1:
         return launch_torchrun(args.nproc, args.config, args.overrides)
-    from moe2edge.distill.pipeline import distill_student
-
     print(f"wrote {distill_student(cfg)}")
     return 0
 
 
 def torchrun_command(nproc: int, config: str | None, overrides: list[str]) -> list[str]:
-    """``python -m torch.distributed.run --standalone --nproc_per_node N -m moe2edge.distill.train ...``."""
+    """``python -m torch.distributed.run --standalone --nproc_per_node N -m moe2edge.distill.train``
+    plus the recipe and overrides: every rank runs ``moe2edge.distill.train.main``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += ["--nproc_per_node", str(nproc), "-m", "moe2edge.distill.train"]
     if config:
@@ -138,42 +136,6 @@ def launch_torchrun(nproc: int, config: str | None, overrides: list[str]) -> int
     (rank 0 has printed a user error's message; a crash shows its traceback)."""
     proc = subprocess.run(torchrun_command(nproc, config, overrides))
     return 2 if proc.returncode else 0
-
-
-def train_main(argv: list[str]) -> int:
-    """The entry point of ``python -m moe2edge.distill.train`` (each torchrun rank runs it)."""
-    import logging
-
-    from moe2edge.distill.distributed import cleanup, init_distributed
-    from moe2edge.distill.errors import DistillError
-    from moe2edge.distill.pipeline import distill_student
-
-    parser = argparse.ArgumentParser(
-        prog="python -m moe2edge.distill.train", description="distil a teacher into a student"
-    )
-    parser.add_argument("--config", help="YAML recipe (see recipes/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
-    args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
-    )
-    info = None
-    try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
-        info = init_distributed(cfg.device)
-        out = distill_student(cfg)
-    except DistillError as exc:
-        if rank == 0:
-            print(f"moe2edge: error: {exc}", file=sys.stderr)
-        return 2
-    finally:
-        if info is not None:
-            cleanup(info)
-    if rank == 0:
-        print(f"wrote {out}")
-    return 0
 
 
 def run_demo_teacher(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """Data sets to training batches: prompt/reply, chat and plain-text JSONL rows.
 
-Row formats (one JSON object per line):
+Row formats (one JSON object per line, read by ``moe2edge.rows.read_rows``):
 
 - ``{"prompt": ..., "reply": ...}`` -- the demo format; only the reply is learnt.
 - ``{"messages": [{"role": "user", "content": ...}, ..., {"role": "assistant", ...}]}`` --
@@ -14,17 +14,29 @@ exact and lets every rank of a distributed run pick its slice without talking to
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from moe2edge.distill.errors import DistillError
+from moe2edge.rows import RowError, read_rows, row_form
 
 IGNORE_INDEX = -100
 
 Example = tuple[list[int], list[int]]  # (token ids, labels with IGNORE_INDEX on the prompt)
 
 
+def read_data(path: str | Path, limit: int | None = None) -> list[dict]:
+    """The rows of a JSONL data set (``moe2edge.rows.read_rows``); bad data is a DistillError."""
+    try:
+        return read_rows(path, limit)
+    except RowError as exc:
+        raise DistillError(str(exc)) from exc
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
-    """``<bos> prompt``, tokenised on its own exactly as the runtime encodes it at inference."""
+    """``<bos> prompt``, tokenised on its own exactly as the runtime encodes it at inference
+    (an empty prompt is ``<bos>`` alone)."""
     return [tokenizer.bos_token_id] + tokenizer.encode(prompt, add_special_tokens=False)
 
 
@@ -34,7 +46,7 @@ def encode_example(tokenizer, prompt: str, reply: str, max_len: int) -> Example:
     The prompt is encoded on its own, so the token boundary between prompt and reply is the
     one the model will see at inference. An empty prompt (plain text) learns every token.
     """
-    prompt_ids = encode_prompt(tokenizer, prompt) if prompt else [tokenizer.bos_token_id]
+    prompt_ids = encode_prompt(tokenizer, prompt)
     sep = " " if prompt else ""
     reply_ids = tokenizer.encode(sep + reply, add_special_tokens=False) + [tokenizer.eos_token_id]
     ids = (prompt_ids + reply_ids)[:max_len]
@@ -44,11 +56,15 @@ def encode_example(tokenizer, prompt: str, reply: str, max_len: int) -> Example:
 
 def row_prompt_reply(tokenizer, row: dict, where: str = "row") -> tuple[str, str]:
     """(prompt, reply) of a data set row in any of the supported formats."""
-    if "prompt" in row and "reply" in row:
+    try:
+        form = row_form(row, where)
+    except RowError as exc:
+        raise DistillError(str(exc)) from exc
+    if form == "prompt+reply":
         return str(row["prompt"]), str(row["reply"])
-    if "messages" in row:
+    if form == "messages":
         messages = row["messages"]
-        if not messages or messages[-1].get("role") != "assistant":
+        if messages[-1].get("role") != "assistant":
             raise DistillError(f"{where}: a chat row must end with an assistant message")
         if not getattr(tokenizer, "chat_template", None):
             raise DistillError(
@@ -57,9 +73,7 @@ def row_prompt_reply(tokenizer, row: dict, where: str = "row") -> tuple[str, str
             )
         prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False)
         return prompt, str(messages[-1]["content"])
-    if "text" in row:
-        return "", str(row["text"])
-    raise DistillError(f"{where} has keys {sorted(row)}; expected prompt+reply, messages, or text")
+    return "", str(row["text"])
 
 
 def encode_rows(tokenizer, rows: list[dict], max_len: int) -> list[Example]:

@@ -2,8 +2,10 @@
 
 DEMO ONLY. No weights or data can be downloaded on our build machines, so the demo
 pipeline trains on this synthetic domain: user utterance -> assistant reply, where the
-reply starts with a canonical action in brackets (scored by exact match) followed by
-a paraphrased confirmation (so the teacher's distribution over replies is informative).
+reply starts with a canonical action in brackets (scored by exact match, see
+``formats.extract_action``) followed by a paraphrased confirmation (so the teacher's
+distribution over replies is informative). The conversation markers are those of
+``formats``, which the trained tokenizer knows as special tokens.
 
 Held-out split: whole (intent, room) combinations never seen in training, so the
 evaluation measures composition, not recall. Utterances are lowercase words without
@@ -15,9 +17,11 @@ from __future__ import annotations
 
 import json
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from moe2edge.distill.formats import format_prompt
+from moe2edge.fileio import atomic_write
 
 ROOMS = [
     "kitchen",
@@ -31,10 +35,6 @@ ROOMS = [
     "basement",
     "nursery",
 ]
-USER_PREFIX = "<|user|>"
-ASSISTANT_PREFIX = "<|assistant|>"
-END_OF_TURN = "<|end|>"
-SPECIAL_TOKENS = ["<pad>", "<bos>", END_OF_TURN, USER_PREFIX, ASSISTANT_PREFIX, "<unk>"]
 
 ONES = [
     "zero",
@@ -230,17 +230,6 @@ def action_string(intent: Intent, room: str, value: int | None) -> str:
     return "[" + " ".join(parts) + "]"
 
 
-def extract_action(reply: str) -> str | None:
-    """The action part of a reply, e.g. ``[lights.on room=kitchen]``; None if absent."""
-    match = re.search(r"\[[^\]]*\]", reply)
-    return match.group(0) if match else None
-
-
-def format_prompt(utterance: str) -> str:
-    """The text the model sees before it replies (also stored in the bundle manifest)."""
-    return f"{USER_PREFIX} {utterance} {ASSISTANT_PREFIX}"
-
-
 def _make_example(rng: random.Random, intent: Intent, room: str) -> dict:
     value = rng.choice(intent.values) if intent.values else None
     words = number_to_words(value) if value is not None else ""
@@ -281,16 +270,8 @@ def generate_dataset(
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """Rows as JSONL, atomically (read them back with ``moe2edge.rows.read_rows``)."""
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def jsgf_grammar(name: str = "moe2edge_commands") -> str:
@@ -322,5 +303,5 @@ def write_demo_data(
     }
     write_jsonl(train, paths["train"])
     write_jsonl(evaluation, paths["eval"])
-    paths["grammar"].write_text(jsgf_grammar(), encoding="utf-8")
+    atomic_write(paths["grammar"], jsgf_grammar())
     return paths

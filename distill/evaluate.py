@@ -1,4 +1,9 @@
-"""Evaluation: greedy replies and the demo task's accuracy; held-out distillation metrics."""
+"""Evaluation: greedy replies and the task's accuracy; held-out distillation metrics.
+
+The task accuracy is the demo task's: rows with an ``action`` field, scored by exact match
+of the reply's action span (``formats.extract_action``); other data sets have no ``action``
+and get ``task_acc`` None.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +13,33 @@ import torch
 from tqdm import tqdm
 
 from moe2edge.distill.data import IGNORE_INDEX, collate, encode_prompt, encode_rows, prompt_part
-from moe2edge.distill.demo_data import extract_action
+from moe2edge.distill.formats import extract_action
 from moe2edge.distill.losses import dense_divergence, sparse_divergence
 from moe2edge.distill.modes import sample_replies
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """``<bos> prompt``, tokenised the way training and the runtime do it."""
-    return encode_prompt(tokenizer, prompt)
-
-
-@torch.no_grad()
 def greedy_replies(
     model, tokenizer, prompts: list[str], max_new_tokens: int = 40, desc: str = "generate"
 ) -> list[list[int]]:
-    """Greedy token ids after each prompt (batch 1, KV cache), stopping at end-of-turn.
+    """Greedy token ids after each prompt, one prompt at a time, end-of-turn dropped.
 
-    A plain loop over ``model(...)`` rather than ``generate``: on tiny models HF's
-    generate spends most of its time in per-step bookkeeping.
+    ``modes.sample_replies`` at temperature 0 on batches of one: no padding at all, the
+    reference the batched evaluation is checked against (tests/test_train_modes.py).
     """
-    model.eval()
     eos = tokenizer.eos_token_id
     outputs = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # batch-1 steps on tiny models: threads only add overhead
     try:
         for prompt in tqdm(prompts, desc=desc, unit="prompt", mininterval=2.0):
-            ids = torch.tensor([prompt_ids(tokenizer, prompt)])
-            out = model(input_ids=ids, use_cache=True)
-            new: list[int] = []
-            for _ in range(max_new_tokens):
-                token = int(out.logits[0, -1].argmax())
-                if token == eos:
-                    break
-                new.append(token)
-                out = model(
-                    input_ids=torch.tensor([[token]]),
-                    past_key_values=out.past_key_values,
-                    use_cache=True,
-                )
-            outputs.append(new)
+            (reply,) = sample_replies(
+                model,
+                [encode_prompt(tokenizer, prompt)],
+                eos_id=eos,
+                pad_id=tokenizer.pad_token_id,
+                max_new_tokens=max_new_tokens,
+            )
+            outputs.append(reply[:-1] if reply and reply[-1] == eos else reply)
     finally:
         torch.set_num_threads(threads)
     return outputs

@@ -9,11 +9,13 @@ fresh run (step 0) starts an empty file.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 from pathlib import Path
+
+from moe2edge.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +39,7 @@ def truncate_metrics(path: str | Path, from_step: int) -> None:
     if not path.is_file():
         return
     keep = [r for r in read_metrics(path) if r.get("step", -1) < from_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
 class RunLogger:
@@ -136,9 +136,7 @@ def plot_curves(metrics_path: str | Path, png_path: str | Path) -> Path | None:
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, png_path)
-    return png_path
+    return atomic_write(png_path, png.getvalue())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -31,10 +30,11 @@ from moe2edge.distill.data import (
     Example,
     encode_prompt,
     prompt_part,
+    read_data,
     row_prompt_reply,
 )
 from moe2edge.distill.distributed import DistInfo, barrier
-from moe2edge.distill.files import sha256_file
+from moe2edge.fileio import atomic_write, atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +195,6 @@ def generate_teacher_dataset(
     teacher and settings; otherwise (re)generated, each rank taking every world_size-th
     row, and written atomically by rank 0.
     """
-    from moe2edge.distill.demo_data import read_jsonl
-
     info = info or DistInfo()
     out_path = Path(out_path)
     meta_path = out_path.with_name(out_path.name + ".meta.json")
@@ -211,7 +209,7 @@ def generate_teacher_dataset(
     if out_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
         log.info("reusing teacher-generated data set %s", out_path)
         return out_path
-    rows = read_jsonl(source)
+    rows = read_data(source)
     mine = list(range(info.rank, len(rows), info.world_size))
     results: dict[int, dict] = {}
     bar = tqdm(
@@ -226,7 +224,7 @@ def generate_teacher_dataset(
         pairs = [row_prompt_reply(tokenizer, rows[i], f"{source} row {i + 1}") for i in chunk]
         replies = sample_replies(
             teacher,
-            [encode_prompt(tokenizer, p) if p else [tokenizer.bos_token_id] for p, _ in pairs],
+            [encode_prompt(tokenizer, p) for p, _ in pairs],
             eos_id=tokenizer.eos_token_id,
             pad_id=tokenizer.pad_token_id,
             max_new_tokens=max_new_tokens,
@@ -252,13 +250,8 @@ def generate_teacher_dataset(
             p = out_path.with_name(f".{out_path.name}.rank{r}.part")
             merged.update({int(k): v for k, v in json.loads(p.read_text()).items()})
             p.unlink()
-        tmp = out_path.with_name(f".{out_path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(merged[i]) + "\n" for i in range(len(rows)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out_path)
-        meta_path.write_text(json.dumps(meta, indent=2))
+        atomic_write(out_path, "".join(json.dumps(merged[i]) + "\n" for i in range(len(rows))))
+        atomic_write_json(meta_path, meta)
         log.info("wrote %d teacher replies to %s", len(rows), out_path)
     barrier(info)
     return out_path

@@ -1,4 +1,8 @@
-"""The distill stage's steps as plain functions (the CLI and the demo call these)."""
+"""The distill stage's steps as plain functions (the CLI and the demo call these).
+
+``distill_student`` lives in ``train.py`` (its torchrun entry point needs it without importing
+this module) and is re-exported here with the other steps.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +11,8 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
-from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.data import read_data
 from moe2edge.distill.errors import DistillError
-from moe2edge.distill.student import build_student
 from moe2edge.distill.teacher import (
     active_parameters,
     build_demo_teacher,
@@ -17,13 +20,15 @@ from moe2edge.distill.teacher import (
     load_teacher,
 )
 from moe2edge.distill.tokenizer import check_vocab_matches, load_tokenizer, train_tokenizer
-from moe2edge.distill.train import TrainConfig, train_model
+from moe2edge.distill.train import TrainConfig, distill_student, train_model
+
+__all__ = ["distill_student", "make_tokenizer", "merge_teacher_into_dense", "pretrain_demo_teacher"]
 
 log = logging.getLogger(__name__)
 
 
 def make_tokenizer(train_jsonl: str | Path, out_dir: str | Path, vocab_size: int = 384) -> Path:
-    rows = read_jsonl(train_jsonl)
+    rows = read_data(train_jsonl)
     return train_tokenizer([r["prompt"] + " " + r["reply"] for r in rows], out_dir, vocab_size)
 
 
@@ -44,29 +49,6 @@ def pretrain_demo_teacher(cfg: TrainConfig) -> Path:
     return out
 
 
-def distill_student(cfg: TrainConfig) -> Path:
-    """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``)."""
-    if cfg.teacher is None and cfg.teacher_cache is None:
-        raise DistillError("distillation needs a teacher: set teacher=PATH or teacher_cache=DIR")
-    teacher = load_teacher(cfg.teacher) if cfg.teacher else None  # None: train from the cache
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    vocab_size = teacher.config.vocab_size if teacher is not None else len(tokenizer)
-    check_vocab_matches(tokenizer, vocab_size, "teacher")
-    if cfg.student_init:
-        from transformers import AutoModelForCausalLM
-
-        student = AutoModelForCausalLM.from_pretrained(cfg.student_init, local_files_only=True)
-    else:
-        student = build_student(cfg.student_preset, vocab_size=vocab_size, seed=cfg.seed)
-    check_vocab_matches(tokenizer, student.config.vocab_size, "student")
-    if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
-        raise DistillError(
-            f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
-            f"{teacher.config.vocab_size}; logit distillation needs the same vocabulary"
-        )
-    return train_model(student, teacher, tokenizer, cfg, "student")
-
-
 def merge_teacher_into_dense(
     teacher_dir: str | Path,
     tokenizer_dir: str | Path,
@@ -77,14 +59,14 @@ def merge_teacher_into_dense(
     max_seq_len: int = 64,
 ) -> Path:
     """Write a dense HF checkpoint merged from the teacher's experts (use as student_init)."""
+    from moe2edge.distill.checkpoint import save_final
     from moe2edge.distill.data import collate, encode_rows
     from moe2edge.distill.merge import merge_moe_to_dense
-    from moe2edge.distill.train import save_final
 
     teacher = load_teacher(teacher_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
     check_vocab_matches(tokenizer, teacher.config.vocab_size, "teacher")
-    rows = read_jsonl(calib_jsonl)[:calib_examples]
+    rows = read_data(calib_jsonl, calib_examples)
     if not rows:
         raise DistillError(f"calibration data {calib_jsonl} is empty")
     examples = encode_rows(tokenizer, rows, max_seq_len)

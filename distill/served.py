@@ -1,7 +1,7 @@
 """Scoring with a teacher behind an HTTP server: vLLM (OpenAI-compatible) or SGLang (native).
 
 A 671B MoE teacher runs on a cluster; we ask it once per example for the top-k log-probs of
-every prompt position and cache them (distill/cache.py). The two request shapes:
+every prompt position and cache them (distill/cache/). The two request shapes:
 
 vLLM ``POST /v1/completions``::
 
@@ -47,7 +47,7 @@ _CAP_HINT = {
 
 
 class ServedTeacher:
-    """A Scorer (see moe2edge.distill.cache) that asks a served teacher for prompt top-k log-probs."""
+    """A Scorer (moe2edge.distill.cache.scorers) asking a served teacher for prompt top-k logprobs."""
 
     def __init__(
         self,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from moe2edge.distill.cache import topk_logprobs
+from moe2edge.distill.cache.scorers import topk_logprobs
 
 BREAK_MODES = ("503", "malformed", "schema", "close")
 
@@ -293,7 +293,7 @@ class TeacherServer:
 
     @torch.no_grad()
     def logits(self, ids: list[int]) -> torch.Tensor:
-        """float32 logits [T, V]; the same forward as moe2edge.distill.cache.local_scorer's."""
+        """float32 logits [T, V]; the same forward as ``cache.scorers.local_scorer``'s."""
         x = torch.tensor([ids])
         return self.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0].float()
 

@@ -6,14 +6,22 @@ where the runtime reads it with `tokenizers` alone (no transformers on the devic
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from moe2edge.distill.demo_data import ASSISTANT_PREFIX, END_OF_TURN, SPECIAL_TOKENS, USER_PREFIX
 from moe2edge.distill.errors import DistillError
+from moe2edge.distill.formats import (
+    ASSISTANT_PREFIX,
+    BOS,
+    END_OF_TURN,
+    PAD,
+    SPECIAL_TOKENS,
+    UNK,
+    USER_PREFIX,
+)
+from moe2edge.fileio import sha256_file
 
 
 def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
@@ -30,13 +38,13 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512
     tokenizer.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
-        bos_token="<bos>",
+        bos_token=BOS,
         eos_token=END_OF_TURN,
-        pad_token="<pad>",
-        unk_token="<unk>",
+        pad_token=PAD,
+        unk_token=UNK,
     )
-    # The conversation format the demo model is trained on; export renders it into the
-    # bundle's prompt template, so the runtime needs no Jinja.
+    # The conversation format of moe2edge.distill.formats (the demo data's); export renders
+    # it into the bundle's prompt template, so the runtime needs no Jinja.
     fast.chat_template = (
         "{% for m in messages %}{% if m['role'] == 'user' %}"
         f"{USER_PREFIX} {{{{ m['content'] }}}} {ASSISTANT_PREFIX}"
@@ -61,8 +69,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
     """sha256 of tokenizer.json: identifies the vocabulary in caches and manifests."""
-    data = (Path(tokenizer_dir) / "tokenizer.json").read_bytes()
-    return hashlib.sha256(data).hexdigest()
+    return sha256_file(Path(tokenizer_dir) / "tokenizer.json")
 
 
 def check_vocab_matches(

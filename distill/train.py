@@ -14,15 +14,18 @@ One readable loop in the style of torchtune's recipes, driven by ``TrainConfig``
 - evaluation and logging (distill/evaluate.py, distill/metrics.py): held-out KL, top-1
   agreement, perplexity, task accuracy; ``metrics.jsonl``, TensorBoard, ``curves.png``.
 
-Run it as ``python -m moe2edge.distill.train --config recipes/x.yaml key=value`` or under torchrun;
-``moe2edge distill train --nproc N`` launches torchrun for you.
+Run it as ``python -m moe2edge.distill.train --config recipes/x.yaml key=value`` or under torchrun
+(``main``); ``moe2edge distill train --nproc N`` launches torchrun for you. ``main`` imports
+nothing that imports this module, so ``-m`` runs it once.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -40,15 +43,21 @@ from moe2edge.distill.checkpoint import (
     save_checkpoint,
     save_final,
     select_checkpoint,
-    sha256_file,
 )
-from moe2edge.distill.config import to_dict
-from moe2edge.distill.data import IGNORE_INDEX, batch_indices, collate, encode_rows, micro_batches
-from moe2edge.distill.demo_data import read_jsonl
+from moe2edge.distill.config import load_config, to_dict
+from moe2edge.distill.data import (
+    IGNORE_INDEX,
+    batch_indices,
+    collate,
+    encode_rows,
+    micro_batches,
+    read_data,
+)
 from moe2edge.distill.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
+    cleanup,
     full_tensor,
     init_distributed,
     shard_model,
@@ -63,6 +72,10 @@ from moe2edge.distill.modes import (
     on_policy_examples,
     use_on_policy,
 )
+from moe2edge.distill.student import build_student
+from moe2edge.distill.teacher import load_teacher
+from moe2edge.distill.tokenizer import check_vocab_matches, load_tokenizer
+from moe2edge.fileio import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +328,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     data_path = cfg.train_data
     if cfg.mode == "seq_kd":
         data_path = _seq_kd_data(teacher, tokenizer, cfg, info, autocast)
-    examples = encode_rows(tokenizer, read_jsonl(data_path), cfg.max_seq_len)
+    examples = encode_rows(tokenizer, read_data(data_path), cfg.max_seq_len)
     if not examples:
         raise DistillError(f"training data {data_path} is empty")
     micro_batches(list(range(cfg.batch_size)), 0, info.world_size, cfg.grad_accum_steps)
@@ -326,7 +339,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     if cfg.eval_data:
         if not Path(cfg.eval_data).is_file():
             raise DistillError(f"eval_data {cfg.eval_data} does not exist")
-        eval_rows = read_jsonl(cfg.eval_data)
+        eval_rows = read_data(cfg.eval_data)
         if cfg.eval_teacher_cache:
             eval_teacher = _open_cache(cfg.eval_teacher_cache, cfg, cfg.eval_data, len(eval_rows))
     if info.is_main:
@@ -415,7 +428,58 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     return out
 
 
-if __name__ == "__main__":  # python -m moe2edge.distill.train / torchrun -m moe2edge.distill.train
-    from moe2edge.distill.cli import train_main
+def distill_student(cfg: TrainConfig) -> Path:
+    """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``)."""
+    if cfg.teacher is None and cfg.teacher_cache is None:
+        raise DistillError("distillation needs a teacher: set teacher=PATH or teacher_cache=DIR")
+    teacher = load_teacher(cfg.teacher) if cfg.teacher else None  # None: train from the cache
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    vocab_size = teacher.config.vocab_size if teacher is not None else len(tokenizer)
+    check_vocab_matches(tokenizer, vocab_size, "teacher")
+    if cfg.student_init:
+        from transformers import AutoModelForCausalLM
 
-    sys.exit(train_main(sys.argv[1:]))
+        student = AutoModelForCausalLM.from_pretrained(cfg.student_init, local_files_only=True)
+    else:
+        student = build_student(cfg.student_preset, vocab_size=vocab_size, seed=cfg.seed)
+    check_vocab_matches(tokenizer, student.config.vocab_size, "student")
+    if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
+        raise DistillError(
+            f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
+            f"{teacher.config.vocab_size}; logit distillation needs the same vocabulary"
+        )
+    return train_model(student, teacher, tokenizer, cfg, "student")
+
+
+def main(argv: list[str]) -> int:
+    """The entry point of ``python -m moe2edge.distill.train`` (each torchrun rank runs it)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m moe2edge.distill.train", description="distil a teacher into a student"
+    )
+    parser.add_argument("--config", help="YAML recipe (see recipes/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s %(levelname)s [rank {rank}] %(name)s: %(message)s",
+    )
+    info = None
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        info = init_distributed(cfg.device)
+        out = distill_student(cfg)
+    except DistillError as exc:
+        if rank == 0:
+            print(f"moe2edge: error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if info is not None:
+            cleanup(info)
+    if rank == 0:
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":  # python -m moe2edge.distill.train / torchrun -m moe2edge.distill.train
+    sys.exit(main(sys.argv[1:]))

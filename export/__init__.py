@@ -7,6 +7,8 @@ Public API:
 - ``quantize.quantize_bundle`` -- FP16 / INT8 (dynamic, static) / INT4 (rtn, hqq, gptq) bundles
 - ``tensorrt_flavor.tensorrt_bundle`` -- standard-op FP16 / INT8 / INT4 bundles for TensorRT
 - ``check_trt.check_bundle`` -- nodes TensorRT's ONNX parser would refuse
+- ``check_trt.check_onnx_for_tensorrt`` -- the pre-checks ``export engine`` runs before a build
+- ``rtn.rtn_grid`` -- the round-to-nearest scales and zero points (TensorRT flavour, GPTQ)
 - ``report.report`` -- accuracy of variants against their FP32 parent, through the runtime
 - ``variants.build_all_variants`` -- all of the above for one FP32 bundle, with the report
 - ``parity.check_parity`` -- PyTorch vs ONNX Runtime logits and greedy tokens

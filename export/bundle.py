@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import onnx
 
 from moe2edge.export.errors import ExportError
+from moe2edge.fileio import atomic_dir
 from moe2edge.runtime.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 ONNX_DTYPES = {
@@ -76,7 +75,7 @@ def kv_contract(summary: dict[str, Any], dtype: str) -> dict[str, Any]:
 def write_bundle(
     bundle_dir: str | Path, fill: Callable[[Path], dict[str, Any]], overwrite: bool = False
 ) -> Path:
-    """Build a bundle in a temporary sibling directory, then rename it into place.
+    """Build a bundle in a temporary sibling directory, then move it into place whole.
 
     ``fill(tmp_dir)`` writes the files and returns the manifest (its ``files`` key lists
     the file names to hash). A crash leaves the previous bundle untouched.
@@ -84,22 +83,8 @@ def write_bundle(
     bundle_dir = Path(bundle_dir)
     if bundle_dir.exists() and not overwrite:
         raise ExportError(f"{bundle_dir} already exists; pass --overwrite to replace it")
-    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = bundle_dir.with_name(f".{bundle_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        manifest = fill(tmp)
-        write_manifest(tmp, manifest)
-        old = bundle_dir.with_name(f".{bundle_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if bundle_dir.exists():
-            os.replace(bundle_dir, old)
-        os.replace(tmp, bundle_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_dir(bundle_dir) as tmp:
+        write_manifest(tmp, fill(tmp))
     return bundle_dir
 
 

@@ -7,61 +7,58 @@ token by token in decoding, because the projections are per position.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
 from moe2edge.export.errors import ExportError
+from moe2edge.fileio import sha256_file
+from moe2edge.rows import RowError
+from moe2edge.rows import read_rows as read_data_rows
 from moe2edge.runtime.engine import LOGITS_TO_KEEP, SEQLENS, TOTAL_LENGTH
-from moe2edge.runtime.manifest import sha256_file
+from moe2edge.runtime.generate import Generator
 
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"calibration/evaluation file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ExportError(f"{path}:{number} is not JSON ({exc})") from exc
-            if not (row.get("utterance") or row.get("prompt")):
-                raise ExportError(f"{path}:{number} has neither 'utterance' nor 'prompt'")
-            rows.append(row)
+    """Calibration/evaluation rows (``moe2edge.rows.read_rows``; ``limit`` 0 or None: all), each
+    with a prompt to encode: an ``utterance`` (put in the bundle's prompt template) or a
+    ``prompt`` (used as it is)."""
+    try:
+        rows = read_data_rows(path, limit or None)
+    except RowError as exc:
+        raise ExportError(str(exc)) from exc
+    for number, row in enumerate(rows, 1):
+        if not (row.get("utterance") or row.get("prompt")):
+            raise ExportError(f"{path}: row {number} has neither 'utterance' nor 'prompt'")
     if not rows:
         raise ExportError(f"{path} holds no rows")
-    return rows[:limit] if limit else rows
+    return rows
 
 
 class PromptEncoder:
-    """A bundle's tokenizer and prompt format, as the runtime applies them (no session)."""
+    """A bundle's tokenizer and prompt format, as the runtime applies them (no session).
+
+    The prompt ids are the runtime's own (``Generator.encode_prompt``), from a Generator
+    that has the bundle's tokenizer and manifest but no inference session.
+    """
 
     def __init__(self, bundle_dir: str | Path, manifest: dict[str, Any]):
         tok = Path(bundle_dir) / manifest["io"].get("tokenizer_file", "tokenizer.json")
         self.tokenizer = Tokenizer.from_file(str(tok))
-        gen = manifest["generation"]
-        self.template = gen.get("prompt_template", "{prompt}")
-        self.bos = gen.get("bos_token_id") if gen.get("add_bos") else None
-        self.eos = list(gen.get("eos_token_ids", []))
+        self.generator = Generator(SimpleNamespace(manifest=manifest), self.tokenizer)
+        self.eos = self.generator.eos_token_ids
 
     def prompt(self, row: dict[str, Any]) -> list[int]:
-        text = (
-            self.template.format(prompt=row["utterance"]) if row.get("utterance") else row["prompt"]
-        )
-        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
-        return ([self.bos] if self.bos is not None else []) + ids
+        if row.get("utterance"):
+            return self.generator.encode_prompt(row["utterance"])
+        return self.generator.encode_prompt(row["prompt"], template=False)
 
     def reply(self, row: dict[str, Any]) -> list[int]:
         """``" " + reply`` then end-of-turn: how distill builds its training sequences."""
-        ids = self.tokenizer.encode(" " + row["reply"], add_special_tokens=False).ids
-        return ids + self.eos[:1]
+        return self.generator.encode(" " + row["reply"]) + self.eos[:1]
 
 
 def prefill_feed(manifest: dict[str, Any], ids: list[int]) -> dict[str, np.ndarray]:

@@ -11,6 +11,10 @@ subgraphs too, is checked for:
   must be zero, Reduce* ``axes`` must be an initializer.
 
 The graph's default opset must lie in the parser's range.
+
+``check_onnx_for_tensorrt`` is the stricter gate ``moe2edge export engine`` runs before a
+build: it raises on what TensorRT refuses for certain (ONNX Runtime contrib ops, INT4
+below opset 21, UINT4 weights, block scales that are not constants, non-zero zero points).
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ import onnx
 from onnx import numpy_helper
 
 from moe2edge.export.errors import ExportError
+from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.manifest import read_manifest
+from moe2edge.runtime.tensorrt.build import onnx_model_path
 
 OPS_FILE = Path(__file__).with_name("data") / "tensorrt_onnx_ops.json"
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -44,6 +50,8 @@ TYPE_NAMES = {
     onnx.TensorProto.FLOAT8E4M3FN: "FP8",
 }
 ZERO_POINT_INPUT = {"DequantizeLinear": 2, "QuantizeLinear": 2}
+UNSUPPORTED_DOMAINS = ("com.microsoft",)
+NON_CONSTANT_ZERO_POINT = "zero point is not a constant (TensorRT needs it zero)"
 
 
 @cache
@@ -95,6 +103,19 @@ def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return found
 
 
+def zero_point_problem(node: onnx.NodeProto, consts: dict) -> str | None:
+    """TensorRT's quantization is symmetric: a Q/DQ zero point must be a constant of zeros."""
+    zp_at = ZERO_POINT_INPUT.get(node.op_type)
+    if zp_at is None or len(node.input) <= zp_at or not node.input[zp_at]:
+        return None
+    zp = consts.get(node.input[zp_at])
+    if zp is None:
+        return NON_CONSTANT_ZERO_POINT
+    if np.asarray(numpy_helper.to_array(zp)).astype(np.int64).any():
+        return "non-zero zero point: TensorRT quantization is symmetric only"
+    return None
+
+
 def node_problem(
     node: onnx.NodeProto, spec: dict | None, types: dict[str, int], consts: dict
 ) -> str | None:
@@ -110,13 +131,9 @@ def node_problem(
         name = TYPE_NAMES.get(types[first], str(types[first]))
         if name not in spec["types"] and name != "DOUBLE":  # DOUBLE is cast down by the parser
             return f"input type {name} not among the supported types {spec['types']}"
-    zp_at = ZERO_POINT_INPUT.get(node.op_type)
-    if zp_at is not None and len(node.input) > zp_at and node.input[zp_at]:
-        zp = consts.get(node.input[zp_at])
-        if zp is None:
-            return "zero point is not a constant (TensorRT needs it zero)"
-        if np.asarray(numpy_helper.to_array(zp)).astype(np.int64).any():
-            return "non-zero zero point: TensorRT quantization is symmetric only"
+    zero_point = zero_point_problem(node, consts)
+    if zero_point:
+        return zero_point
     if node.op_type.startswith("Reduce") and len(node.input) > 1 and node.input[1]:
         if node.input[1] not in consts:
             return "axes must be an initializer"
@@ -161,6 +178,72 @@ def check_model(model_path: str | Path) -> dict[str, Any]:
         "unsupported": unsupported,
         "errors": errors,
     }
+
+
+def check_onnx_for_tensorrt(model_path: str | Path) -> list[str]:
+    """Problems TensorRT's parser would hit, found in seconds instead of after a long parse.
+
+    Raises BundleError for certain failures; returns warnings (a zero point that is not a
+    constant). Unlike ``check_model`` it does not judge ops against the pinned operator
+    list, which a newer TensorRT on the device may extend.
+    """
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:
+        raise ExportError(f"cannot read {model_path} ({type(exc).__name__}: {exc})") from exc
+    opset = max((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), default=0)
+    errors, warnings = [], []
+    foreign = sorted(
+        {
+            f"{node.domain}::{node.op_type}"
+            for graph in _graphs(model.graph)
+            for node in graph.node
+            if node.domain in UNSUPPORTED_DOMAINS
+        }
+    )
+    if foreign:
+        errors.append(
+            f"ONNX Runtime contrib ops {', '.join(foreign)} are not standard ONNX and TensorRT's parser "
+            "rejects them; export the TensorRT bundle with standard ops (DequantizeLinear + MatMul)"
+        )
+    int4 = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    for graph in _graphs(model.graph):
+        consts = _constants(graph)
+        for node in graph.node:
+            if node.op_type != "DequantizeLinear" or node.domain not in DEFAULT_DOMAINS:
+                continue
+            x = consts.get(node.input[0])
+            if x is not None and x.data_type in int4:
+                if opset < 21:
+                    errors.append(
+                        f"{node.name}: INT4 DequantizeLinear needs opset >= 21 (model has {opset})"
+                    )
+                if x.data_type == onnx.TensorProto.UINT4:
+                    errors.append(
+                        f"{node.name}: UINT4 weights; TensorRT takes signed INT4 (symmetric) only"
+                    )
+            blocked = any(a.name == "block_size" and a.i > 0 for a in node.attribute)
+            if blocked and len(node.input) > 1 and node.input[1] not in consts:
+                errors.append(
+                    f"{node.name}: block scales must be constant initializers for TensorRT"
+                )
+            zero_point = zero_point_problem(node, consts)
+            if zero_point == NON_CONSTANT_ZERO_POINT:
+                warnings.append(f"{node.name}: {zero_point}")
+            elif zero_point:
+                errors.append(f"{node.name}: {zero_point}")
+    if errors:
+        raise BundleError(
+            f"{model_path} will not build with TensorRT: "
+            + "; ".join(errors[:5])
+            + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "")
+        )
+    return warnings
+
+
+def check_bundle_for_engine(bundle_dir: str | Path) -> list[str]:
+    """``check_onnx_for_tensorrt`` of a bundle's model (``moe2edge export engine`` runs it)."""
+    return check_onnx_for_tensorrt(onnx_model_path(bundle_dir))
 
 
 def check_bundle(bundle_dir: str | Path) -> dict[str, Any]:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 
 from moe2edge.runtime.manifest import verify_bundle
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -200,16 +203,20 @@ def run_report(args: argparse.Namespace) -> int:
     )
     table = markdown_table(rows)
     if args.markdown:
-        from moe2edge.runtime.manifest import atomic_write_text
+        from moe2edge.fileio import atomic_write
 
-        atomic_write_text(args.markdown, table)
+        atomic_write(args.markdown, table)
     print(json.dumps(json_rows(rows), indent=2) if args.json else table, end="\n")
     return 0
 
 
 def run_engine(args: argparse.Namespace) -> int:
-    from moe2edge.runtime.tensorrt_build import build_engine
+    """ONNX pre-checks (seconds) first, then the TensorRT build (minutes to an hour)."""
+    from moe2edge.export.check_trt import check_bundle_for_engine
+    from moe2edge.runtime.tensorrt.build import build_engine
 
+    for warning in check_bundle_for_engine(args.bundle):
+        log.warning("%s", warning)
     engine_json = build_engine(
         args.bundle,
         args.out,

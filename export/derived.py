@@ -18,8 +18,9 @@ import onnx
 
 from moe2edge.export.bundle import describe_io, write_bundle
 from moe2edge.export.errors import ExportError
+from moe2edge.fileio import sha256_file
 from moe2edge.runtime.errors import BundleError
-from moe2edge.runtime.manifest import MANIFEST_NAME, sha256_file, verify_bundle
+from moe2edge.runtime.manifest import MANIFEST_NAME, verify_bundle
 
 EXTERNAL_DATA_BYTES = 1 << 30  # above this the weights go to model.onnx_data (protobuf 2 GB cap)
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx_data"

@@ -8,9 +8,10 @@ identical KL/top-1 on the demo student). Its 4-bit zero-point packing also break
 odd number of blocks per column. So this module does the algorithm and the packing; ORT
 still runs the calibration graph and the resulting ``MatMulNBits`` kernel.
 
-Quantization grid (the same as ORT's round-to-nearest ``DefaultWeightOnlyQuantizer``):
-asymmetric ``scale = (max - min) / 15``, ``zp = round(-min / scale)``; symmetric
-``scale = m / -8`` where ``m`` is the block's largest-magnitude value (zero point 8 implied).
+Quantization grid (``moe2edge.export.rtn``, the same as ORT's round-to-nearest
+``DefaultWeightOnlyQuantizer``): asymmetric ``scale = (max - min) / 15``,
+``zp = round(-min / scale)``; symmetric ``scale = m / -8`` where ``m`` is the block's
+largest-magnitude value (zero point 8 implied).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 from tqdm import tqdm
+
+from moe2edge.export.rtn import rtn_grid, rtn_levels
 
 log = logging.getLogger(__name__)
 
@@ -81,28 +84,6 @@ def collect_hessians(
     return hessians
 
 
-def _grid(block: np.ndarray, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, zero point) per column of ``block`` [rows, N]; see the module docstring."""
-    if symmetric:
-        lo, hi = block.min(axis=0), block.max(axis=0)
-        m = np.where(np.abs(hi) > np.abs(lo), hi, lo)
-        scale = m / -8.0
-        zero = np.full(scale.shape, 8.0)
-    else:
-        lo = np.minimum(block.min(axis=0), 0.0)
-        hi = np.maximum(block.max(axis=0), 0.0)
-        scale = (hi - lo) / 15.0
-        zero = np.clip(
-            np.round(np.where(scale == 0, 8.0, -lo / np.where(scale == 0, 1, scale))), 0, 15
-        )
-    return scale, zero
-
-
-def _quant(w: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
-    safe = np.where(scale == 0, 1.0, scale)
-    return np.where(scale == 0, zero, np.clip(np.round(w / safe) + zero, 0, 15))
-
-
 def gptq_weight(
     w: np.ndarray,
     hessian: np.ndarray,
@@ -138,9 +119,10 @@ def gptq_weight(
             row = i1 + i
             if row % block_size == 0:  # group parameters from the error-updated weights
                 group = np.concatenate([W1[i:], W[i2:]])[:block_size]
-                scale, zero = _grid(group, symmetric)
+                # MatMulNBits takes signed scales: symmetric is ORT's [-8, 7], see export/rtn.py
+                scale, zero = rtn_grid(group, 4, symmetric, signed_scale=True)
                 scales[row // block_size], zeros[row // block_size] = scale, zero
-            qi = _quant(W1[i], scale, zero)
+            qi = rtn_levels(W1[i], scale, zero, 4)
             q[row] = qi
             e = (W1[i] - (qi - zero) * scale) / U1[i, i]
             W1[i:] -= np.outer(U1[i, i:], e)

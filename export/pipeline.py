@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from moe2edge.export.bundle import update_manifest
+from moe2edge.export.calibration import read_rows
 from moe2edge.export.parity import check_parity
 from moe2edge.runtime.generate import Generator
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
     """User messages from a JSONL file (``utterance`` preferred, else ``prompt``)."""
-    prompts = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                prompts.append(row.get("utterance") or row["prompt"])
-    return prompts[:limit] if limit else prompts
+    return [row.get("utterance") or row["prompt"] for row in read_rows(path, limit)]
 
 
 def parity_for_bundle(

@@ -38,6 +38,7 @@ from moe2edge.export.derived import (
 )
 from moe2edge.export.errors import ExportError
 from moe2edge.export.quantize import to_fp16
+from moe2edge.export.rtn import rtn_grid, rtn_levels
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +60,15 @@ def quantize_blockwise(
     padded = np.zeros((blocks * b, n), dtype=np.float32)
     padded[:k] = w
     grouped = padded.reshape(blocks, b, n)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1  # 7 or 127; -8/-128 stays unused so 0 maps to 0 exactly
-        scale = np.abs(grouped).max(axis=1) / qmax
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        q = np.clip(np.rint(grouped / scale[:, None, :]), -qmax - 1, qmax).astype(np.int8)
+    # positive scales (TensorRT's parser refuses others): symmetric is -7..7, see export/rtn.py
+    scale, zero = rtn_grid(grouped, bits, symmetric)
+    levels = rtn_levels(grouped, scale[:, None, :], zero[:, None, :], bits)
+    scale = np.where(scale == 0, 1, scale).astype(np.float32)  # TensorRT refuses zero scales
+    if symmetric:  # signed values, zero point 0
+        q = (levels - zero[:, None, :]).astype(np.int8)
         zero = None
     else:
-        qmax = 2**bits - 1
-        lo = np.minimum(grouped.min(axis=1), 0)
-        hi = np.maximum(grouped.max(axis=1), 0)
-        scale = (hi - lo) / qmax
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        zero = np.clip(np.rint(-lo / scale), 0, qmax).astype(np.uint8)
-        q = np.clip(np.rint(grouped / scale[:, None, :]) + zero[:, None, :], 0, qmax)
-        q = q.astype(np.uint8)
+        q, zero = levels.astype(np.uint8), zero.astype(np.uint8)
     q = q.reshape(blocks * b, n)[:k]
     if block_size is None:
         scale, zero = scale[0], None if zero is None else zero[0]

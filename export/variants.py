@@ -10,6 +10,7 @@ from typing import Any
 from moe2edge.export.quantize import quantize_bundle
 from moe2edge.export.report import json_rows, markdown_table, report
 from moe2edge.export.tensorrt_flavor import tensorrt_bundle
+from moe2edge.fileio import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -75,5 +76,5 @@ def build_all_variants(
     )
     for row in rows:
         row["build_s"] = seconds.get(Path(row["bundle"]).name, 0.0)
-    (out_root / "report.md").write_text(markdown_table(rows))
+    atomic_write(out_root / "report.md", markdown_table(rows))
     return json_rows(rows)

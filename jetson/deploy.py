@@ -4,7 +4,8 @@
 unit's ``ExecStartPre``, the service reads its power budget from
 ``MOE2EDGE_POWER_BUDGET_W``), writes it to ``/etc/systemd/system`` and enables it.
 ``build_engine_on_device`` checks free memory, then runs the runtime's TensorRT builder
-with Orin defaults. ``deploy/Dockerfile.l4t`` is the container recipe for the same service.
+with Orin defaults (no ONNX pre-checks here: the device relies on TensorRT's own parser
+errors; ``moe2edge export engine`` and ``export check-trt`` check on the host). ``deploy/Dockerfile.l4t`` is the container recipe for the same service.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from moe2edge.fileio import atomic_write
 from moe2edge.jetson.board import read_board, read_meminfo, require_jetson
 from moe2edge.jetson.errors import JetsonError
 from moe2edge.jetson.power_modes import (
@@ -112,8 +114,8 @@ def install_service(
             "installing a systemd service needs root: run it with sudo "
             "(or pass --dry-run to print the unit)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write(path, text)
+    path.chmod(0o644)  # systemd's convention for units (the temporary file was 0600)
     for args in (["daemon-reload"], ["enable", "--now", UNIT_NAME]):
         proc = subprocess.run([systemctl, *args], capture_output=True, text=True, timeout=60)
         if proc.returncode != 0:
@@ -154,8 +156,8 @@ def build_engine_on_device(
     require_device: bool = True,
 ) -> Path:
     """Check the board and memory, then build with the runtime's TensorRT builder."""
-    from moe2edge.runtime import tensorrt_build  # the device install has runtime; import on use
-    from moe2edge.runtime.manifest import read_manifest
+    from moe2edge.runtime.manifest import read_manifest  # the device install has runtime
+    from moe2edge.runtime.tensorrt.build import build_engine, model_bytes
 
     module = None
     if require_device:
@@ -165,7 +167,7 @@ def build_engine_on_device(
     workspace = int((workspace_gb or defaults["workspace_gb"]) * 2**30)
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
-    info = check_build_memory(tensorrt_build.model_bytes(manifest, bundle), workspace, root)
+    info = check_build_memory(model_bytes(manifest, bundle), workspace, root)
     log.info(
         "engine build: ~%.1f GB needed, %.1f GB free (RAM + swap)",
         info["needed_gb"],
@@ -174,7 +176,7 @@ def build_engine_on_device(
     cache = (
         timing_cache or Path.home() / ".cache" / "moe2edge" / f"timing-{module or 'device'}.cache"
     )
-    return tensorrt_build.build_engine(
+    return build_engine(
         bundle,
         out_dir,
         max_batch=batch,

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moe2edge.rows import read_rows
+
 log = logging.getLogger("moe2edge.demo")
 
 
@@ -60,7 +62,7 @@ class StageTimer:
 def run_demo(cfg: DemoConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from moe2edge.distill.demo_data import read_jsonl, write_demo_data
+    from moe2edge.distill.demo_data import write_demo_data
     from moe2edge.distill.evaluate import evaluate_model, task_accuracy
     from moe2edge.distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher
     from moe2edge.distill.teacher import active_parameters, count_parameters, load_teacher
@@ -76,7 +78,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     stage = StageTimer()
     with stage("data"):
         paths = write_demo_data(run_dir / "data", cfg.seed, cfg.train_size, cfg.eval_size)
-        eval_rows = read_jsonl(paths["eval"])
+        eval_rows = read_rows(paths["eval"])
     with stage("tokenizer"):
         make_tokenizer(paths["train"], run_dir / "tokenizer", cfg.vocab_size)
     common = dict(

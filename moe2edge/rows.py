@@ -29,8 +29,10 @@ def row_form(row: Any, where: str = "row") -> str:
         return "prompt+reply"
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages)
         ):
             raise RowError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
         return "messages"
@@ -43,7 +45,9 @@ def read_rows(path: str | Path, limit: int | None = None) -> list[dict[str, Any]
     """The rows of a JSONL file (blank lines skipped), each checked to be one of ROW_FORMS."""
     path = Path(path)
     if not path.is_file():
-        raise RowError(f"{path}: no such data file")
+        raise RowError(
+            f"data file {path} does not exist; pass a JSONL file of {', '.join(ROW_FORMS)} rows"
+        )
     rows: list[dict[str, Any]] = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):

@@ -17,6 +17,8 @@ Copies of a shared-buffer cache share storage (a copy is O(1)); a cache writes i
 unless another live copy holds positions it would overwrite, in which case it first takes
 its own storage (copy on write). Use one cache (and its copies) from one thread at a time.
 The engine is the only place that knows the graph's names; above it are token ids and logits.
+``KVCache`` lives in ``kv_cache`` (shared with the TensorRT runner, which ``open_engine``
+imports on use, so the dependency runs one way).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import logging
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
+from moe2edge.runtime.kv_cache import KVCache
 from moe2edge.runtime.manifest import read_manifest, verify_bundle
 
 log = logging.getLogger(__name__)
@@ -50,53 +52,9 @@ LOGITS_TO_KEEP = "num_logits_to_keep"  # optional graph input: logits of the las
 SEQLENS, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"
 
 
-@dataclass(eq=False)
-class KVCache:
-    """The positions a conversation has run through the model, and their keys/values.
-
-    ``keys``/``values`` hold one entry per layer (OrtValues or arrays, engine-specific);
-    ``tokens`` are the ids the cache holds (``length == len(tokens)``).
-    """
-
-    keys: list[Any]
-    values: list[Any]
-    length: int = 0
-    tokens: list[int] = field(default_factory=list)
-    storage: Any = field(default=None, repr=False)  # engine-owned state (shared buffers)
-
-    def copy(self) -> KVCache:
-        """An independent cache with the same content (cheap: storage is shared until written)."""
-        clone = KVCache(list(self.keys), list(self.values), self.length, list(self.tokens))
-        if self.storage is not None:
-            clone.storage = self.storage.share(clone)
-        return clone
-
-    def truncate(self, length: int) -> None:
-        """Forget everything after the first ``length`` positions (O(1) for shared buffers)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        if length == self.length:
-            return
-        if self.storage is None:  # concat flavour: slice the per-layer arrays
-            self.keys = [_slice_positions(k, length) for k in self.keys]
-            self.values = [_slice_positions(v, length) for v in self.values]
-        else:
-            self.storage.truncate(self, length)
-        self.length = length
-        del self.tokens[length:]
-
-
 def _float32(array: np.ndarray) -> np.ndarray:
     """A float32 copy the caller owns (fp16 graphs return fp16 logits)."""
     return array.astype(np.float32, copy=True)
-
-
-def _slice_positions(value: Any, length: int) -> Any:
-    array = value.numpy() if isinstance(value, ort.OrtValue) else value
-    out = np.ascontiguousarray(array[:, :, :length])
-    if isinstance(value, ort.OrtValue) and value.device_name() != "cpu":
-        return ort.OrtValue.ortvalue_from_numpy(out, value.device_name(), 0)
-    return out
 
 
 class SharedStorage:
@@ -315,6 +273,10 @@ class OnnxEngine:
         return KVCache(keys=empty, values=list(empty))
 
     def _adopt(self, cache: KVCache, storage: SharedStorage) -> SharedStorage:
+        old = cache.storage
+        if isinstance(old, SharedStorage) and old is not storage:  # it no longer reads there
+            with old.lock:
+                old.sharers.discard(cache)
         cache.storage = storage
         storage.attach(cache)
         cache.keys, cache.values = storage.keys, storage.values

@@ -7,42 +7,18 @@ format is documented in docs/bundle-format.md and versioned by ``format_version`
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+# sha256_file is also imported from here (export/report.py, export/calibration.py, tests)
+from moe2edge.fileio import atomic_write_json, sha256_file
 from moe2edge.runtime.errors import BundleError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "moe2edge.bundle"
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format", "format_version", "model", "io", "precision", "files", "generation")
-
-
-def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that a reader sees the old or the new content, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def hash_files(bundle_dir: str | Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -64,8 +40,7 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     manifest["format_version"] = FORMAT_VERSION
     manifest["files"] = hash_files(bundle_dir, list(manifest["files"]))
     path = bundle_dir / MANIFEST_NAME
-    atomic_write_text(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    return path
+    return atomic_write_json(path, manifest)
 
 
 def read_manifest(bundle_dir: str | Path) -> dict[str, Any]:

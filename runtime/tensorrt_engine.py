@@ -1,4 +1,4 @@
-"""A native TensorRT runner for plans built by ``moe2edge.runtime.tensorrt_build`` (``build-engine``).
+"""A native TensorRT runner for plans built by ``moe2edge.runtime.tensorrt.build`` (``build-engine``).
 
 Same API as ``OnnxEngine`` (``manifest``, ``max_length``, ``new_cache``, ``forward``), so
 ``Generator`` and ``Conversation`` run on it unchanged. The plan comes from a bundle with
@@ -27,16 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from moe2edge.runtime.engine import KVCache
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
+from moe2edge.runtime.kv_cache import KVCache
 from moe2edge.runtime.manifest import read_manifest, verify_bundle
-from moe2edge.runtime.tensorrt_build import (
+from moe2edge.runtime.tensorrt.device import TensorRTUnavailable, device_info, import_tensorrt
+from moe2edge.runtime.tensorrt.plan import (
     ENGINE_MANIFEST,
-    TensorRTUnavailable,
-    _import_tensorrt,
     check_engine_matches_bundle,
     check_engine_matches_device,
-    device_info,
 )
 
 log = logging.getLogger(__name__)
@@ -152,7 +150,7 @@ class TensorRTEngine:
         self.engine_meta = json.loads(meta_path.read_text(encoding="utf-8"))
         check_engine_matches_bundle(self.engine_meta, self.manifest)
         check_engine_matches_device(self.engine_meta, device_info())
-        trt = _import_tensorrt()
+        trt = import_tensorrt()
         self.trt = trt
         io = self.manifest["io"]
         self.kv = io["kv_cache"]

@@ -1,11 +1,11 @@
 from moe2edge.distill.demo_data import (
     INTENTS,
     ROOMS,
-    extract_action,
     generate_dataset,
     jsgf_grammar,
     number_to_words,
 )
+from moe2edge.distill.formats import extract_action
 
 
 def test_generation_is_seeded_and_deterministic():

@@ -86,3 +86,13 @@ def test_engine_without_tensorrt_stops_clearly(tiny_variants):
     proc = run_cli("engine", tiny_variants["trt-int4-16"])
     assert proc.returncode == 2
     assert "TensorRT is not installed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_engine_runs_the_onnx_prechecks_before_the_build(tiny_variants):
+    """An ONNX Runtime INT4 bundle (MatMulNBits) stops in the export-side pre-checks, in
+    seconds, whether or not TensorRT is installed: the build is never reached."""
+    proc = run_cli("engine", tiny_variants["int4-rtn-16"])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "will not build with TensorRT" in proc.stderr
+    assert "com.microsoft::MatMulNBits" in proc.stderr
+    assert "TensorRT is not installed" not in proc.stderr

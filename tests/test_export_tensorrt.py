@@ -11,10 +11,19 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from moe2edge.export.check_trt import check_bundle, check_model, operator_table
+from moe2edge.export.check_trt import (
+    check_bundle,
+    check_model,
+    check_onnx_for_tensorrt,
+    operator_table,
+)
 from moe2edge.export.tensorrt_flavor import dequantize, quantize_blockwise, tensorrt_bundle
-from moe2edge.runtime import tensorrt_build as tb
+from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.manifest import read_manifest
+from moe2edge.runtime.tensorrt.build import build_engine
+from moe2edge.runtime.tensorrt.plan import PLAN_NAME
+from moe2edge.runtime.tensorrt.precision import precision_plan
+from moe2edge.runtime.tensorrt.profiles import profiles_from_manifest
 from tests._export_common import build_tiny_variants, prompt_logits, relative_error
 from tests.test_export_quantize import TOLERANCE
 
@@ -159,16 +168,16 @@ def test_engine_logic_from_our_manifests(tiny_variants):
         ("trt-int4-16", True, []),
     ):
         manifest = read_manifest(tiny_variants[name])
-        plan = tb.precision_plan(manifest["precision"])
+        plan = precision_plan(manifest["precision"])
         assert (plan.strongly_typed, plan.flags) == (strongly_typed, flags)
-        prefill, decode = tb.profiles_from_manifest(manifest, max_seq_len=128)
+        prefill, decode = profiles_from_manifest(manifest, max_seq_len=128)
         dynamic = {e["name"] for e in manifest["io"]["inputs"]}
         assert set(prefill.shapes) == set(decode.shapes) == dynamic
         assert decode.shapes["input_ids"] == ((1, 1), (1, 1), (1, 1))
         assert prefill.shapes["past_key_values.0.key"][2][2] == 127
-        assert tb.check_onnx_for_tensorrt(tiny_variants[name] / "model.onnx") == []
-    with pytest.raises(tb.BundleError, match="TensorRT"):
-        tb.check_onnx_for_tensorrt(tiny_variants["int4-rtn-16"] / "model.onnx")
+        assert check_onnx_for_tensorrt(tiny_variants[name] / "model.onnx") == []
+    with pytest.raises(BundleError, match="TensorRT"):
+        check_onnx_for_tensorrt(tiny_variants["int4-rtn-16"] / "model.onnx")
 
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -176,8 +185,6 @@ HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 @pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed here (no GPU machine)")
 def test_engine_builds_where_tensorrt_exists(tiny_variants, tmp_path):
-    engine_json = tb.build_engine(
-        tiny_variants["trt-int4-16"], tmp_path / "engine", max_seq_len=128
-    )
+    engine_json = build_engine(tiny_variants["trt-int4-16"], tmp_path / "engine", max_seq_len=128)
     meta = json.loads(engine_json.read_text())
-    assert meta["tensorrt_version"] and (tmp_path / "engine" / tb.PLAN_NAME).is_file()
+    assert meta["tensorrt_version"] and (tmp_path / "engine" / PLAN_NAME).is_file()

@@ -12,10 +12,10 @@ from transformers import (
 )
 
 from moe2edge.distill.data import collate, encode_rows
-from moe2edge.distill.demo_data import read_jsonl
 from moe2edge.distill.merge import expert_usage, merge_moe_to_dense
 from moe2edge.distill.student import build_student
 from moe2edge.distill.tokenizer import load_tokenizer
+from moe2edge.rows import read_rows
 
 IDS = torch.randint(3, 90, (4, 12), generator=torch.Generator().manual_seed(0))
 
@@ -102,8 +102,8 @@ def heldout_kl(teacher, student, batch) -> float:
 def test_merged_init_starts_closer_to_the_teacher_than_random(tiny_run):
     tokenizer = load_tokenizer(tiny_run["tokenizer"])
     teacher = AutoModelForCausalLM.from_pretrained(tiny_run["teacher"]).eval()
-    calib = collate(encode_rows(tokenizer, read_jsonl(tiny_run["train"])[:32], 64), 0)
-    evaluation = collate(encode_rows(tokenizer, read_jsonl(tiny_run["eval"]), 64), 0)
+    calib = collate(encode_rows(tokenizer, read_rows(tiny_run["train"])[:32], 64), 0)
+    evaluation = collate(encode_rows(tokenizer, read_rows(tiny_run["eval"]), 64), 0)
     batches = [{k: calib[k] for k in ("input_ids", "attention_mask")}]
     usage = expert_usage(teacher, batches)
     assert all(torch.isclose(u.sum(), torch.tensor(1.0), atol=1e-4) for u in usage.values())

@@ -22,7 +22,7 @@ PROVIDERS = ort.get_available_providers()
 
 def has_gpu() -> bool:
     try:
-        from moe2edge.runtime.tensorrt_build import cuda_device_info
+        from moe2edge.runtime.tensorrt.device import cuda_device_info
 
         cuda_device_info()
         return True
@@ -86,7 +86,7 @@ def test_tensorrt_execution_provider_matches_cpu(tiny_run):
 
 @needs_tensorrt
 def test_native_tensorrt_runner_matches_cpu(tiny_run, tmp_path):
-    from moe2edge.runtime.tensorrt_build import build_engine
+    from moe2edge.runtime.tensorrt.build import build_engine
 
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_run["bundle"], bundle)

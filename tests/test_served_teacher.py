@@ -8,11 +8,13 @@ import socket
 
 import pytest
 
-from moe2edge.distill.cache import TeacherCache, build_cache, sha256_file
-from moe2edge.distill.demo_data import read_jsonl, write_jsonl
+from moe2edge.distill.cache import TeacherCache, build_cache
+from moe2edge.distill.demo_data import write_jsonl
 from moe2edge.distill.errors import DistillError
 from moe2edge.distill.served import ServedTeacher, parse_sglang, parse_vllm
 from moe2edge.distill.teacher_server import Faults, TeacherServer
+from moe2edge.fileio import sha256_file
+from moe2edge.rows import read_rows
 
 K = 16
 SHARD = 8
@@ -25,7 +27,7 @@ def env(tiny_run, tmp_path_factory):
     """24 rows, their cache from the local teacher, and one server for the whole module."""
     root = tmp_path_factory.mktemp("served")
     data = root / "data.jsonl"
-    write_jsonl(read_jsonl(tiny_run["train"])[:24], data)
+    write_jsonl(read_rows(tiny_run["train"])[:24], data)
     common = dict(
         data=data, tokenizer=tiny_run["tokenizer"], k=K, max_seq_len=SEQ, shard_examples=SHARD
     )

@@ -13,15 +13,17 @@ import time
 import pytest
 import torch
 
-from moe2edge.distill.cache import TeacherCache, build_cache, register_cache_command, sha256_file
+from moe2edge.distill.cache import TeacherCache, build_cache, register_cache_command
 from moe2edge.distill.data import collate, encode_example, encode_rows
-from moe2edge.distill.demo_data import read_jsonl, write_jsonl
+from moe2edge.distill.demo_data import write_jsonl
 from moe2edge.distill.errors import DistillError
 from moe2edge.distill.losses import distillation_loss
 from moe2edge.distill.pipeline import make_tokenizer
 from moe2edge.distill.teacher import load_teacher
 from moe2edge.distill.teacher_server import Faults, TeacherServer
 from moe2edge.distill.tokenizer import load_tokenizer
+from moe2edge.fileio import sha256_file
+from moe2edge.rows import read_rows
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 K = 16
@@ -35,7 +37,7 @@ def setup(tiny_run, tmp_path_factory):
     """A 40-row data set and its cache from the local tiny teacher (5 shards of 8 examples)."""
     root = tmp_path_factory.mktemp("teacher_cache")
     data = root / "data.jsonl"
-    write_jsonl(read_jsonl(tiny_run["train"])[:N_EXAMPLES], data)
+    write_jsonl(read_rows(tiny_run["train"])[:N_EXAMPLES], data)
     common = dict(data=data, tokenizer=tiny_run["tokenizer"], k=K, max_seq_len=SEQ)
     # batch_size=1: the same forward as the test server's, so served caches must be identical.
     index = build_cache(
@@ -60,7 +62,7 @@ def test_local_cache_equals_direct_topk(setup, tmp_path):
     batched = build_cache(out=tmp_path / "b5", teacher=setup["teacher"], shard_examples=SHARD,
                           batch_size=5, **setup["common"])  # fmt: skip
     assert batched["skipped_shards"] == 0
-    rows = read_jsonl(setup["data"])
+    rows = read_rows(setup["data"])
     for cache_dir in (setup["root"] / "local", tmp_path / "b5"):
         cache = TeacherCache(cache_dir, tokenizer_dir=setup["tokenizer"])
         assert len(cache) == N_EXAMPLES and cache.k == K and len(cache.shards) == 5
@@ -108,7 +110,7 @@ def test_bytes_per_token_reported(setup, capsys):
     )
     tok = load_tokenizer(setup["tokenizer"])
     lengths = [
-        len(encode_example(tok, r["prompt"], r["reply"], SEQ)[0]) for r in read_jsonl(setup["data"])
+        len(encode_example(tok, r["prompt"], r["reply"], SEQ)[0]) for r in read_rows(setup["data"])
     ]
     assert index["tokens"] == sum(n - 1 for n in lengths)  # scored positions
     # + 2: the fp16 tail; + ~1: offsets and header of these small 8-example shards
@@ -224,7 +226,7 @@ def test_sparse_loss_with_k_equal_to_vocab_matches_dense(setup, tmp_path):
     tok = load_tokenizer(setup["tokenizer"])
     teacher = load_teacher(setup["teacher"])
     vocab = teacher.config.vocab_size
-    rows = read_jsonl(setup["data"])[:6]
+    rows = read_rows(setup["data"])[:6]
     data = tmp_path / "six.jsonl"
     write_jsonl(rows, data)
     index = build_cache(data=data, tokenizer=setup["tokenizer"], out=tmp_path / "full", teacher=setup["teacher"],

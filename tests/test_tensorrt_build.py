@@ -1,5 +1,6 @@
 """The TensorRT engine builder: the GPU-free logic everywhere, the build flow against a fake
-``tensorrt`` module, and a real build where TensorRT and a GPU exist."""
+``tensorrt`` module, and a real build where TensorRT and a GPU exist. The ONNX pre-checks
+live in export (``moe2edge.export.check_trt``): the runtime never imports ``onnx``."""
 
 from __future__ import annotations
 
@@ -12,16 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe2edge.runtime import tensorrt_build as tb
 from moe2edge.runtime.errors import BundleError, RuntimeUserError
 from moe2edge.runtime.manifest import write_manifest
+from moe2edge.runtime.tensorrt import build as trt_build
+from moe2edge.runtime.tensorrt import device as trt_device
+from moe2edge.runtime.tensorrt import plan as trt_plan
+from moe2edge.runtime.tensorrt import precision as trt_precision
+from moe2edge.runtime.tensorrt import profiles as trt_profiles
+from tests.conftest import require_module
 
 try:  # the ONNX pieces need the `onnx` package (the export extra); the rest runs without it
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 except ImportError:
     onnx = None
-needs_onnx = pytest.mark.skipif(onnx is None, reason="the onnx package is not installed")
+needs_onnx = require_module("onnx", install="pip install -e '.[export]' (make install)")
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 4
@@ -137,7 +143,7 @@ def bundle(tmp_path) -> Path:
 
 
 def test_profiles_cover_prefill_and_decode():
-    prefill, decode = tb.profiles_from_manifest(
+    prefill, decode = trt_profiles.profiles_from_manifest(
         manifest(), max_batch=4, max_seq_len=1024, max_prefill=512
     )
     assert prefill.name == "prefill" and decode.name == "decode"
@@ -156,26 +162,26 @@ def test_profiles_cover_prefill_and_decode():
 def test_profiles_default_to_manifest_length_and_accept_mapping_io():
     m = manifest()
     m["io"]["inputs"] = {i["name"]: {"shape": i["shape"]} for i in io_inputs()}
-    prefill, _ = tb.profiles_from_manifest(m)
+    prefill, _ = trt_profiles.profiles_from_manifest(m)
     assert prefill.shapes["input_ids"][2] == (1, 1024)  # io.max_sequence_length
     del m["io"]["max_sequence_length"]
-    assert tb.max_context(m) == 2048  # model.max_position_embeddings
+    assert trt_profiles.max_context(m) == 2048  # model.max_position_embeddings
 
 
 def test_profiles_reject_unknown_dims_and_missing_io():
     m = manifest()
     m["io"]["inputs"][0]["shape"] = ["batch_size", "frames"]
     with pytest.raises(BundleError, match="frames"):
-        tb.profiles_from_manifest(m)
+        trt_profiles.profiles_from_manifest(m)
     with pytest.raises(BundleError, match="no 'inputs'"):
-        tb.profiles_from_manifest({"io": {}})
+        trt_profiles.profiles_from_manifest({"io": {}})
     m["io"]["inputs"][0]["shape"] = ["batch_size", 0]  # export writes 0 for an unnamed dim
     with pytest.raises(BundleError, match="unnamed dynamic dimension"):
-        tb.profiles_from_manifest(m)
+        trt_profiles.profiles_from_manifest(m)
 
 
 def test_profiles_checked_against_network_inputs():
-    profiles = tb.profiles_from_manifest(manifest())
+    profiles = trt_profiles.profiles_from_manifest(manifest())
     net = {"input_ids": (-1, -1), "attention_mask": (-1, -1), "position_ids": (-1, -1)}
     net.update(
         {
@@ -184,11 +190,11 @@ def test_profiles_checked_against_network_inputs():
             for k in ("key", "value")
         }
     )
-    tb.check_profiles_cover_inputs(profiles, net)
+    trt_profiles.check_profiles_cover_inputs(profiles, net)
     with pytest.raises(BundleError, match="no shape for dynamic input cache_position"):
-        tb.check_profiles_cover_inputs(profiles, {**net, "cache_position": (-1,)})
+        trt_profiles.check_profiles_cover_inputs(profiles, {**net, "cache_position": (-1,)})
     with pytest.raises(BundleError, match="rank"):
-        tb.check_profiles_cover_inputs(profiles, {**net, "input_ids": (-1, -1, -1)})
+        trt_profiles.check_profiles_cover_inputs(profiles, {**net, "input_ids": (-1, -1, -1)})
 
 
 @pytest.mark.parametrize(
@@ -204,35 +210,32 @@ def test_profiles_checked_against_network_inputs():
     ],
 )
 def test_precision_plans_tensorrt10(precision, strong, flags):
-    plan = tb.precision_plan(precision, trt_major=10)
+    plan = trt_precision.precision_plan(precision, trt_major=10)
     assert (plan.strongly_typed, plan.flags) == (strong, flags)
 
 
 def test_precision_plans_tensorrt11_and_errors():
-    assert tb.precision_plan("fp16", trt_major=11).flags == []
-    assert tb.precision_plan("fp16", trt_major=11).strongly_typed
+    assert trt_precision.precision_plan("fp16", trt_major=11).flags == []
+    assert trt_precision.precision_plan("fp16", trt_major=11).strongly_typed
     with pytest.raises(BundleError, match="unknown precision"):
-        tb.precision_plan("int3")
+        trt_precision.precision_plan("int3")
 
 
 @needs_onnx
 def test_onnx_checks(tmp_path):
+    from moe2edge.export.check_trt import check_onnx_for_tensorrt
+
     good = tmp_path / "good.onnx"
     onnx.save(tiny_model(), str(good))
-    assert tb.check_onnx_for_tensorrt(good) == []
+    assert check_onnx_for_tensorrt(good) == []
     zp = tmp_path / "zp.onnx"
     onnx.save(tiny_model(zero_point=True), str(zp))
     with pytest.raises(BundleError, match="non-zero zero point"):
-        tb.check_onnx_for_tensorrt(zp)
+        check_onnx_for_tensorrt(zp)
     contrib = tmp_path / "contrib.onnx"
     onnx.save(tiny_model(contrib=True), str(contrib))
     with pytest.raises(BundleError, match="com.microsoft::MatMulNBits"):
-        tb.check_onnx_for_tensorrt(contrib)
-
-
-def test_onnx_checks_without_onnx(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "onnx", None)
-    assert "skipped" in tb.check_onnx_for_tensorrt(tmp_path / "x.onnx")[0]
+        check_onnx_for_tensorrt(contrib)
 
 
 DEVICE = {
@@ -245,44 +248,50 @@ DEVICE = {
 
 def test_engine_matches_device(tmp_path):
     eng = {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
-    tb.check_engine_matches_device(eng, DEVICE)
+    trt_plan.check_engine_matches_device(eng, DEVICE)
     for key, other in (
         ("compute_capability", "9.0"),
         ("gpu_name", "NVIDIA H100"),
         ("tensorrt_version", "10.7.0"),
     ):
         with pytest.raises(BundleError, match="built for another device") as err:
-            tb.check_engine_matches_device({**eng, key: other}, DEVICE)
+            trt_plan.check_engine_matches_device({**eng, key: other}, DEVICE)
         assert isinstance(err.value, RuntimeUserError) and "build-engine" in str(err.value)
     (tmp_path / "engine.json").write_text(json.dumps(eng))
-    tb.check_engine_matches_device(tmp_path, DEVICE)  # directory or file path
+    trt_plan.check_engine_matches_device(tmp_path, DEVICE)  # directory or file path
     with pytest.raises(BundleError, match="does not exist"):
-        tb.check_engine_matches_device(tmp_path / "nope" / "engine.json", DEVICE)
+        trt_plan.check_engine_matches_device(tmp_path / "nope" / "engine.json", DEVICE)
 
 
 def test_build_without_tensorrt_is_a_clear_error(bundle, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(
-        tb.TensorRTUnavailable,
+        trt_device.TensorRTUnavailable,
         match="TensorRT is not installed; engines are built on the target device",
     ):
-        tb.build_engine(bundle)
+        trt_build.build_engine(bundle)
 
 
 def test_model_file_and_bytes(bundle):
     from moe2edge.runtime.manifest import read_manifest
 
     m = read_manifest(bundle)
-    assert tb.model_file(m, bundle) == "model.onnx"
-    assert tb.model_bytes(m, bundle) == (bundle / "model.onnx").stat().st_size
+    assert trt_build.model_file(m, bundle) == "model.onnx"
+    assert trt_build.model_bytes(m, bundle) == (bundle / "model.onnx").stat().st_size
     with pytest.raises(BundleError, match="cannot tell"):
-        tb.model_file({"files": {"a.onnx": {}, "b.onnx": {}}}, bundle)
+        trt_build.model_file({"files": {"a.onnx": {}, "b.onnx": {}}}, bundle)
 
 
-def test_runtime_module_imports_nothing_heavy():
+def test_runtime_tensorrt_modules_import_nothing_heavy():
+    """The builder's modules and the runner import no onnx, tensorrt, torch or other stage."""
     code = (
-        "import sys, moe2edge.runtime.tensorrt_build; bad = sorted({m.split('.')[0] for m in sys.modules} & "
-        "{'torch', 'transformers', 'distill', 'export', 'jetson', 'tensorrt', 'onnx'}); print(bad)"
+        "import importlib, pkgutil, sys, moe2edge.runtime.tensorrt as pkg\n"
+        "for m in pkgutil.iter_modules(pkg.__path__, pkg.__name__ + '.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "import moe2edge.runtime.tensorrt_engine\n"
+        "heavy = {'torch', 'transformers', 'tensorrt', 'onnx'}\n"
+        "stages = ('moe2edge.distill', 'moe2edge.export', 'moe2edge.jetson')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(stages)))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
@@ -394,12 +403,12 @@ def test_build_flow_with_fake_tensorrt(bundle, tmp_path, monkeypatch):
     )
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls, net))
     monkeypatch.setattr(
-        tb,
+        trt_device,
         "cuda_device_info",
         lambda index=0: {k: v for k, v in DEVICE.items() if k != "tensorrt_version"},
     )
     cache = tmp_path / "cache" / "timing.cache"
-    path = tb.build_engine(bundle, max_batch=2, workspace_bytes=1 << 30, timing_cache=cache)
+    path = trt_build.build_engine(bundle, max_batch=2, workspace_bytes=1 << 30, timing_cache=cache)
 
     assert calls["network_flags"] == 1  # strongly typed for INT4 weight-only
     assert calls["config"].flags == []  # and no precision flags
@@ -414,10 +423,10 @@ def test_build_flow_with_fake_tensorrt(bundle, tmp_path, monkeypatch):
         == json.loads((bundle / "manifest.json").read_text())["files"]["model.onnx"]["sha256"]
     )
     assert [p["name"] for p in meta["profiles"]] == ["prefill", "decode"]
-    tb.check_engine_matches_device(path, DEVICE)
-    tb.check_engine_matches_bundle(meta, json.loads((bundle / "manifest.json").read_text()))
+    trt_plan.check_engine_matches_device(path, DEVICE)
+    trt_plan.check_engine_matches_bundle(meta, json.loads((bundle / "manifest.json").read_text()))
 
-    tb.build_engine(bundle, timing_cache=cache)  # the second build reuses the cache
+    trt_build.build_engine(bundle, timing_cache=cache)  # the second build reuses the cache
     assert calls["cache_in"] == b"TIMING"
 
 
@@ -441,8 +450,8 @@ def test_fp16_bundle_sets_fp16_flag(bundle, monkeypatch):
         }
     )
     monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(calls, net))
-    monkeypatch.setattr(tb, "cuda_device_info", lambda index=0: dict(DEVICE))
-    tb.build_engine(bundle)
+    monkeypatch.setattr(trt_device, "cuda_device_info", lambda index=0: dict(DEVICE))
+    trt_build.build_engine(bundle)
     assert calls["network_flags"] == 0 and calls["config"].flags == ["fp16"]
 
 
@@ -455,8 +464,8 @@ def test_real_build_on_gpu(tmp_path):
         "tensorrt", reason="TensorRT not installed (engines are built on the device)"
     )
     try:
-        device = tb.device_info()
-    except tb.TensorRTUnavailable as exc:
+        device = trt_device.device_info()
+    except trt_device.TensorRTUnavailable as exc:
         pytest.skip(f"no GPU: {exc}")
     d = tmp_path / "bundle"
     d.mkdir()
@@ -465,6 +474,6 @@ def test_real_build_on_gpu(tmp_path):
     m["io"]["inputs"] = [{"name": "input_ids", "shape": ["batch_size", "sequence_length"]}]
     m["files"] = ["model.onnx"]
     write_manifest(d, m)
-    path = tb.build_engine(d, max_seq_len=64, workspace_bytes=256 << 20)
-    tb.check_engine_matches_device(path, device)
+    path = trt_build.build_engine(d, max_seq_len=64, workspace_bytes=256 << 20)
+    trt_plan.check_engine_matches_device(path, device)
     assert (d / "engine" / "model.plan").stat().st_size > 0

@@ -10,12 +10,12 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moe2edge.distill.data import collate, encode_rows
-from moe2edge.distill.demo_data import read_jsonl
 from moe2edge.distill.evaluate import evaluate_heldout, evaluate_model
 from moe2edge.distill.metrics import plot_curves, truncate_metrics
 from moe2edge.distill.pipeline import distill_student
 from moe2edge.distill.teacher import load_teacher
 from moe2edge.distill.tokenizer import load_tokenizer
+from moe2edge.rows import read_rows
 from tests._train_common import train_config, train_records
 
 
@@ -29,7 +29,7 @@ def models(tiny_run):
 
 def test_heldout_metrics_against_identities_and_references(tiny_run, models):
     tokenizer, teacher, student = models
-    rows = read_jsonl(tiny_run["eval"])
+    rows = read_rows(tiny_run["eval"])
     same = evaluate_heldout(student, student, tokenizer, rows, batch_size=5, task_limit=0)
     assert abs(same["heldout_kl"]) < 1e-6 and same["top1_agreement"] == 1.0
     assert same["task_acc"] is None
@@ -66,7 +66,7 @@ def test_heldout_kl_from_a_full_k_cache_matches_the_live_teacher(tiny_run, model
         teacher=tiny_run["teacher"],
         k=len(tokenizer),
     )
-    rows = read_jsonl(tiny_run["eval"])
+    rows = read_rows(tiny_run["eval"])
     cache = TeacherCache(cache_dir, tokenizer_dir=tiny_run["tokenizer"])
     live = evaluate_heldout(student, teacher, tokenizer, rows, task_limit=0)
     cached = evaluate_heldout(student, cache, tokenizer, rows, task_limit=0)

@@ -11,7 +11,6 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from moe2edge.distill.data import IGNORE_INDEX, encode_prompt, encode_rows
-from moe2edge.distill.demo_data import read_jsonl
 from moe2edge.distill.errors import DistillError
 from moe2edge.distill.evaluate import greedy_replies
 from moe2edge.distill.modes import (
@@ -25,6 +24,7 @@ from moe2edge.distill.student import build_student
 from moe2edge.distill.teacher import load_teacher
 from moe2edge.distill.tokenizer import load_tokenizer
 from moe2edge.distill.train import train_model
+from moe2edge.rows import read_rows
 from tests._train_common import train_config, train_records, weights
 
 
@@ -38,7 +38,7 @@ def models(tiny_run):
 
 def test_batched_greedy_decoding_matches_one_prompt_at_a_time(tiny_run, models):
     tokenizer, teacher, _ = models
-    rows = read_jsonl(tiny_run["eval"])[:6]
+    rows = read_rows(tiny_run["eval"])[:6]
     prompts = [encode_prompt(tokenizer, r["prompt"]) for r in rows]
     assert len({len(p) for p in prompts}) > 1  # left padding is exercised
     batched = sample_replies(
@@ -56,7 +56,7 @@ def test_on_policy_mixing_fraction_and_sampling_are_deterministic(tiny_run, mode
     assert 0.27 < share < 0.33
 
     tokenizer, _, student = models
-    examples = encode_rows(tokenizer, read_jsonl(tiny_run["train"])[:4], 64)
+    examples = encode_rows(tokenizer, read_rows(tiny_run["train"])[:4], 64)
     kw = dict(step=7, seed=0, tokenizer=tokenizer, max_seq_len=64, max_new_tokens=12)
     first = on_policy_examples(student, examples, [0, 1, 2, 3], temperature=1.0, **kw)
     again = on_policy_examples(student, examples, [0, 1, 2, 3], temperature=1.0, **kw)
@@ -95,7 +95,7 @@ def test_seq_kd_trains_on_the_teachers_replies(tiny_run, models, tmp_path):
     tokenizer, teacher, _ = models
     out = tmp_path / "teacher_replies.jsonl"
     generate_teacher_dataset(teacher, tokenizer, tiny_run["eval"], out, max_new_tokens=10)
-    rows, source = read_jsonl(out), read_jsonl(tiny_run["eval"])
+    rows, source = read_rows(out), read_rows(tiny_run["eval"])
     greedy = greedy_replies(teacher, tokenizer, [r["prompt"] for r in source], 10)
     assert [r["reply"] for r in rows] == [
         tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in greedy
@@ -108,10 +108,10 @@ def test_seq_kd_trains_on_the_teachers_replies(tiny_run, models, tmp_path):
 
     run = tmp_path / "run"
     data = tmp_path / "train48.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(tiny_run["train"])[:48]))
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_rows(tiny_run["train"])[:48]))
     cfg = train_config(tiny_run, run, max_steps=2, mode="seq_kd", max_new_tokens=8, train_data=data)
     distill_student(cfg)
-    generated = read_jsonl(run / "seq_kd_train.jsonl")
+    generated = read_rows(run / "seq_kd_train.jsonl")
     assert len(generated) == 48
     assert all(r["reference_reply"] for r in generated)
     assert len(train_records(run)) == 2
@@ -121,7 +121,7 @@ def test_cached_teacher_at_full_k_trains_like_the_live_teacher(tiny_run, tmp_pat
     from moe2edge.distill.cache import build_cache
 
     data = tmp_path / "train64.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(tiny_run["train"])[:64]))
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_rows(tiny_run["train"])[:64]))
     vocab = len(load_tokenizer(tiny_run["tokenizer"]))
     cache = tmp_path / "cache"
     common = dict(train_data=str(data), max_steps=4)
