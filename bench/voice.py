@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jiwer
 import numpy as np
 from websockets.asyncio.client import connect
 
@@ -45,20 +46,14 @@ VOICES = ["en-us", "en-us+f3", "en-us+m1", "en-us+f2"]  # US English: the ASR mo
 
 def extract_action(
     reply: str,
-) -> str | None:  # same rule as moe2edge.distill.demo_data.extract_action
+) -> str | None:  # same rule as moe2edge.distill.formats.extract_action
     match = re.search(r"\[[^\]]*\]", reply)
     return match.group(0) if match else None
 
 
-def wer(ref: str, hyp: str) -> tuple[int, int]:
-    """(word edits, reference words)."""
-    r, h = ref.split(), hyp.split()
-    d = np.arange(len(h) + 1)
-    for i in range(1, len(r) + 1):
-        prev, d[0] = d.copy(), i
-        for j in range(1, len(h) + 1):
-            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (r[i - 1] != h[j - 1]))
-    return int(d[len(h)]), len(r)
+def wer(refs: list[str], hyps: list[str]) -> float:
+    """Word error rate over all turns: word edits / reference words (jiwer)."""
+    return jiwer.wer(refs, hyps) if refs else 0.0
 
 
 def pct(values: list[float]) -> dict:
@@ -253,7 +248,6 @@ def main() -> None:
             server.terminate()
             server.wait(10)
     exact = sum(t.get("transcript") == t["text"] for t in turns)
-    edits = [wer(t["text"], t.get("transcript") or "") for t in turns]
     reply_hits = sum(extract_action(t.get("reply") or "") == t["action"] for t in turns)
     server_side = [t["server"] for t in turns if "server" in t]
     result = {
@@ -261,7 +255,7 @@ def main() -> None:
         "turn_latency_ms": pct([t["turn_latency_ms"] for t in turns if "turn_latency_ms" in t]),
         "endpoint_silence_ms": args.end_silence_ms,
         "transcript_exact_match": round(exact / len(turns), 3),
-        "wer": round(sum(e for e, _ in edits) / max(1, sum(n for _, n in edits)), 4),
+        "wer": round(wer([t["text"] for t in turns], [t.get("transcript") or "" for t in turns]), 4),
         "reply_task_acc": round(reply_hits / len(turns), 3),
         "text_task_acc": round(text_acc, 3),
         "turns": len(turns),

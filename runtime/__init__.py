@@ -15,7 +15,7 @@ from moe2edge.runtime.errors import BundleError, ContextOverflowError, RuntimeUs
 from moe2edge.runtime.generate import GenerationResult, Generator
 from moe2edge.runtime.manifest import read_manifest, verify_bundle
 from moe2edge.runtime.sampling import SamplingParams
-from moe2edge.runtime.session import Conversation, PrefixStore
+from moe2edge.runtime.session import Conversation, PrefixStore, render_chat
 
 __all__ = [
     "BundleError",
@@ -30,5 +30,6 @@ __all__ = [
     "SamplingParams",
     "open_engine",
     "read_manifest",
+    "render_chat",
     "verify_bundle",
 ]

@@ -2,8 +2,9 @@
 
 ``Generator.stream`` yields text pieces as they become final; ``Generator.generate``
 returns the whole reply with token ids and timings. A ``step_hook`` is called before
-every decode step (the Jetson power governor paces decoding through it) and a
-``cancel`` event stops a generation between two steps.
+every decode step (the Jetson power governor paces decoding through it); a ``cancel``
+event, or a caller that stops reading the stream, ends a generation between two steps
+(``finish_reason="cancelled"``).
 
 Context policy: a prompt that does not fit the context raises ``ContextOverflowError``
 before anything runs; a reply that fills the context stops with ``finish_reason="length"``.
@@ -164,41 +165,49 @@ class Generator:
             set() if params.ignore_eos else set(self.eos_token_ids)
         )
         decoder, stops = StreamDecoder(self.tokenizer), _StopMatcher(params.stop)
-        first_token_at, stopped_by_string = None, False
-        while True:
-            token = sampler(logits, cache.tokens)
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-                result.ttft_ms = (first_token_at - started) * 1000
-            if token in stop_ids:
-                result.finish_reason, result.stop_token = "stop", token
-                break
-            result.token_ids.append(token)
-            piece, stopped = stops.push(decoder.push(token))
-            if piece:
-                result.text += piece
-                yield piece
-            if stopped:
-                result.finish_reason, stopped_by_string = "stop", True
-                break
-            if cancel is not None and cancel.is_set():
+        first_token_at, stopped_by_string, decoding = None, False, True
+        try:
+            while True:
+                token = sampler(logits, cache.tokens)
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                    result.ttft_ms = (first_token_at - started) * 1000
+                if token in stop_ids:
+                    result.finish_reason, result.stop_token = "stop", token
+                    break
+                result.token_ids.append(token)
+                piece, stopped = stops.push(decoder.push(token))
+                if piece:
+                    result.text += piece
+                    yield piece
+                if stopped:
+                    result.finish_reason, stopped_by_string = "stop", True
+                    break
+                if cancel is not None and cancel.is_set():
+                    result.finish_reason = "cancelled"
+                    break
+                if (
+                    len(result.token_ids) >= params.max_new_tokens
+                    or cache.length >= self.engine.max_length
+                ):
+                    result.finish_reason = "length"
+                    break
+                if step_hook is not None:
+                    step_hook()
+                logits = self.engine.forward([token], cache)
+            decoding = False
+            result.decode_ms = (time.perf_counter() - first_token_at) * 1000
+            if not stopped_by_string:
+                tail = stops.push(decoder.flush())[0] + stops.flush()
+                if tail:
+                    result.text += tail
+                    yield tail
+        except GeneratorExit:  # the caller stopped reading (break, close): a cancelled reply
+            if decoding:
                 result.finish_reason = "cancelled"
-                break
-            if (
-                len(result.token_ids) >= params.max_new_tokens
-                or cache.length >= self.engine.max_length
-            ):
-                result.finish_reason = "length"
-                break
-            if step_hook is not None:
-                step_hook()
-            logits = self.engine.forward([token], cache)
-        result.decode_ms = (time.perf_counter() - first_token_at) * 1000
-        if not stopped_by_string:
-            tail = stops.push(decoder.flush())[0] + stops.flush()
-            if tail:
-                result.text += tail
-                yield tail
+                if first_token_at is not None:
+                    result.decode_ms = (time.perf_counter() - first_token_at) * 1000
+            raise
 
     def generate(
         self, prompt: str, params: SamplingParams | None = None, template: bool = True, **kwargs

@@ -1,4 +1,5 @@
-"""A conversation over one KV cache: incremental prefill, a shared system prefix, cancel.
+"""A conversation over one KV cache: incremental prefill, a shared system prefix, the chat
+format, forks, cancel. The voice pipeline and the HTTP API both run on it.
 
 A voice reply has ~150 ms after the end of speech, so nearly all of the prompt must already
 be in the KV cache by then. ``Conversation`` makes that possible:
@@ -8,20 +9,24 @@ be in the KV cache by then. ``Conversation`` makes that possible:
 * ``append`` runs tokens (or text) into the cache as they arrive, any number of times
   before and between replies; ``user_turn(partial_text, final=False)`` keeps the cache in
   step with a partial transcript (it rewinds to the longest common prefix when the
-  recogniser revises words and runs only the rest);
+  recogniser revises words and runs only the rest); ``sync(ids)`` does the same for any
+  token list, e.g. a whole chat rendered by ``render_chat``;
+* ``fork`` gives a copy to draft a reply in (storage shared until one of them writes);
 * ``reply``/``stream`` generate from what is cached; ``cancel()`` stops a reply between
-  two decode steps (barge-in); the reply's tokens stay in the conversation.
+  two decode steps (barge-in); the reply's tokens stay in the conversation, however the
+  reply ends (a caller that stops reading the stream included).
 
 Every call reports what it ran and how long it took (``AppendStats``, ``GenerationResult``).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,6 +96,67 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+# --- the chat format -------------------------------------------------------------------
+#
+# The bundle carries its chat template rendered for one user turn (``prompt_template``,
+# e.g. ``<user> {prompt} <assistant>``); an assistant turn is `` reply`` and the end-of-turn
+# token, as the templates moe2edge trains with render it. Every message is encoded on its
+# own, so a conversation's tokens only grow as turns are added (what a cached prefix needs).
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+def user_tokens(generator: Generator, text: str, final: bool = True) -> list[int]:
+    """A user turn in the prompt template (no BOS).
+
+    ``final=False`` (a turn still being spoken): the template's head and ``text`` only; with
+    no text yet, the head tokens every text starts with (the space before the first word
+    may merge into the first word).
+    """
+    template = generator.prompt_template
+    if final:
+        return generator.encode(template.format(prompt=text))
+    if "{prompt}" not in template:
+        return []  # nothing of the turn is known before it is complete
+    head = template.partition("{prompt}")[0].format()  # format() undoes {{ }}
+    if text:
+        return generator.encode(head + text)
+    probes = [generator.encode(head + word) for word in ("the", "turn", "what", "I", "a", "x")]
+    return probes[0][: min(common_prefix_len(probes[0], p) for p in probes[1:])]
+
+
+def assistant_tokens(generator: Generator, text: str) -> list[int]:
+    """An assistant turn: `` text`` and the end-of-turn token."""
+    return generator.encode(f" {text}") + generator.eos_token_ids[:1]
+
+
+def render_chat(
+    generator: Generator, messages: Iterable[tuple[str, str]], partial: bool = False
+) -> list[int]:
+    """``(role, text)`` messages as the token ids of one conversation: BOS, then each turn.
+
+    System (and developer) texts lead the first user turn, one per line, when a user turn
+    comes first (the prompt template has no system role). ``partial``: the last message
+    is a user turn still being spoken (``user_tokens(final=False)``).
+    """
+    messages = list(messages)
+    system = "\n".join(text for role, text in messages if role in SYSTEM_ROLES)
+    ids = [generator.bos_token_id] if generator.bos_token_id is not None else []
+    turns = [(i, role, text) for i, (role, text) in enumerate(messages) if role not in SYSTEM_ROLES]
+    for n, (i, role, text) in enumerate(turns):
+        if role == "user":
+            if system and n == 0:
+                text = f"{system}\n{text}"
+            ids += user_tokens(generator, text, final=not (partial and i == len(messages) - 1))
+        elif role == "assistant":
+            ids += assistant_tokens(generator, text)
+        else:
+            raise ValueError(
+                f"unknown chat role {role!r}; use user, assistant, {' or '.join(SYSTEM_ROLES)}"
+            )
+    return ids
+
+
 class _AnyEvent:
     def __init__(self, *events: threading.Event | None):
         self.events = [e for e in events if e is not None]
@@ -101,7 +167,11 @@ class _AnyEvent:
 
 class Conversation:
     """One conversation's cache. ``system``: text (or ids) every conversation starts with;
-    its KV comes from ``prefixes`` (default: the engine's process-wide store)."""
+    its KV comes from ``prefixes`` (default: the engine's process-wide store).
+
+    Use a conversation from one thread at a time (a call waits while another thread's reply
+    is streaming); ``cancel`` may come from any thread.
+    """
 
     def __init__(
         self,
@@ -124,13 +194,23 @@ class Conversation:
             self.cache, self._logits = self.engine.new_cache(), None
         self._pending: list[int] = []  # chosen by the last reply, not yet run
         self._turn_start = len(prefix)
-        template = generator.prompt_template
-        head, _, tail = template.partition("{prompt}")
-        self._head, self._tail = head.format(), tail.format()  # format() undoes {{ }}
+        self._open_stream: weakref.ref | None = None  # a reply a caller has not finished
         self._cancel = threading.Event()
         self._lock = threading.RLock()
         self.prefill_tokens = 0  # totals over the conversation
         self.prefill_ms = 0.0
+
+    def fork(self) -> Conversation:
+        """An independent copy, e.g. to draft a reply in: it shares the cache's storage until
+        one of the two writes where the other has positions (copy on write)."""
+        with self._lock:
+            self._end_open_stream()
+            clone = copy.copy(self)
+            clone.cache = self.cache.copy()
+            clone._logits = None if self._logits is None else self._logits.copy()
+            clone._pending = list(self._pending)
+            clone._cancel, clone._lock = threading.Event(), threading.RLock()
+            return clone
 
     # --- what the conversation holds ---------------------------------------------------
 
@@ -161,17 +241,26 @@ class Conversation:
         self.prefill_ms += ms
         return ms
 
+    def _end_open_stream(self) -> None:
+        """Close a reply stream its caller left suspended, so its bookkeeping runs first."""
+        ref, self._open_stream = self._open_stream, None
+        stream = ref() if ref is not None else None
+        if stream is not None:
+            stream.close()
+
     def append(self, item: str | Sequence[int]) -> AppendStats:
         """Run text (encoded without special tokens) or token ids into the cache now."""
         with self._lock:
+            self._end_open_stream()
             ids = self._pending + self._ids(item)
-            self._pending = []
             ms = self._run(ids) if ids else 0.0
+            self._pending = []
             return AppendStats(len(ids), ms, 0, self.cache.length)
 
     def rewind(self, length: int) -> None:
         """Keep only the first ``length`` tokens (not into the shared system prefix)."""
         with self._lock:
+            self._end_open_stream()
             if not len(self.prefix_tokens) <= length <= self.length:
                 raise ValueError(
                     f"can rewind to {len(self.prefix_tokens)}..{self.length} tokens, not {length}"
@@ -190,6 +279,7 @@ class Conversation:
             target = [int(t) for t in target]
             if common_prefix_len(target, self.prefix_tokens) < len(self.prefix_tokens):
                 raise ValueError("sync target must start with the conversation's system prefix")
+            self._end_open_stream()
             keep = common_prefix_len(self.tokens, target)
             dropped = self.length - keep
             self.rewind(keep)
@@ -205,9 +295,9 @@ class Conversation:
         run; call it again as the transcript grows or changes, then with ``final=True``.
         """
         with self._lock:
-            rendered = self._head + text + (self._tail if final else "")
+            self._end_open_stream()
             base = self.tokens[: self._turn_start]
-            return self.sync(base + self.generator.encode(rendered))
+            return self.sync(base + user_tokens(self.generator, text, final))
 
     # --- generating ---------------------------------------------------------------------
 
@@ -222,22 +312,46 @@ class Conversation:
         cancel: threading.Event | None = None,
         step_hook: Callable[[], None] | None = None,
     ) -> Iterator[str]:
-        """Generate from what the conversation holds; yields text pieces."""
+        """Generate from what the conversation holds; yields text pieces.
+
+        However the reply ends (done, cancelled, an error, or the caller no longer reading:
+        ``break``, ``close()``, a new call on the conversation), the conversation then holds
+        the prompt and exactly the reply tokens chosen so far (``result.token_ids``, and the
+        end token that stopped it); the last one is run with whatever comes next.
+        """
+        with self._lock:
+            self._end_open_stream()
+            stream = self._generate(params, result, cancel, step_hook)
+            self._open_stream = weakref.ref(stream)  # weak: a dropped stream closes at once
+            return stream
+
+    def _generate(
+        self,
+        params: SamplingParams | None,
+        result: GenerationResult | None,
+        cancel: threading.Event | None,
+        step_hook: Callable[[], None] | None,
+    ) -> Iterator[str]:
+        # The lock guards the setup and the bookkeeping, not the decode steps in between: a
+        # stream may be resumed from another thread (Starlette iterates a streaming response
+        # in a thread pool) and an RLock held across a yield could only be released by the
+        # thread that took it. Steps run by one reader at a time; cancel() is thread-safe.
         with self._lock:
             self._cancel.clear()
             result = result if result is not None else GenerationResult()
             started = time.perf_counter()
-            todo = self._pending
-            if not todo and self._logits is None:
+            if not self._pending and self._logits is None:
                 if not self.cache.length:
                     raise ValueError("the conversation is empty: append a prompt before a reply")
-                todo = [self.cache.tokens[-1]]  # logits were dropped by a rewind: rerun one
+                self._pending = [self.cache.tokens[-1]]  # logits dropped by a rewind: rerun it
                 self.cache.truncate(self.cache.length - 1)
-            self._pending = []
+            todo = self._pending
             if todo:
                 self._run(todo)
+                self._pending = []
             result.prompt_tokens = len(todo)
-            before = self.cache.length
+            before, chosen_before = self.cache.length, len(result.token_ids)
+        try:
             yield from self.generator.decode(
                 self._logits,
                 self.cache,
@@ -247,12 +361,15 @@ class Conversation:
                 _AnyEvent(self._cancel, cancel),
                 started,
             )
-            chosen = result.token_ids + (
-                [result.stop_token] if result.stop_token is not None else []
-            )
-            self._pending = chosen[self.cache.length - before :]
-            self._logits = None if self._pending else self._logits
-            self._turn_start = self.length
+        finally:  # every chosen token but the last one is in the cache
+            with self._lock:
+                chosen = result.token_ids[chosen_before:]
+                if result.stop_token is not None:
+                    chosen = chosen + [result.stop_token]
+                self._pending = chosen[self.cache.length - before :]
+                self._logits = None  # the cache's logits are the decode loop's, not kept
+                self._turn_start = self.length
+                self._open_stream = None  # (a newer stream is only opened after this one ends)
 
     def reply(
         self,

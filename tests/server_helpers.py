@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 import time
+import typing
 from collections.abc import Iterator
 
 import numpy as np
@@ -64,3 +66,27 @@ def frames(audio: np.ndarray) -> Iterator[bytes]:
     step = FRAME_SAMPLES * 2
     for i in range(0, len(pcm) - step + 1, step):
         yield pcm[i : i + step]
+
+
+def numeric_fields(fields: dict) -> dict[str, type]:
+    """The int and float settings among pydantic ``fields`` (name -> type), ``X | None`` too."""
+    out = {}
+    for name, info in fields.items():
+        args = typing.get_args(info.annotation) or (info.annotation,)
+        kinds = [a for a in args if a in (int, float)]
+        if kinds:
+            out[name] = kinds[0]
+    return out
+
+
+def bad_numbers(info, kind: type) -> list[tuple[str, float]]:
+    """NaN, +-Infinity and a value just outside each end of the field's range (a field
+    without both ends fails here: every number a user sets must have a range)."""
+    bounds = {k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le", "lt")
+              if getattr(m, k, None) is not None}  # fmt: skip
+    assert {"ge", "gt"} & set(bounds) and {"le", "lt"} & set(bounds), f"unbounded: {info}"
+    step = 1 if kind is int else 0.5
+    low = bounds["gt"] if "gt" in bounds else bounds["ge"] - step
+    high = bounds["lt"] if "lt" in bounds else bounds["le"] + step
+    return [("NaN", math.nan), ("Infinity", math.inf), ("-Infinity", -math.inf),
+            ("below", low), ("above", high)]  # fmt: skip

@@ -3,7 +3,8 @@ espeak-ng speech talks to the service; the transcript, reply and timings appear 
 
 Chromium is driven over the Chrome DevTools Protocol with the `websockets` package (no
 selenium/playwright needed). Needs the Debian packages chromium (and espeak-ng):
-`apt-get install chromium` (the Makefile's system-deps target does it).
+`apt-get install chromium` (the Makefile's test-deps target does it). Missing, the test is
+skipped, or fails with MOE2EDGE_REQUIRE_DEPS=1 (as in CI).
 """
 
 from __future__ import annotations
@@ -19,21 +20,20 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import pytest
 from websockets.sync.client import connect
 
 from moe2edge.runtime import Generator
 from moe2edge.runtime.server import ServerConfig, create_app
 from moe2edge.runtime.voice import SAMPLE_RATE, write_wav
+from tests.conftest import require_tool
 from tests.server_helpers import ServerThread, speech
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
 pytestmark = [
-    pytest.mark.skipif(
-        CHROMIUM is None,
-        reason="chromium not installed: apt-get install chromium (make system-deps does it)",
+    require_tool(
+        "chromium", "chromium-browser", install="apt-get install chromium (make test-deps)"
     ),
-    pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng missing"),
+    require_tool("espeak-ng", install="apt-get install espeak-ng (make system-deps)"),
 ]
 
 

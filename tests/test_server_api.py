@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import time
@@ -14,9 +15,10 @@ import openai
 import pytest
 
 from moe2edge.runtime import Generator
-from moe2edge.runtime.server import ServerConfig, create_app
+from moe2edge.runtime.errors import RuntimeUserError
+from moe2edge.runtime.server import ServerConfig, create_app, load_server_config
 from tests.conftest import PYTHON, ROOT, subprocess_env
-from tests.server_helpers import ServerThread, free_port
+from tests.server_helpers import ServerThread, bad_numbers, free_port, numeric_fields
 
 TOKEN = "test-token-123"
 
@@ -115,6 +117,88 @@ def test_auth_limits_and_bad_requests_are_4xx(generator) -> None:
                 'status="400"' in metrics.text
                 and "moe2edge_voice_response_latency_seconds" in metrics.text
             )
+            # successes are counted by the request-counting middleware, errors by the handlers
+            ok = 'moe2edge_http_requests_total{route="/health",status="200"} 1.0'
+            assert ok in metrics.text, metrics.text
+
+
+# every number a request may carry: (just below its range, just above it, a valid value)
+REQUEST_NUMBERS = {
+    "max_tokens": (0, 2**20 + 1, 3),
+    "max_completion_tokens": (0, 2**20 + 1, 3),
+    "temperature": (-0.5, 2.5, 0.7),
+    "top_p": (0, 1.5, 0.9),
+    "top_k": (-1, 2**20 + 1, 5),
+    "repetition_penalty": (0, 10.5, 1.1),
+    "seed": (-1, 2**64, 7),  # a negative seed was a 500
+    "n": (0, 129, 1),
+}
+BAD_LITERALS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+@pytest.fixture(scope="module")
+def plain_server(generator):
+    with text_server(generator) as srv, httpx.Client(base_url=srv.url, timeout=30) as client:
+        yield client
+
+
+def raw_post(client, path: str, body: dict) -> httpx.Response:
+    """``body`` as Python's JSON writes it: NaN and Infinity as the bare literals."""
+    content = json.dumps(body).encode()
+    return client.post(path, content=content, headers={"content-type": "application/json"})
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "below", "above"])
+@pytest.mark.parametrize("field", sorted(REQUEST_NUMBERS))
+def test_request_numbers_out_of_range_or_not_finite_are_400(plain_server, field, bad) -> None:
+    below, above, _ = REQUEST_NUMBERS[field]
+    value = {"below": below, "above": above}.get(bad, BAD_LITERALS.get(bad))
+    body = {"messages": [{"role": "user", "content": "hi"}], field: value}
+    if bad in BAD_LITERALS:
+        assert bad in json.dumps(body)  # the literal really goes over the wire
+    r = raw_post(plain_server, "/v1/chat/completions", body)
+    assert r.status_code == 400, (field, bad, r.status_code, r.text)
+    assert field in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("field", sorted(REQUEST_NUMBERS))
+def test_request_numbers_in_range_are_served(plain_server, field) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+    r = raw_post(plain_server, "/v1/chat/completions", body | {field: REQUEST_NUMBERS[field][2]})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] <= 3
+
+
+def test_completions_and_stop_refuse_non_finite_numbers(plain_server) -> None:
+    for body in (
+        {"prompt": "hi", "temperature": math.nan},
+        {"prompt": "hi", "max_tokens": math.inf},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": math.nan},
+        {"messages": [{"role": "user", "content": "hi"}], "stop": ["ok", -math.inf]},
+    ):
+        path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+        r = raw_post(plain_server, path, body)
+        assert r.status_code == 400, (body, r.text)
+        assert "invalid request" in r.json()["error"]["message"]
+    assert raw_post(plain_server, "/v1/completions", {"prompt": "hi", "max_tokens": 2}).is_success
+
+
+CONFIG_NUMBERS = numeric_fields(ServerConfig.model_fields)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIG_NUMBERS))
+def test_config_numbers_have_ranges_and_refuse_nan_and_infinity(name, tmp_path) -> None:
+    info = ServerConfig.model_fields[name]
+    for label, value in bad_numbers(info, CONFIG_NUMBERS[name]):
+        raw = {"NaN": "nan", "Infinity": "inf", "-Infinity": "-inf"}.get(label, str(value))
+        with pytest.raises(RuntimeUserError, match=f"bad value for {name}"):
+            load_server_config(None, [f"{name}={raw}"])
+        yaml_value = {"NaN": ".nan", "Infinity": ".inf", "-Infinity": "-.inf"}.get(label, raw)
+        (tmp_path / "c.yaml").write_text(f"{name}: {yaml_value}\n")
+        with pytest.raises(RuntimeUserError, match=f"bad value for {name}.*c.yaml"):
+            load_server_config(tmp_path / "c.yaml")
+    valid = info.default if info.default is not None else 1
+    assert getattr(load_server_config(None, [f"{name}={valid}"]), name) == valid
 
 
 async def _stream_status(url: str, max_tokens: int) -> tuple[int, str | None, int]:

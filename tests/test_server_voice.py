@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import time
 
 import numpy as np
@@ -19,11 +18,11 @@ from websockets.sync.client import connect
 from moe2edge.runtime import Generator
 from moe2edge.runtime.server import ServerConfig, create_app
 from moe2edge.runtime.voice import SAMPLE_RATE
-from tests.server_helpers import ServerThread, frames, speech
+from moe2edge.runtime.voice.pipeline import VoiceSettings
+from tests.conftest import require_tool
+from tests.server_helpers import ServerThread, bad_numbers, frames, numeric_fields, speech
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng missing: apt-get install espeak-ng"
-)
+pytestmark = require_tool("espeak-ng", install="apt-get install espeak-ng (make system-deps)")
 SILENCE = bytes(640)
 
 
@@ -36,9 +35,10 @@ def server(tiny_run):
 
 
 def recv(ws, timeout: float = 5.0) -> dict:
+    """The next event, with ``_at``: when it was received (perf_counter)."""
     message = ws.recv(timeout=timeout)
     assert isinstance(message, str), "the server sends audio inside JSON events"
-    return json.loads(message)
+    return json.loads(message) | {"_at": time.perf_counter()}
 
 
 def until(ws, kind: str, timeout: float = 10.0, feed_silence: bool = False) -> list[dict]:
@@ -117,7 +117,9 @@ def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_run)
                 {
                     "type": "session.update",
                     "session": {
-                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 250}
+                        "turn_detection": {"type": "server_vad", "silence_duration_ms": 250},
+                        # the tiny model often answers in [brackets]: speak them so audio flows
+                        "moe2edge": {"speak_brackets": True},
                     },
                 }
             )
@@ -153,11 +155,75 @@ def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_run)
         timings = next(e for e in events if e["type"] == "turn.timings")
         done = events[-1]["response"]
         assert done["status"] in ("completed", "incomplete")
-        if "response.audio.delta" in kinds:
-            assert timings["response_latency_ms"] is not None
-            assert timings["turn_latency_ms"] >= timings["response_latency_ms"]
+        assert "response.audio.delta" in kinds, f"no reply audio: {kinds}"
+        first_audio = kinds.index("response.audio.delta")
+        assert (
+            kinds.index("response.created")
+            < first_audio
+            < kinds.index("turn.timings")
+            < kinds.index("response.done")
+        )
+        # the server's response latency (first audio - endpoint) is what the client sees
+        # between speech_stopped (sent at the endpoint) and the first audio
+        seen_ms = 1000 * (events[first_audio]["_at"] - stopped["_at"])
+        assert timings["response_latency_ms"] > 0
+        assert abs(seen_ms - timings["response_latency_ms"]) < 100, (seen_ms, timings)
         text = "".join(e["delta"] for e in events if e["type"] == "response.text.delta")
         assert text == done["output"][0]["content"][0]["text"]
+
+
+VOICE_NUMBERS = numeric_fields(VoiceSettings.__pydantic_fields__)
+REALTIME_PATHS = {  # settings with a Realtime API name: set there as well as under moe2edge
+    "end_silence_ms": ("turn_detection", "silence_duration_ms"),
+    "vad_threshold": ("turn_detection", "threshold"),
+    "preroll_ms": ("turn_detection", "prefix_padding_ms"),
+    "max_new_tokens": ("max_response_output_tokens",),
+    "temperature": ("temperature",),
+}
+SETTING_PATHS = [(name, ("moe2edge", name)) for name in sorted(VOICE_NUMBERS)] + sorted(
+    REALTIME_PATHS.items()
+)
+
+
+def _session(path: tuple[str, ...], value) -> dict:
+    if path[0] == "turn_detection":
+        return {"turn_detection": {"type": "server_vad", path[1]: value}}
+    return {path[0]: {path[1]: value}} if len(path) == 2 else {path[0]: value}
+
+
+def _shown(view: dict, name: str):
+    """The setting ``name`` as session.created / session.updated show it (None: not shown)."""
+    path = REALTIME_PATHS.get(name, ("moe2edge", name))
+    for key in path:
+        view = view.get(key) if isinstance(view, dict) else None
+    return view
+
+
+@pytest.mark.parametrize(
+    ("name", "path"), SETTING_PATHS, ids=[".".join(p) for _, p in SETTING_PATHS]
+)
+def test_session_update_refuses_nan_infinity_and_out_of_range(server, name, path) -> None:
+    """Each bad number is an error event naming it, nothing changes, and the session stays
+    usable (NaN / Infinity go over the wire as the bare JSON literals Python reads)."""
+    info = VoiceSettings.__pydantic_fields__[name]
+    bad = bad_numbers(info, VOICE_NUMBERS[name])
+    with connect(server.ws_url + "?token=t0k") as ws:
+        created = recv(ws)["session"]
+        for label, value in bad:
+            message = json.dumps({"type": "session.update", "session": _session(path, value)})
+            err = errors_for(ws, message)
+            assert err["code"] == "invalid_session", (label, err)
+            assert f"session.{'.'.join(path)}" in err["message"], (label, err)
+        ws.send(json.dumps({"type": "session.update", "session": {}}))
+        unchanged = until(ws, "session.updated")[-1]["session"]
+        assert _shown(unchanged, name) == _shown(created, name)
+        (_, low), (_, high) = bad[3:]
+        valid = VOICE_NUMBERS[name]((low + high) / 2)
+        ws.send(json.dumps({"type": "session.update", "session": _session(path, valid)}))
+        updated = until(ws, "session.updated")[-1]["session"]
+        if _shown(created, name) is not None:  # first_phrase_words, max_frame_ms: not shown
+            assert _shown(updated, name) == valid, updated
+        assert errors_for(ws, "nope")["code"] == "invalid_json"  # still answering
 
 
 def test_speech_during_a_reply_cancels_it(server) -> None:

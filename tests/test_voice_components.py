@@ -1,16 +1,15 @@
 """Voice building blocks on real audio: espeak-ng speech through Silero VAD and pocketsphinx.
 
 No mocks: commands are spoken by espeak-ng in two voices, padded with silence and a little
-noise, and streamed in 20 ms PCM16 frames the way a client would send them.
+noise, and streamed in 20 ms PCM16 frames the way a client would send them; the gated
+recognition runs through the service's own ``VoiceSession``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -37,11 +36,11 @@ from moe2edge.runtime.voice import (
     write_wav,
 )
 from moe2edge.runtime.voice.audio import parse_wav_bytes
+from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
 from moe2edge.runtime.voice.tts import espeak_phonemize, ipa_to_phonemes, phonemes_to_ids
+from tests.conftest import require_module, require_tool
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng missing: apt-get install espeak-ng"
-)
+pytestmark = require_tool("espeak-ng", install="apt-get install espeak-ng (make system-deps)")
 
 GRAMMAR = """#JSGF V1.0;
 grammar commands;
@@ -204,39 +203,58 @@ def test_vad_chunking_reset_flush_and_silence(vad, clips) -> None:
 # --- ASR --------------------------------------------------------------------------------------
 
 
-def test_vad_gated_streaming_asr_is_exact_and_fast(vad, asr, clips) -> None:
-    """The service's loop: VAD gates a recognizer fed frame by frame, with a pre-roll."""
+@pytest.fixture(scope="module")
+def generator(tiny_run):
+    from moe2edge.runtime import Generator
+
+    return Generator.from_bundle(tiny_run["bundle"], threads=1)
+
+
+def _session_events(generator, asr, audio: np.ndarray) -> list[tuple[float, dict]]:
+    """(when, event) for ``audio`` streamed into a fresh VoiceSession, until it is idle."""
+    events: list[tuple[float, dict]] = []
+    session = VoiceSession(
+        generator,
+        asr,
+        EspeakSynthesizer(),
+        lambda e: events.append((time.perf_counter(), e)),
+        settings=VoiceSettings(end_silence_ms=300, speculate=False, max_new_tokens=2),
+    ).start()
+    try:
+        for frame in frames(audio):
+            session.push_audio(frame)
+        assert session.wait_idle(20)
+    finally:
+        session.close()
+    return events
+
+
+def test_vad_gated_streaming_asr_is_exact_and_fast(generator, asr, clips) -> None:
+    """The service's own loop: each clip through a real ``VoiceSession`` (Silero VAD gating
+    the recognizer frame by frame, with its pre-roll), as a client would stream it."""
     exact = 0
     for clip in clips:
-        vad.reset()
-        preroll: deque[bytes] = deque(maxlen=20)  # 400 ms before speech_start is decided
-        in_utterance, final, partials = False, None, []
-        for frame in frames(clip["audio"]):
-            events = vad.feed(frame)
-            if in_utterance:
-                partial = asr.feed(frame)
-                fed_at = time.perf_counter()
-                if partial:
-                    partials.append(partial)
-            else:
-                preroll.append(frame)
-            for event in events:
-                if event.kind == "speech_start":
-                    asr.start_utterance()
-                    for f in preroll:
-                        asr.feed(f)
-                    fed_at = time.perf_counter()
-                    in_utterance = True
-                elif in_utterance:
-                    final = asr.finish()
-                    _record("asr_final_after_last_frame_ms", 1000 * (time.perf_counter() - fed_at))
-                    in_utterance = False
-        assert final is not None, clip["text"]
-        exact += final == clip["text"]
+        events = _session_events(generator, asr, clip["audio"])
+        kinds = [e["type"] for _, e in events]
+        assert kinds.count("input_audio_buffer.speech_started") == 1, (clip["text"], kinds)
+        assert kinds.count("input_audio_buffer.speech_stopped") == 1, (clip["text"], kinds)
+        partials = [e["transcript"] for _, e in events if e["type"].endswith("transcription.delta")]
         assert partials and all(isinstance(p, str) for p in partials)
+        (stopped_at, _), (final_at, final) = (
+            next((t, e) for t, e in events if e["type"] == kind)
+            for kind in (
+                "input_audio_buffer.speech_stopped",
+                "conversation.item.input_audio_transcription.completed",
+            )
+        )
+        _record("asr_final_after_endpoint_ms", 1000 * (final_at - stopped_at))
+        exact += final["transcript"] == clip["text"]
+        assert kinds.index("input_audio_buffer.speech_started") < kinds.index(
+            "conversation.item.input_audio_transcription.delta"
+        )
     _record("asr_exact", exact)
     assert exact >= 8, f"{exact}/10 exact"
-    assert max(MEASURED["asr_final_after_last_frame_ms"]) < 100
+    assert max(MEASURED["asr_final_after_endpoint_ms"]) < 100
 
 
 def test_recognizer_whole_clip_partials_are_throttled(asr, clips) -> None:
@@ -371,9 +389,10 @@ def test_piper_phoneme_ids_follow_the_documented_format() -> None:
     assert ["".join(p) for p in sentences] == ["ðˈɪs: ˈɪz, ˈeɪ, tˈɛst.", "nˈɛkst!"]
 
 
+@require_module("onnx", install="pip install -e '.[export]' (make install)")
 def test_piper_synthesizer_runs_a_model_with_pipers_signature(tmp_path) -> None:
     """A stand-in graph with Piper's inputs and output shape (256 samples per id)."""
-    onnx = pytest.importorskip("onnx")
+    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(

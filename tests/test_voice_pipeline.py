@@ -4,7 +4,7 @@ prefill, generation and espeak-ng; the KV cache bookkeeping behind incremental p
 from __future__ import annotations
 
 import base64
-import shutil
+import math
 import threading
 import time
 
@@ -12,14 +12,19 @@ import numpy as np
 import pytest
 
 from moe2edge.runtime import Generator, SamplingParams
-from moe2edge.runtime.voice import EspeakSynthesizer, PocketsphinxRecognizer
+from moe2edge.runtime.session import common_prefix_len
+from moe2edge.runtime.voice import (
+    FRAME_SAMPLES,
+    SAMPLE_RATE,
+    EspeakSynthesizer,
+    PocketsphinxRecognizer,
+)
 from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
-from moe2edge.runtime.voice.reply import PromptCache, SpeechText
+from moe2edge.runtime.voice.reply import SpeechText, VoiceConversation
+from tests.conftest import require_tool
 from tests.server_helpers import frames, speech
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("espeak-ng") is None, reason="espeak-ng missing: apt-get install espeak-ng"
-)
+pytestmark = require_tool("espeak-ng", install="apt-get install espeak-ng (make system-deps)")
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +37,11 @@ def greedy(generator: Generator, text: str, n: int = 12) -> str:
 
 
 def test_incremental_prefill_rolls_back_and_matches_a_fresh_prompt(generator) -> None:
-    prompt = PromptCache(generator)
+    prompt = VoiceConversation(generator, history_turns=0)
     final = "turn on the kitchen lights"
     full = generator.encode_prompt(final)
-    assert full[: prompt.base.length] == prompt.base.tokens and prompt.base.length >= 1
+    head = len(prompt.tokens)  # BOS and the template's head, before any word
+    assert full[:head] == prompt.tokens and head >= 1
     ran = []
     for partial in ["turn", "turn off the", "turn off the kitchen", "turn on the kitchen",
                     "turn on the kitchen lights"]:  # fmt: skip
@@ -44,15 +50,17 @@ def test_incremental_prefill_rolls_back_and_matches_a_fresh_prompt(generator) ->
         if words:  # the cache holds exactly the stable words' tokens
             assert prompt.tokens == generator.encode_prompt(" ".join(words))[: len(prompt.tokens)]
     assert sum(ran) > 0
-    cache, rest = prompt.fork(full)
-    assert cache.tokens + rest == full and len(rest) <= 4  # most of the prompt was prefilled
-    reply = "".join(generator.stream(rest, SamplingParams(max_new_tokens=12), cache=cache))
+    conversation = prompt.fork()
+    assert len(full) - common_prefix_len(conversation.tokens, full) <= 4  # mostly prefilled
+    conversation.sync(full)
+    assert conversation.tokens == full
+    reply = "".join(conversation.stream(SamplingParams(max_new_tokens=12)))
     assert reply == greedy(generator, final)
-    # a transcript that disagrees from its first word rolls back below the template prefix
+    # a transcript that disagrees from its first word rolls back to the template's head
     other = generator.encode_prompt("lock the garage door")
-    cache2, rest2 = prompt.fork(other)
-    assert cache2.tokens + rest2 == other
-    reply2 = "".join(generator.stream(rest2, SamplingParams(max_new_tokens=12), cache=cache2))
+    conversation2 = prompt.fork()
+    assert conversation2.sync(other).rewound > 0 and conversation2.tokens == other
+    reply2 = "".join(conversation2.stream(SamplingParams(max_new_tokens=12)))
     assert reply2 == greedy(generator, "lock the garage door")
 
 
@@ -76,6 +84,11 @@ class Collector:
         with self.lock:
             return [e for _, e in self.events if e["type"] == kind]
 
+    def first_at(self, kind: str) -> float:
+        """When the first event of type ``kind`` was emitted (perf_counter)."""
+        with self.lock:
+            return next(t for t, e in self.events if e["type"] == kind)
+
 
 @pytest.mark.parametrize("speculate", [True, False])
 def test_spoken_turn_events_reply_and_timings(generator, tiny_run, speculate) -> None:
@@ -89,13 +102,15 @@ def test_spoken_turn_events_reply_and_timings(generator, tiny_run, speculate) ->
         settings=VoiceSettings(speculate=speculate, max_new_tokens=12, speak_brackets=True),
     ).start()
     utterance = "switch off the fan in the bedroom"
+    pushed: list[float] = []  # when frame i (stream samples 320 i ..) was pushed
     try:
         start = time.perf_counter()
         for i, frame in enumerate(frames(speech(utterance, tail_s=0.5))):
             delay = start + 0.02 * i - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            session.push_audio(frame)
+            pushed.append(time.perf_counter())
+            session.push_audio(frame, pushed[-1])
         assert session.wait_idle(20)
     finally:
         session.close()
@@ -119,11 +134,26 @@ def test_spoken_turn_events_reply_and_timings(generator, tiny_run, speculate) ->
     assert timings["endpoint_delay_ms"] > 250  # the endpoint waits out the silence
     for key in ("final_transcript_ms", "response_latency_ms", "turn_latency_ms"):
         assert timings[key] is not None and timings[key] >= 0, (key, timings)
-    assert timings["turn_latency_ms"] > timings["response_latency_ms"]
     if speculate:  # drafted during the silence: the first token came before the endpoint
         assert timings["first_token_ms"] < 0
     audio = b"".join(base64.b64decode(e["delta"]) for e in emit.of("response.audio.delta"))
     assert len(audio) > 0 and np.abs(np.frombuffer(audio, "<i2")).max() > 1000
+    # the latencies, measured here from known instants: the endpoint is when speech_stopped
+    # went out, the last voiced frame is the one holding audio_end_ms, pushed by this test
+    first_audio = emit.first_at("response.audio.delta")
+    kinds = [e["type"] for _, e in emit.events]
+    assert (
+        kinds.index("input_audio_buffer.speech_stopped")
+        < kinds.index("conversation.item.input_audio_transcription.completed")
+        < kinds.index("response.audio.delta")
+        < kinds.index("turn.timings")
+        < kinds.index("response.done")
+    ), kinds
+    endpoint = emit.first_at("input_audio_buffer.speech_stopped")
+    assert abs(1000 * (first_audio - endpoint) - timings["response_latency_ms"]) < 20, timings
+    end_sample = round(timings["audio_end_ms"] * SAMPLE_RATE / 1000)
+    last_voiced = pushed[math.ceil(end_sample / FRAME_SAMPLES) - 1]
+    assert abs(1000 * (first_audio - last_voiced) - timings["turn_latency_ms"]) < 20, timings
 
 
 def test_prespawned_espeak_sounds_the_same_and_cleans_up() -> None:

@@ -32,13 +32,16 @@ from moe2edge.runtime.server.state import (
     paced_hook,
     require_token,
 )
+from moe2edge.runtime.voice.settings import describe_errors
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 
 
 class BodyLimit:
-    """413 for request bodies over ``max_bytes`` (by Content-Length, or counted as they come)."""
+    """413 for request bodies over ``max_bytes`` (by Content-Length, or counted as they come).
+
+    Our own: neither Starlette nor uvicorn limits HTTP body size."""
 
     def __init__(self, app: Any, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -72,12 +75,29 @@ class BodyLimit:
         )
 
 
+class CountRequests:
+    """Counts every HTTP response below 400 by route and status (errors are counted by the
+    exception handlers). Plain ASGI: it only watches ``http.response.start`` go by."""
+
+    def __init__(self, app: Any, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start" and message["status"] < 400:
+                self.metrics.requests.labels(_route(scope), str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def _validation_message(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        parts.append(f"{where or 'body'}: {err.get('msg', 'invalid')}")
-    return "invalid request: " + "; ".join(parts)
+    """Field by field; NaN and Infinity (which Python's JSON parser accepts) are refused by
+    the request models (``allow_inf_nan=False``) and named here like any bad value."""
+    return "invalid request: " + describe_errors(exc.errors())
 
 
 def create_app(
@@ -86,8 +106,7 @@ def create_app(
     step_hook: Any = None,
     concurrency_limiter: Any = None,
 ) -> FastAPI:
-    """The service around ``generator`` (a loaded bundle)."""
-    config.validate()
+    """The service around ``generator`` (a loaded bundle); ``config`` was checked when made."""
     scheduler = Scheduler(config.slots, config.queue, concurrency_limiter, config.retry_after_s)
     metrics = Metrics()
     model_id = config.model_name or generator.engine.bundle_dir.resolve().name
@@ -115,7 +134,7 @@ def create_app(
 
     @app.exception_handler(APIError)
     async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        metrics.requests.labels(_route(_request), str(exc.status)).inc()
+        metrics.requests.labels(_route(_request.scope), str(exc.status)).inc()
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -131,13 +150,7 @@ def create_app(
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         return await api_error(_request, APIError(400, _validation_message(exc)))
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        if response.status_code < 400:  # errors are counted by the handlers above
-            metrics.requests.labels(_route(request), str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(openai_api.router)
     app.include_router(voice_ws.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -177,6 +190,6 @@ def create_app(
     return app
 
 
-def _route(request: Request) -> str:
-    route = request.scope.get("route")
+def _route(scope: dict) -> str:
+    route = scope.get("route")
     return getattr(route, "path", None) or "unmatched"

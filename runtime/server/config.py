@@ -1,7 +1,9 @@
-"""The service's settings: one flat dataclass, from YAML and ``key=value`` overrides.
+"""The service's settings: one flat pydantic model, from YAML and ``key=value`` overrides.
 
 Flat on purpose: every key can be overridden on the command line as ``key=value``
-(``moe2edge serve BUNDLE vad_end_silence_ms=250 slots=1``).
+(``moe2edge serve BUNDLE vad_end_silence_ms=250 slots=1``). Every number has a range and
+NaN / Infinity are refused; a bad value stops start-up with a message naming the key.
+The voice keys share their ranges with a session's ``VoiceSettings``.
 
 The YAML + ``key=value`` loading mirrors ``distill/config.py`` on purpose: the runtime is
 the leaf package and may not import ``distill`` (which needs torch), so the small loader
@@ -10,91 +12,104 @@ is kept here rather than shared.
 
 from __future__ import annotations
 
-import dataclasses
 import types
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moe2edge.runtime.errors import RuntimeUserError
+from moe2edge.runtime.voice.settings import (
+    MAX_NEW_TOKENS,
+    AudioChunkMs,
+    AudioLeadMs,
+    EndSilenceMs,
+    HistoryTurns,
+    MinSpeechMs,
+    PrerollMs,
+    SpeculateAfterMs,
+    Temperature,
+    VadThreshold,
+    describe_errors,
+)
 
 
-@dataclass
-class ServerConfig:
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        validate_assignment=True,
+        allow_inf_nan=False,
+        coerce_numbers_to_str=True,  # `token: 1234` in YAML is the string "1234"
+    )
+
     # where and who
-    host: str = "127.0.0.1"  # loopback unless told otherwise
-    port: int = 8000
+    host: str = Field("127.0.0.1", min_length=1)  # loopback unless told otherwise
+    port: int = Field(8000, ge=0, le=65535)
     token: str | None = None  # bearer token; None: no authentication
     model_name: str | None = None  # the id /v1/models reports (default: the bundle's folder name)
-    cors_origins: list[str] = dataclasses.field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
     # engine
-    device: str = "cpu"
-    threads: int = 1  # ORT intra-op threads per session (1 is fastest for batch-1 on 2 cores)
+    device: Literal["cpu", "cuda", "tensorrt", "tensorrt-native"] = "cpu"
+    threads: int = Field(1, ge=1, le=256)  # ORT intra-op threads per session (1: batch-1, 2 cores)
     # limits
-    max_body_bytes: int = 256 * 1024  # larger request bodies get 413
-    max_prompt_tokens: int | None = None  # None: the model's context minus one
-    max_new_tokens_limit: int = 512  # the most any request may ask for
-    slots: int = 2  # generations running at once
-    queue: int = 8  # generations waiting for a slot; beyond that 429 with Retry-After
-    retry_after_s: float = 1.0  # the smallest Retry-After given
+    max_body_bytes: int = Field(256 * 1024, ge=1024, le=1 << 30)  # larger bodies get 413
+    max_prompt_tokens: int | None = Field(None, ge=1, le=1 << 20)  # None: the context minus one
+    max_new_tokens_limit: int = Field(512, ge=1, le=1 << 20)  # the most any request may ask for
+    slots: int = Field(2, ge=1, le=1024)  # generations running at once
+    queue: int = Field(8, ge=0, le=1 << 16)  # waiting for a slot; beyond that 429 + Retry-After
+    retry_after_s: float = Field(1.0, ge=0, le=3600)  # the smallest Retry-After given
     # voice
     voice_enabled: bool = True
-    max_voice_sessions: int = 4
-    max_ws_message_bytes: int = 64 * 1024  # larger WebSocket messages get an error event
+    max_voice_sessions: int = Field(4, ge=1, le=1024)
+    max_ws_message_bytes: int = Field(64 * 1024, ge=1024, le=16 << 20)  # larger: error event
     recognizer: str = "pocketsphinx"
-    recognizer_options: dict = dataclasses.field(default_factory=dict)
+    recognizer_options: dict[str, Any] = Field(default_factory=dict)
     grammar: str | None = None  # JSGF file for the recognizer (strongly recommended)
-    tts: str = "espeak"  # "espeak" or "piper"
-    tts_voice: str = "en-us"  # espeak-ng voice
-    tts_speed_wpm: int = 175
+    tts: Literal["espeak", "piper"] = "espeak"
+    tts_voice: str = Field("en-us", min_length=1)  # espeak-ng voice
+    tts_speed_wpm: int = Field(175, ge=80, le=500)
     piper_model: str | None = None  # voice.onnx (with voice.onnx.json beside it) when tts=piper
-    vad_threshold: float = 0.5
-    vad_min_speech_ms: float = 96.0
-    vad_end_silence_ms: float = 300.0  # the endpoint setting: silence that ends a turn
-    preroll_ms: float = 300.0
+    vad_threshold: VadThreshold = 0.5
+    vad_min_speech_ms: MinSpeechMs = 96.0
+    vad_end_silence_ms: EndSilenceMs = 300.0  # the endpoint setting: silence that ends a turn
+    preroll_ms: PrerollMs = 300.0
     barge_in: bool = True
     speculate: bool = True  # draft the reply during the end-of-turn silence
-    speculate_after_ms: float = 96.0  # silence before the draft starts
-    audio_chunk_ms: float = 100.0
-    audio_lead_ms: float = 300.0  # how far audio is sent ahead of real-time playback
-    voice_max_new_tokens: int | None = None  # None: the bundle's default
-    voice_temperature: float = 0.0
+    speculate_after_ms: SpeculateAfterMs = 96.0  # silence before the draft starts
+    audio_chunk_ms: AudioChunkMs = 100.0
+    audio_lead_ms: AudioLeadMs = 300.0  # how far audio is sent ahead of real-time playback
+    voice_max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)  # None: the bundle's
+    voice_temperature: Temperature = 0.0
     speak_brackets: bool = False  # False: [action tags] are shown but not spoken
+    voice_history_turns: HistoryTurns = 4  # finished turns a voice prompt includes (0: none)
 
-    def validate(self) -> None:
-        if self.slots < 1 or self.queue < 0:
-            raise RuntimeUserError("slots must be >= 1 and queue >= 0")
-        if self.max_body_bytes < 1024:
-            raise RuntimeUserError("max_body_bytes must be at least 1024")
-        if self.vad_end_silence_ms <= 0:
-            raise RuntimeUserError("vad_end_silence_ms must be > 0")
-        if self.tts not in ("espeak", "piper"):
-            raise RuntimeUserError(f"tts must be 'espeak' or 'piper', not {self.tts!r}")
+    @model_validator(mode="after")
+    def _files(self) -> ServerConfig:
         if self.tts == "piper" and not self.piper_model:
-            raise RuntimeUserError("tts=piper needs piper_model=/path/to/voice.onnx")
+            raise ValueError("tts=piper needs piper_model=/path/to/voice.onnx")
         if self.grammar and not Path(self.grammar).is_file():
-            raise RuntimeUserError(f"grammar file {self.grammar} does not exist")
+            raise ValueError(f"grammar file {self.grammar} does not exist")
+        return self
 
 
-def _coerce(value: str, annotation: Any) -> Any:
-    if isinstance(annotation, str):
-        annotation = eval(annotation, vars(typing))  # from __future__ annotations
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        if value.lower() in ("none", "null"):
-            return None
-        annotation = [a for a in typing.get_args(annotation) if a is not type(None)][0]
-    if annotation is bool:
-        if value.lower() in ("1", "true", "yes", "on"):
-            return True
-        if value.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {value!r}")
-    if annotation in (int, float, str):
-        return annotation(value)
-    return yaml.safe_load(value)
+def _override_value(key: str, raw: str) -> Any:
+    """A ``key=value`` string as the value to validate: None for none/null where the key
+    takes None, YAML for lists and mappings, else the string (pydantic reads "8" as 8
+    and "off" as False, and names what it cannot read)."""
+    annotation = ServerConfig.model_fields[key].annotation
+    args = typing.get_args(annotation)
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    if raw.lower() in ("none", "null") and union and type(None) in args:
+        return None
+    inner = next((a for a in args if a is not type(None)), annotation) if union else annotation
+    if typing.get_origin(inner) in (list, dict):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise RuntimeUserError(f"bad value for {key}: not YAML ({exc})") from None
+    return raw
 
 
 def load_server_config(
@@ -102,7 +117,7 @@ def load_server_config(
 ) -> ServerConfig:
     """YAML file (optional), then ``values`` (from CLI flags), then ``key=value`` overrides."""
     merged: dict[str, Any] = {}
-    fields = {f.name: f for f in dataclasses.fields(ServerConfig)}
+    fields = sorted(ServerConfig.model_fields)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -112,19 +127,19 @@ def load_server_config(
             raise RuntimeUserError(f"{path} must hold a YAML mapping of config keys")
         unknown = sorted(set(loaded) - set(fields))
         if unknown:
-            raise RuntimeUserError(f"unknown keys {unknown} in {path}; valid: {sorted(fields)}")
+            raise RuntimeUserError(f"unknown keys {unknown} in {path}; valid: {fields}")
         merged.update(loaded)
     merged.update({k: v for k, v in values.items() if v is not None})
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key not in fields:
             raise RuntimeUserError(
-                f"bad override {item!r}: use key=value with a key among {sorted(fields)}"
+                f"bad override {item!r}: use key=value with a key among {fields}"
             )
-        try:
-            merged[key] = _coerce(raw, fields[key].type)
-        except ValueError as exc:
-            raise RuntimeUserError(f"bad value for {key}: {exc}") from exc
-    config = ServerConfig(**merged)
-    config.validate()
-    return config
+        merged[key] = _override_value(key, raw)
+    try:
+        return ServerConfig(**merged)
+    except ValidationError as exc:
+        where = f" (config {path})" if path is not None else ""
+        message = describe_errors(exc.errors(), prefix="bad value for ")
+        raise RuntimeUserError(message + where) from None

@@ -1,8 +1,10 @@
 """The OpenAI-compatible text API: /v1/models, /v1/completions, /v1/chat/completions.
 
 Requests are typed pydantic models; the service state comes in through FastAPI
-dependencies. Streaming answers are server-sent events in OpenAI's chunk format, ending
-with ``data: [DONE]``. Every generation holds a scheduler slot; if the client goes away
+dependencies. A prompt (a chat rendered by ``render_chat``, as voice renders its history)
+runs in a ``Conversation`` (runtime/session.py), the mechanism voice runs on too.
+Streaming answers are server-sent events in OpenAI's chunk format, ending with
+``data: [DONE]``. Every generation holds a scheduler slot; if the client goes away
 mid-stream the generation is cancelled and the slot given back at once.
 """
 
@@ -24,6 +26,7 @@ from moe2edge.runtime.generate import GenerationResult
 from moe2edge.runtime.sampling import SamplingParams
 from moe2edge.runtime.server.scheduler import Overloaded, Slot
 from moe2edge.runtime.server.state import APIError, ServiceState, get_state, require_token
+from moe2edge.runtime.session import render_chat
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 State = Annotated[ServiceState, Depends(get_state)]
@@ -51,26 +54,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+MaxTokens = Annotated[int, Field(ge=1, le=1 << 20)]  # the server's limit is checked later
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields are accepted and ignored
+    # Unknown OpenAI fields are accepted and ignored. Every number has a range, and NaN /
+    # Infinity (which Python's JSON parser reads from the literals) are refused: a 400.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=0, le=1 << 20)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)  # numpy's generator takes no negatives
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=128)  # only 1 is served; sampling_params says so
     user: str | None = None
 
 
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: MaxTokens | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -81,22 +89,13 @@ class CompletionRequest(_Sampling):
 # --- prompt building ----------------------------------------------------------------------
 
 
-def render_chat(state: ServiceState, messages: list[ChatMessage]) -> str:
-    """Messages -> the bundle's conversation format (its prompt template for user turns,
-    `` reply<end-of-turn>`` for assistant turns; system text leads the first user turn)."""
+def chat_prompt(state: ServiceState, messages: list[ChatMessage]) -> list[int]:
+    """Messages -> prompt ids in the bundle's conversation format (``render_chat``, as the
+    voice pipeline renders its history: the prompt template for user turns, `` reply`` and
+    the end-of-turn token for assistant turns; system text leads the first user turn)."""
     if messages[-1].role != "user":
         raise APIError(400, "the last message must have role 'user'", param="messages")
-    gen = state.generator
-    end = gen.tokenizer.id_to_token(gen.eos_token_ids[0]) if gen.eos_token_ids else ""
-    system = "\n".join(m.text() for m in messages if m.role in ("system", "developer"))
-    parts: list[str] = []
-    for m in messages:
-        if m.role == "user":
-            text = f"{system}\n{m.text()}" if system and not parts else m.text()
-            parts.append(gen.prompt_template.format(prompt=text))
-        elif m.role == "assistant":
-            parts.append(f" {m.text()}{end}")
-    return "".join(parts)
+    return render_chat(state.generator, [(m.role, m.text()) for m in messages])
 
 
 def encode(state: ServiceState, text: str, template: bool) -> list[int]:
@@ -191,8 +190,10 @@ async def pieces(
 
     def work() -> None:
         try:
-            for piece in state.generator.stream(
-                prompt_ids, params, result=result, step_hook=state.step_hook, cancel=cancel
+            conversation = state.conversation_for(prompt_ids)
+            conversation.sync(prompt_ids)
+            for piece in conversation.stream(
+                params, result, cancel=cancel, step_hook=state.step_hook
             ):
                 put(piece)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
@@ -222,16 +223,16 @@ async def pieces(
             slot.release()
             state.metrics.cancelled.labels("client_disconnected").inc()
         state.metrics.tokens.inc(len(result.token_ids))
-        state.metrics.prompt_tokens.inc(result.prompt_tokens)
+        state.metrics.prompt_tokens.inc(len(prompt_ids))
         state.refresh_gauges()
 
 
-def usage(result: GenerationResult) -> dict[str, int]:
+def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, int]:
     n = len(result.token_ids)
     return {
-        "prompt_tokens": result.prompt_tokens,
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": n,
-        "total_tokens": result.prompt_tokens + n,
+        "total_tokens": prompt_tokens + n,
     }
 
 
@@ -263,7 +264,7 @@ async def list_models(state: State) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, state: State, request: Request):
-    prompt_ids = encode(state, render_chat(state, req.messages), template=False)
+    prompt_ids = chat_prompt(state, req.messages)
     params = sampling_params(
         state, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens
     )
@@ -300,7 +301,9 @@ async def _complete(
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice.update(text=text, logprobs=None)
-        return JSONResponse({**base, "object": kind, "choices": [choice], "usage": usage(result)})
+        return JSONResponse(
+            {**base, "object": kind, "choices": [choice], "usage": usage(result, len(prompt_ids))}
+        )
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -331,7 +334,7 @@ async def _complete(
                         **base,
                         "object": "chat.completion.chunk" if chat else kind,
                         "choices": [],
-                        "usage": usage(result),
+                        "usage": usage(result, len(prompt_ids)),
                     }
                 )
         except Exception as exc:  # headers are gone: report in the stream, then end it

@@ -7,6 +7,9 @@ that disconnects mid-stream frees its slot at once.
 
 An optional ``limiter`` (duck-typed: anything with ``allowed_concurrency() -> int``, such
 as the Jetson power governor) lowers the number of usable slots at run time.
+
+Our own code, not an ``asyncio.Semaphore``: the wait queue is bounded, the capacity moves
+with the limiter, and Retry-After needs the queue depth and the mean slot time.
 """
 
 from __future__ import annotations

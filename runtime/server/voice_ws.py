@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import json
 import logging
 import threading
@@ -18,14 +19,16 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
 
 from moe2edge.runtime.server.scheduler import Overloaded
 from moe2edge.runtime.server.state import ServiceState, check_token
 from moe2edge.runtime.voice.asr import make_recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE
-from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
+from moe2edge.runtime.voice.pipeline import VoiceSession
 from moe2edge.runtime.voice.prespawn import PrespawnedEspeak
-from moe2edge.runtime.voice.reply import PromptCache, new_id
+from moe2edge.runtime.voice.reply import new_id
+from moe2edge.runtime.voice.settings import MAX_NEW_TOKENS, VoiceSettings, describe_errors
 from moe2edge.runtime.voice.tts import PiperSynthesizer, Synthesizer
 from moe2edge.runtime.voice.vad import VoiceActivityDetector
 
@@ -42,7 +45,8 @@ CLIENT_EVENTS = (
 
 
 class VoiceResources:
-    """What voice sessions share: the synthesizer, the template prefix's KV cache, settings."""
+    """What voice sessions share: the synthesizer and the settings (the KV cache of the
+    prompts' common prefix is shared through the engine's ``PrefixStore``)."""
 
     def __init__(self, state: ServiceState) -> None:
         cfg = self.config = state.config
@@ -51,7 +55,6 @@ class VoiceResources:
             self.synthesizer: Synthesizer = PiperSynthesizer(cfg.piper_model)
         else:
             self.synthesizer = PrespawnedEspeak(voice=cfg.tts_voice, speed_wpm=cfg.tts_speed_wpm)
-        self.base_cache = PromptCache(state.generator).base
         self.sessions = 0
         self._lock = threading.Lock()
         self.make_recognizer()  # fail at start-up (bad grammar, missing backend), not per call
@@ -77,11 +80,13 @@ class VoiceResources:
             barge_in=c.barge_in,
             speculate=c.speculate,
             speculate_after_ms=c.speculate_after_ms,
-            max_new_tokens=c.voice_max_new_tokens or self.state.generator.default_max_new_tokens,
+            max_new_tokens=c.voice_max_new_tokens
+            or min(self.state.generator.default_max_new_tokens, MAX_NEW_TOKENS),
             temperature=c.voice_temperature,
             speak_brackets=c.speak_brackets,
             audio_chunk_ms=c.audio_chunk_ms,
             audio_lead_ms=c.audio_lead_ms,
+            history_turns=c.voice_history_turns,
         )
 
     def try_open(self) -> bool:
@@ -147,7 +152,9 @@ def parse_session_update(session: Any) -> dict[str, Any]:
     if isinstance(fmt, dict):  # {"type": "audio/pcm", "rate": 24000} (GA shape)
         rate = fmt.get("rate", rate)
         fmt = fmt.get("type")
-    audio_in = (session.get("audio") or {}).get("input", {}).get("format")
+    audio_in = session.get("audio") or {}
+    for key in ("input", "format"):  # {"audio": {"input": {"format": {...}}}}
+        audio_in = audio_in.get(key) if isinstance(audio_in, dict) else None
     if isinstance(audio_in, dict):
         rate = audio_in.get("rate", rate)
         fmt = audio_in.get("type", fmt)
@@ -159,35 +166,44 @@ def parse_session_update(session: Any) -> dict[str, Any]:
             "mono PCM16; resample on the client (the web page at / does) and send 16000"
         )
     changes: dict[str, Any] = {}
+    where: dict[str, str] = {}  # setting -> where the client wrote it, for error messages
+
+    def take(name: str, value: Any, path: str) -> None:
+        changes[name], where[name] = value, path
+
     if "turn_detection" in session:
         td = session["turn_detection"]
         if td is None:
-            changes["turn_detection"] = False
+            take("turn_detection", False, "session.turn_detection")
         elif isinstance(td, dict) and td.get("type", "server_vad") == "server_vad":
-            changes["turn_detection"] = True
+            take("turn_detection", True, "session.turn_detection")
             for key, name in (
                 ("silence_duration_ms", "end_silence_ms"),
                 ("threshold", "vad_threshold"),
                 ("prefix_padding_ms", "preroll_ms"),
             ):
                 if key in td:
-                    changes[name] = td[key]
+                    take(name, td[key], f"session.turn_detection.{key}")
         else:
             raise ValueError("turn_detection must be null or {'type': 'server_vad', ...}")
     if "max_response_output_tokens" in session:
         value = session["max_response_output_tokens"]
-        changes["max_new_tokens"] = 4096 if value == "inf" else value
+        value = MAX_NEW_TOKENS if value == "inf" else value
+        take("max_new_tokens", value, "session.max_response_output_tokens")
     if "temperature" in session:
-        changes["temperature"] = session["temperature"]
+        take("temperature", session["temperature"], "session.temperature")
     extra = session.get("moe2edge") or {}
     if not isinstance(extra, dict):
         raise ValueError("session.moe2edge must be an object of settings")
-    changes.update(extra)
-    for key, value in changes.items():
-        if key != "turn_detection" and (
-            isinstance(value, str) or not isinstance(value, int | float)
-        ):
-            raise ValueError(f"setting {key} must be a number or boolean, got {value!r}")
+    known = sorted(f.name for f in dataclasses.fields(VoiceSettings))
+    for name, value in extra.items():
+        if name not in known:
+            raise ValueError(f"unknown setting session.moe2edge.{name}; known: {known}")
+        take(name, value, f"session.moe2edge.{name}")
+    try:  # each value against its range (no range depends on another setting)
+        VoiceSettings(**changes)
+    except ValidationError as exc:
+        raise ValueError(describe_errors(exc.errors(), where)) from None
     return changes
 
 
@@ -271,7 +287,6 @@ async def realtime(websocket: WebSocket) -> None:
                     min_speech_ms=settings.min_speech_ms,
                     end_silence_ms=settings.end_silence_ms,
                 ),
-                prompt_cache=PromptCache(state.generator, voice.base_cache),
                 acquire_slot=acquire_slot,
                 step_hook=state.step_hook,
                 metrics=state.metrics,
@@ -341,7 +356,11 @@ async def _receive_loop(
                 error_event("invalid_event", "an event must be a JSON object with a string 'type'")
             )
             continue
-        _handle_event(session, event, arrived, emit)
+        try:
+            _handle_event(session, event, arrived, emit)
+        except Exception as exc:  # never let one bad event end the session
+            log.exception("voice event %r failed", event.get("type"))
+            emit(error_event("server_error", f"this event failed: {exc}", type="server_error"))
 
 
 def _push(session: VoiceSession, pcm: bytes, arrived: float, emit, event_id: Any = None) -> None:
@@ -361,6 +380,8 @@ def _push(session: VoiceSession, pcm: bytes, arrived: float, emit, event_id: Any
 
 def _handle_event(session: VoiceSession, event: dict, arrived: float, emit) -> None:
     kind, event_id = event["type"], event.get("event_id")
+    if not isinstance(event_id, str | int) or isinstance(event_id, bool):
+        event_id = None  # echoed in error events: only an id, never a NaN
     if kind == "input_audio_buffer.append":
         try:
             pcm = base64.b64decode(event.get("audio") or "", validate=True)

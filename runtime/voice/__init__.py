@@ -1,7 +1,8 @@
 """Voice building blocks for the on-device assistant: audio helpers, VAD, ASR and TTS.
 
-Only numpy, onnxruntime, the stdlib, pocketsphinx (imported by its recognizer) and the
-espeak-ng binary are used here: nothing from torch, transformers or the build packages.
+Only numpy, onnxruntime, soxr, pydantic, the stdlib, pocketsphinx (imported by its
+recognizer) and the espeak-ng binary are used here: nothing from torch, transformers or
+the build packages.
 """
 
 from moe2edge.runtime.voice.asr import (

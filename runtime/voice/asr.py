@@ -74,7 +74,8 @@ def grammar_words(jsgf: str) -> list[str]:
     """The words (terminals) a JSGF grammar uses, lower-cased, in first-seen order.
 
     A rough scan (rule names, tags, weights and operators removed) used to name the words a
-    dictionary lacks when pocketsphinx rejects a grammar.
+    dictionary lacks when pocketsphinx rejects a grammar (pocketsphinx parses the grammar
+    itself; this only has to find words for the error message, so no JSGF parser is kept).
     """
     body = re.sub(r"//[^\n]*|/\*.*?\*/", " ", jsgf, flags=re.S)
     lines = [

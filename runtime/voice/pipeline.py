@@ -8,13 +8,18 @@ session's own input thread:
   gets a pre-roll of the audio before the decision), ``speech_end`` closes it once
   ``end_silence_ms`` of silence follows the last voiced window (the endpoint).
 - The recognizer decodes as audio arrives; each partial transcript's stable words (all
-  but the last) are prefilled into the turn's KV cache (``PromptCache``).
+  but the last) are prefilled into the conversation's KV cache (``VoiceConversation``,
+  over runtime/session.py's ``Conversation``), after the last ``history_turns`` turns.
 - Draft: once ``speculate_after_ms`` of silence follows speech, the reply to the latest
   partial is generated *held* (text and first audio ready, nothing sent). At the endpoint,
   if the final transcript equals the draft's, the draft is released and its audio goes out
   at once; otherwise it is discarded and the reply is generated from the final transcript.
 - Barge-in: speech that starts while a reply is being sent cancels its generation and
   synthesis (``response.done`` with status ``cancelled``, reason ``turn_detected``).
+- History: once a sent reply is done (completed, cut or cancelled, if it said anything),
+  its turn joins the history the next prompts are rendered after (``history_turns``,
+  0: every utterance starts afresh); a reply started before that turn was done does not
+  include it.
 
 Events (dicts shaped like the OpenAI Realtime API's server events, see
 docs/voice-protocol.md) go to ``emit``, which must be thread-safe.
@@ -28,57 +33,21 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.session import Conversation, common_prefix_len
 from moe2edge.runtime.voice.asr import Recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE, validate_frame
-from moe2edge.runtime.voice.reply import Emit, PromptCache, Reply, ReplyOptions, TurnTimes, new_id
+from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, VoiceConversation, new_id
+from moe2edge.runtime.voice.settings import VoiceSettings
 from moe2edge.runtime.voice.tts import Synthesizer
 from moe2edge.runtime.voice.vad import SPEECH_START, WINDOW_SAMPLES, VadEvent, VoiceActivityDetector
 
 log = logging.getLogger(__name__)
 
 WINDOW_MS = 1000 * WINDOW_SAMPLES / SAMPLE_RATE
-
-
-@dataclass
-class VoiceSettings:
-    """Per-session settings (a client may change them with ``session.update``)."""
-
-    end_silence_ms: float = 300.0
-    vad_threshold: float = 0.5
-    min_speech_ms: float = 96.0
-    preroll_ms: float = 300.0
-    turn_detection: bool = True  # False: the client ends turns with input_audio_buffer.commit
-    barge_in: bool = True
-    speculate: bool = True
-    speculate_after_ms: float = 96.0
-    max_new_tokens: int = 64
-    temperature: float = 0.0
-    speak_brackets: bool = False
-    first_phrase_words: int = 4
-    audio_chunk_ms: float = 100.0
-    audio_lead_ms: float = 300.0
-    max_frame_ms: float = 1000.0
-
-    def update(self, **values: Any) -> None:
-        known = {f.name: f for f in fields(self)}
-        for key, value in values.items():
-            if key not in known:
-                raise ValueError(f"unknown voice setting {key!r}; known: {sorted(known)}")
-            setattr(self, key, type(getattr(self, key))(value))
-
-    def reply_options(self) -> ReplyOptions:
-        return ReplyOptions(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            speak_brackets=self.speak_brackets,
-            first_phrase_words=self.first_phrase_words,
-            audio_chunk_ms=self.audio_chunk_ms,
-            audio_lead_ms=self.audio_lead_ms,
-        )
 
 
 class VoiceSession:
@@ -92,7 +61,7 @@ class VoiceSession:
         emit: Emit,
         settings: VoiceSettings | None = None,
         vad: VoiceActivityDetector | None = None,
-        prompt_cache: PromptCache | None = None,
+        conversation: Conversation | None = None,
         acquire_slot: Callable[[bool], Callable[[], None]] | None = None,
         step_hook: Callable[[], None] | None = None,
         metrics: Any = None,
@@ -105,7 +74,7 @@ class VoiceSession:
             min_speech_ms=self.settings.min_speech_ms,
             end_silence_ms=self.settings.end_silence_ms,
         )
-        self.prompt = prompt_cache or PromptCache(generator)
+        self.prompt = VoiceConversation(generator, self.settings.history_turns, conversation)
         self.acquire_slot, self.step_hook, self.metrics = acquire_slot, step_hook, metrics
         self._inbox: queue.Queue = queue.Queue()
         self.max_backlog = 1500  # queued frames (30 s of 20 ms frames) before frames are refused
@@ -169,13 +138,19 @@ class VoiceSession:
             self._thread.join(timeout)
 
     def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Block until queued audio is processed and no reply is running (for tests)."""
-        done = threading.Event()
-        self.call(done.set)
-        if not done.wait(timeout):
+        """Block until queued audio is processed, no reply is running and its turn is in
+        the history (for tests)."""
+        if not self._drain(timeout):
             return False
         reply = self.reply
-        return reply is None or reply.done.wait(timeout)
+        if reply is not None and not reply.done.wait(timeout):
+            return False
+        return self._drain(timeout)  # a reply queues its turn's bookkeeping before it is done
+
+    def _drain(self, timeout: float) -> bool:
+        done = threading.Event()
+        self.call(done.set)
+        return done.wait(timeout)
 
     # --- input thread ------------------------------------------------------------------------
 
@@ -223,6 +198,8 @@ class VoiceSession:
         self.vad.off_threshold = max(0.01, s.vad_threshold - 0.15)
         self.vad.min_speech_samples = int(s.min_speech_ms * SAMPLE_RATE / 1000)
         self.vad.end_silence_samples = int(s.end_silence_ms * SAMPLE_RATE / 1000)
+        if s.history_turns != self.prompt.turns.maxlen:
+            self.prompt.set_history_turns(s.history_turns)
 
     def _ms(self, vad_sample: int) -> float:
         return round(1000 * (self._origin + vad_sample) / SAMPLE_RATE, 1)
@@ -273,7 +250,7 @@ class VoiceSession:
     def _open_utterance(self, event: VadEvent | None) -> None:
         self._item_id = new_id("item")
         self._partial = ""
-        self.prompt.reset()
+        self._prefill("")
         self.asr.start_utterance()
         self._utterance = True
         if event is not None:
@@ -310,8 +287,11 @@ class VoiceSession:
                 "transcript": partial,
             }
         )
+        self._prefill(partial)
+
+    def _prefill(self, partial: str) -> None:
         try:
-            self.prompt.prefill_partial(partial)
+            self.prompt.prefill_partial(partial, reserve=self.settings.max_new_tokens)
         except Exception:  # e.g. a transcript longer than the context: prefilled at the end
             log.debug("incremental prefill skipped", exc_info=True)
 
@@ -371,7 +351,12 @@ class VoiceSession:
             if draft is not None:
                 draft.discard()
             return
-        usable = draft is not None and draft.transcript == transcript and draft.error is None
+        usable = (
+            draft is not None
+            and draft.transcript == transcript
+            and draft.error is None
+            and draft.prompt_ids == self._prompt(transcript)  # no turn was added meanwhile
+        )
         if draft is not None and usable:
             draft.times.last_voiced, draft.times.endpoint = times.last_voiced, times.endpoint
             draft.times.final_transcript = times.final_transcript
@@ -392,8 +377,11 @@ class VoiceSession:
         if draft is not None and self.metrics is not None:
             self.metrics.speculation.labels("used" if usable else "missed").inc()
 
+    def _prompt(self, transcript: str) -> list[int]:
+        return self.prompt.prompt(transcript, final=True, reserve=self.settings.max_new_tokens)
+
     def _make_reply(self, transcript: str, times: TurnTimes, held: bool) -> Reply | None:
-        prompt_ids = self.prompt.prompt_ids(transcript)
+        prompt_ids = self._prompt(transcript)
         room = self.generator.engine.max_length - len(prompt_ids)
         if room < 1:
             if not held:
@@ -410,19 +398,21 @@ class VoiceSession:
                     }
                 )
             return None
-        cache, rest = self.prompt.fork(prompt_ids)
+        conversation = self.prompt.fork()
         options = self.settings.reply_options()
         options.max_new_tokens = min(options.max_new_tokens, room)
         times.extra["prompt_tokens"] = len(prompt_ids)
-        times.extra["prefilled_tokens"] = cache.length
+        times.extra["prefilled_tokens"] = min(
+            common_prefix_len(conversation.tokens, prompt_ids), len(prompt_ids) - 1
+        )
         return Reply(
             self.generator,
             self.tts,
             self.emit,
             transcript,
             self._item_id or new_id("item"),
-            cache,
-            rest,
+            conversation,
+            prompt_ids,
             options,
             times,
             held=held,
@@ -432,10 +422,27 @@ class VoiceSession:
         )
 
     def _on_reply_done(self, reply: Reply) -> None:
-        if not reply.released or self.metrics is None:
+        """(The reply's speech thread.) A sent reply's turn joins the history."""
+        if not reply.released:
             return
-        self.metrics.voice_turns.labels(reply.status).inc()
-        self.metrics.observe_turn(reply.timings)
+        self.call(lambda: self._end_turn(reply))
+        if self.metrics is not None:
+            self.metrics.voice_turns.labels(reply.status).inc()
+            self.metrics.observe_turn(reply.timings)
+
+    def _end_turn(self, reply: Reply) -> None:
+        if reply.error is not None or not reply.result.token_ids:
+            return  # it said nothing: the turn is not remembered
+        try:
+            self.prompt.add_turn(
+                reply.transcript,
+                reply.result.text,
+                reply.conversation,
+                speaking=self._partial if self._utterance else "",
+                reserve=self.settings.max_new_tokens,
+            )
+        except Exception:  # the next prompt is prefilled when it comes
+            log.debug("prefill of the history skipped", exc_info=True)
 
     def _commit(self) -> None:
         if self._utterance:

@@ -1,10 +1,12 @@
-"""One spoken reply: incremental prefill, generation, streaming synthesis, paced audio out.
+"""One spoken reply, and the conversation it belongs to.
 
-``PromptCache`` keeps the KV cache of the user turn being spoken: the prompt template's
-prefix is computed once, the stable words of each partial transcript are appended as they
-arrive, and when a later transcript disagrees the cache rolls back to the longest common
-prefix (snapshots are cheap: ``KVCache.copy()`` shares the arrays, which ``forward``
-replaces rather than changes).
+``VoiceConversation`` is a voice session's conversation: the last ``history_turns`` turns
+(user text and reply, rendered with the bundle's chat template by ``render_chat``) and one
+``Conversation`` (runtime/session.py, the same mechanism the HTTP API runs on) whose KV
+cache is kept in step with the turn being spoken: the stable words of each partial
+transcript are prefilled as they arrive, and when a later transcript disagrees the cache
+rewinds to the longest common prefix. A reply runs in a ``fork`` of it (storage shared
+until written), so a draft can be dropped without touching the session's cache.
 
 ``Reply`` runs a generation thread (text deltas, holding a scheduler slot only while it
 decodes) and a speech thread (phrases -> audio chunks sent at most ``audio_lead_ms`` ahead
@@ -22,14 +24,19 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from moe2edge.runtime.engine import KVCache
 from moe2edge.runtime.generate import GenerationResult, Generator
 from moe2edge.runtime.sampling import SamplingParams
-from moe2edge.runtime.session import common_prefix_len
+from moe2edge.runtime.session import (
+    Conversation,
+    common_prefix_len,
+    render_chat,
+    user_tokens,
+)
 from moe2edge.runtime.voice.audio import SAMPLE_RATE, float32_to_pcm16
 from moe2edge.runtime.voice.tts import PhraseSplitter, Synthesizer
 
@@ -42,85 +49,90 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
 
 
-class PromptCache:
-    """The KV cache of the user turn being spoken, kept in step with its partial transcripts."""
+class VoiceConversation:
+    """The turns a voice session remembers and the KV cache of its next prompt.
 
-    def __init__(self, generator: Generator, base: KVCache | None = None) -> None:
+    ``history_turns``: how many finished turns later prompts include (0: none, every
+    utterance starts afresh). Older turns are dropped first, and so is any turn that would
+    leave less than ``reserve`` positions for the reply. Used from the session's input
+    thread only; replies run in forks.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        history_turns: int = 4,
+        conversation: Conversation | None = None,
+    ) -> None:
         self.generator = generator
-        template = generator.prompt_template
-        self.prefix_text = template.split("{prompt}")[0] if "{prompt}" in template else None
-        if base is None:
-            # What the template puts before any transcript, as tokens: the common prefix of
-            # a few prompts (the space before the first word may merge into that word).
-            prompts = [generator.encode_prompt(w) for w in ("the", "turn", "what", "I", "a", "x")]
-            prefix = prompts[0]
-            for ids in prompts[1:]:
-                prefix = prefix[: common_prefix_len(prefix, ids)]
-            base = generator.engine.new_cache()
-            if prefix:
-                generator.engine.forward(prefix, base)
-        self.base = base
-        self.empty = generator.engine.new_cache()
-        self.prefilled_now = 0  # tokens run by the last sync()
-        self.reset()
-
-    def _encode_prefix(self, words: str) -> list[int]:
-        g = self.generator
-        bos = [g.bos_token_id] if g.bos_token_id is not None else []
-        if self.prefix_text is None:
-            return bos
-        text = self.prefix_text + words
-        return bos + (g.tokenizer.encode(text, add_special_tokens=False).ids if text else [])
-
-    def reset(self) -> None:
-        self.cache = self.base.copy()
-        self._snapshots = [self.empty.copy(), self.base.copy()]
+        self.conversation = conversation or Conversation(generator)  # BOS: the shared prefix
+        self.turns: deque[tuple[str, str]] = deque(maxlen=history_turns)
+        self._history: list[int] = []
+        self._render_history()
+        self.prefill_partial("")  # the template's head, before the first word arrives
 
     @property
     def tokens(self) -> list[int]:
-        return self.cache.tokens
+        return self.conversation.tokens
 
-    def _rollback(self, keep: int) -> None:
-        while len(self._snapshots) > 1 and self._snapshots[-1].length > keep:
-            self._snapshots.pop()
-        self.cache = self._snapshots[-1].copy()
+    def set_history_turns(self, turns: int) -> None:
+        self.turns = deque(self.turns, maxlen=turns)
+        self._render_history()
 
-    def sync(self, target: list[int]) -> int:
-        """Make the cache hold ``target`` (roll back to the common prefix, run the rest)."""
-        lcp = common_prefix_len(self.cache.tokens, target)
-        if lcp < self.cache.length:
-            self._rollback(lcp)
-        todo = target[self.cache.length :]
-        if todo:
-            self.generator.engine.forward(todo, self.cache)
-            self._snapshots.append(self.cache.copy())
-        self.prefilled_now = len(todo)
-        return len(todo)
+    def _render_history(self) -> None:
+        messages = [m for user, reply in self.turns for m in (("user", user), ("assistant", reply))]
+        self._history = render_chat(self.generator, messages)
 
-    def prefill_partial(self, transcript: str) -> int:
+    def prompt(self, text: str, final: bool = True, reserve: int = 1) -> list[int]:
+        """The prompt of the user turn ``text`` after the remembered turns."""
+        while True:
+            ids = self._history + user_tokens(self.generator, text, final)
+            if not self.turns or len(ids) + reserve <= self.generator.engine.max_length:
+                return ids
+            self.turns.popleft()  # the oldest turn no longer fits beside this one
+            self._render_history()
+
+    def prefill_partial(self, transcript: str, reserve: int = 1) -> int:
         """Prefill the words of a partial transcript that later audio is unlikely to change
-        (all but the last). Returns the number of tokens run."""
-        if self.prefix_text is None:
-            return 0
-        words = transcript.split()[:-1]
-        if not words:
-            return 0
-        target = self._encode_prefix(" ".join(words))
+        (all but the last; none: the history and the template's head). Returns the number
+        of tokens run."""
+        target = self.prompt(_stable_words(transcript), final=False, reserve=reserve)
         if len(target) >= self.generator.engine.max_length:
             return 0
-        return self.sync(target)
+        return self.conversation.sync(target).tokens
 
-    def prompt_ids(self, transcript: str) -> list[int]:
-        return self.generator.encode_prompt(transcript)
+    def fork(self) -> Conversation:
+        """A copy of the cache for a reply to run in."""
+        return self.conversation.fork()
 
-    def fork(self, prompt_ids: list[int]) -> tuple[KVCache, list[int]]:
-        """A private cache holding the longest usable prefix of ``prompt_ids``, and the rest
-        (at least one token, so generation has logits to start from)."""
-        lcp = min(common_prefix_len(self.cache.tokens, prompt_ids), len(prompt_ids) - 1)
-        if lcp < self.cache.length:
-            self._rollback(lcp)
-        assert self.cache.tokens == prompt_ids[: self.cache.length]
-        return self.cache.copy(), prompt_ids[self.cache.length :]
+    def add_turn(
+        self,
+        user_text: str,
+        reply_text: str,
+        reply_conversation: Conversation | None = None,
+        speaking: str = "",
+        reserve: int = 1,
+    ) -> int:
+        """Remember a finished turn and bring the cache in step with the history and the
+        partial transcript ``speaking`` (a turn begun meanwhile). ``reply_conversation`` (the
+        fork the reply ran in, idle now) is kept instead when it holds more of the new
+        prompt than the session's cache. Returns the number of tokens run."""
+        if not self.turns.maxlen:
+            return 0
+        self.turns.append((user_text, reply_text))
+        self._render_history()
+        if reply_conversation is not None:
+            target = self.prompt(_stable_words(speaking), final=False, reserve=reserve)
+            if common_prefix_len(reply_conversation.tokens, target) > common_prefix_len(
+                self.conversation.tokens, target
+            ):
+                self.conversation = reply_conversation
+        return self.prefill_partial(speaking, reserve)
+
+
+def _stable_words(transcript: str) -> str:
+    """A partial transcript's words but the last (which later audio may still change)."""
+    return " ".join(transcript.split()[:-1])
 
 
 class SpeechText:
@@ -194,7 +206,7 @@ class Reply:
         emit: Emit,
         transcript: str,
         item_id: str,
-        cache: KVCache,
+        conversation: Conversation,
         prompt_ids: list[int],
         options: ReplyOptions,
         times: TurnTimes,
@@ -207,7 +219,7 @@ class Reply:
         self.generator, self.synthesizer = generator, synthesizer
         self._session_emit = emit
         self.transcript, self.item_id = transcript, item_id
-        self.cache, self.prompt_ids = cache, prompt_ids
+        self.conversation, self.prompt_ids = conversation, prompt_ids
         self.options, self.times = options, times
         self.held = held
         self.acquire_slot, self.step_hook, self.on_done = acquire_slot, step_hook, on_done
@@ -223,7 +235,7 @@ class Reply:
         self._buffer: list[dict] = []
         self._text_q: queue.Queue[str | None] = queue.Queue()
         self._generated = threading.Event()
-        self._prompt_len = cache.length + len(prompt_ids)
+        self._prompt_len = len(prompt_ids)
         if not held:
             self.gate.set()
         self._emit({"type": "response.created", "response": self._response_obj()})
@@ -309,13 +321,9 @@ class Reply:
             params = SamplingParams(
                 max_new_tokens=self.options.max_new_tokens, temperature=self.options.temperature
             )
-            for piece in self.generator.stream(
-                self.prompt_ids,
-                params,
-                cache=self.cache,
-                result=self.result,
-                step_hook=self.step_hook,
-                cancel=self.cancel_event,
+            self.conversation.sync(self.prompt_ids)  # the rest of it: most was prefilled
+            for piece in self.conversation.stream(
+                params, self.result, cancel=self.cancel_event, step_hook=self.step_hook
             ):
                 if self.times.first_token is None:
                     self.times.first_token = time.perf_counter()
@@ -430,6 +438,6 @@ class Reply:
         self.timings = timings
         self._emit({"type": "turn.timings", **timings})
         self._emit({"type": "response.done", "response": self._response_obj(self.status)})
-        self.done.set()
-        if self.on_done is not None:
+        if self.on_done is not None:  # before done: its bookkeeping is queued when done is seen
             self.on_done(self)
+        self.done.set()

@@ -47,7 +47,8 @@ class PhraseSplitter:
     """Cut streamed text into speakable phrases.
 
     A phrase ends at . ! ? ; : followed by whitespace, at a newline, at a comma once the
-    phrase has `min_words_at_comma` words, or after `max_words` complete words.
+    phrase has `min_words_at_comma` words, or after `max_words` complete words. Our own:
+    sentence splitters (nltk, pysbd) want the whole text, this cuts text as it streams in.
     """
 
     def __init__(self, max_words: int = 10, min_words_at_comma: int = 3) -> None:
@@ -262,7 +263,8 @@ def split_sentences(text: str) -> list[list[tuple[str, str]]]:
 
 def espeak_phonemize(text: str, voice: str, binary: str = "espeak-ng") -> list[list[str]]:
     """Text -> Piper phonemes per sentence via `espeak-ng -q --ipa`, keeping clause punctuation
-    the way piper-phonemize does ("This: is, a test." -> "ðˈɪs: ˈɪz, ɐ tˈɛst.")."""
+    the way piper-phonemize does ("This: is, a test." -> "ðˈɪs: ˈɪz, ɐ tˈɛst."). Our own:
+    piper-phonemize ships its own espeak-ng build; this uses the system binary the TTS uses."""
     exe = find_espeak(binary)
     result: list[list[str]] = []
     for sentence in split_sentences(text):

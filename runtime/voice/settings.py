@@ -1,0 +1,119 @@
+"""A voice session's settings and the range of every one of them, checked by pydantic.
+
+A client changes them with ``session.update`` (docs/voice-protocol.md) and the server's
+config sets their defaults (``runtime/server/config.py`` uses the same ranges), so one bad
+number, a NaN or an Infinity included, is refused with a message naming the setting
+instead of reaching the VAD or the decoder.
+
+``VoiceSettings`` is a pydantic *dataclass*: ``dataclasses.fields`` still lists its
+settings, and every assignment is validated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
+
+from moe2edge.runtime.voice.reply import ReplyOptions
+
+# The ranges, shared with ServerConfig. Upper bounds keep a typo from holding a turn open
+# for minutes or a reply going on for thousands of tokens.
+EndSilenceMs = Annotated[float, Field(gt=0, le=10_000)]
+VadThreshold = Annotated[float, Field(gt=0, lt=1)]
+MinSpeechMs = Annotated[float, Field(ge=0, le=10_000)]
+PrerollMs = Annotated[float, Field(ge=0, le=5_000)]
+SpeculateAfterMs = Annotated[float, Field(ge=0, le=10_000)]
+MAX_NEW_TOKENS = 4096  # also what max_response_output_tokens="inf" means
+MaxNewTokens = Annotated[int, Field(ge=1, le=MAX_NEW_TOKENS)]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+FirstPhraseWords = Annotated[int, Field(ge=1, le=64)]
+AudioChunkMs = Annotated[float, Field(ge=10, le=5_000)]
+AudioLeadMs = Annotated[float, Field(ge=0, le=10_000)]
+MaxFrameMs = Annotated[float, Field(ge=20, le=10_000)]
+HistoryTurns = Annotated[int, Field(ge=0, le=64)]
+
+STRICT = ConfigDict(validate_assignment=True, allow_inf_nan=False, strict=True, extra="forbid")
+
+
+@dataclass(config=STRICT)
+class VoiceSettings:
+    """Per-session settings (a client may change them with ``session.update``)."""
+
+    end_silence_ms: EndSilenceMs = 300.0
+    vad_threshold: VadThreshold = 0.5
+    min_speech_ms: MinSpeechMs = 96.0
+    preroll_ms: PrerollMs = 300.0
+    turn_detection: bool = True  # False: the client ends turns with input_audio_buffer.commit
+    barge_in: bool = True
+    speculate: bool = True
+    speculate_after_ms: SpeculateAfterMs = 96.0
+    max_new_tokens: MaxNewTokens = 64
+    temperature: Temperature = 0.0
+    speak_brackets: bool = False
+    first_phrase_words: FirstPhraseWords = 4
+    audio_chunk_ms: AudioChunkMs = 100.0
+    audio_lead_ms: AudioLeadMs = 300.0
+    max_frame_ms: MaxFrameMs = 1000.0
+    history_turns: HistoryTurns = 4  # finished turns later prompts include (0: none)
+
+    def update(self, **values: Any) -> None:
+        """Change settings, all or none: ValueError naming each unknown or bad value."""
+        known = [f.name for f in dataclasses.fields(self)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown voice setting {unknown[0]!r}; known: {sorted(known)}")
+        merged = {name: getattr(self, name) for name in known} | values
+        try:
+            checked = VoiceSettings(**merged)
+        except ValidationError as exc:
+            raise ValueError(describe_errors(exc.errors())) from None
+        for name in values:
+            setattr(self, name, getattr(checked, name))
+
+    def reply_options(self) -> ReplyOptions:
+        return ReplyOptions(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            speak_brackets=self.speak_brackets,
+            first_phrase_words=self.first_phrase_words,
+            audio_chunk_ms=self.audio_chunk_ms,
+            audio_lead_ms=self.audio_lead_ms,
+        )
+
+
+def describe_errors(
+    errors: list[Mapping[str, Any]], names: Mapping[str, str] | None = None, prefix: str = ""
+) -> str:
+    """pydantic's error list as one line: ``PREFIX where: what (got VALUE)`` per error.
+
+    ``names`` renames a setting to where the user wrote it (``end_silence_ms`` ->
+    ``session.turn_detection.silence_duration_ms``). The value is shown as JSON, so a
+    NaN or an Infinity reads as the client sent it.
+    """
+    parts = []
+    for err in errors[:5]:
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if not loc:  # about the whole object (a check across fields)
+            parts.append(msg)
+            continue
+        if names and loc[0] in names:
+            loc[0] = names[loc[0]]
+        part = f"{prefix}{'.'.join(loc)}: {msg}"
+        if "input" in err and err.get("type") not in ("missing", "json_invalid"):
+            part += f" (got {_shown(err['input'])})"
+        parts.append(part)
+    return "; ".join(parts)
+
+
+def _shown(value: Any) -> str:
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
