@@ -30,7 +30,12 @@ def register(subparsers, name: str, help_text: str) -> None:
     tok.add_argument("--vocab-size", type=int, default=384)
     tok.set_defaults(handler=run_tokenizer)
 
-    inspect = sub.add_parser("inspect-teacher", help="load a local HF teacher and print its size")
+    inspect = sub.add_parser(
+        "inspect-teacher",
+        help="size a local HF teacher from its config (meta device: no weights read)",
+        description="Build the teacher from config.json on the meta device and print its "
+        "parameters and active parameters per token as JSON; weight files may be absent.",
+    )
     inspect.add_argument("teacher")
     inspect.add_argument("--trust-remote-code", action="store_true")
     inspect.set_defaults(handler=run_inspect)
@@ -81,19 +86,9 @@ def run_tokenizer(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from moe2edge.distill.teacher import active_parameters, count_parameters, load_teacher
+    from moe2edge.distill.teacher import inspect_teacher
 
-    model = load_teacher(args.teacher, trust_remote_code=args.trust_remote_code)
-    print(
-        json.dumps(
-            {
-                "model_type": model.config.model_type,
-                "params": count_parameters(model),
-                "active_params": active_parameters(model),
-                "vocab_size": model.config.vocab_size,
-            }
-        )
-    )
+    print(json.dumps(inspect_teacher(args.teacher, trust_remote_code=args.trust_remote_code)))
     return 0
 
 

@@ -19,9 +19,12 @@ cross-entropy: ``loss = ce_ratio * CE + (1 - ce_ratio) * KD``, both means over t
 label is not ``ignore_index``.
 
 The teacher is dense (logits over the full vocabulary) or sparse (its top-k token ids and
-log-probs at T = 1). In the sparse form both distributions are collapsed onto k + 1 buckets:
-the k ids and one tail bucket holding the remaining mass, and the divergence is taken between
-these bucket distributions (exact when k equals the vocabulary size).
+log-probs at T = 1, and optionally the log of the mass outside them, the "tail", as the teacher
+cache stores it). In the sparse form both distributions are collapsed onto k + 1 buckets: the k
+ids and one tail bucket holding the remaining mass, and the divergence is taken between these
+bucket distributions (exact when k equals the vocabulary size). The teacher's tail is floored
+at ``TAIL_FLOOR`` (why: see there), so every loss stays finite with bounded gradients even on
+float32 server log-probs whose top-k sums to 1 or more.
 
 Memory: the student logits may be [B, T, 129k]. ``distillation_loss`` only ever works on
 ``chunk_size`` tokens at a time, in the forward and in the backward (which recomputes each chunk,
@@ -44,6 +47,15 @@ LOSS_NAMES = ("fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 # Stand-in for log(0). -inf would turn 0 * (-inf) into NaN in values and gradients; exp(_NEG) is
 # exactly 0 and _NEG / T stays finite for any sane temperature.
 _NEG = -1e30
+
+# The teacher's tail bucket is at least this mass (when k < vocabulary). Why 1e-6: a server's
+# float32 log-probs (vLLM: logits - logsumexp in float32) carry the logsumexp's rounding, about
+# 1e-6 at logit magnitudes of 8 to 16, so a tail below that is noise, and ``1 - sum(exp(top-k))``
+# is often exactly 0 or negative (vLLM returns 0.0 for the top token of a confident position).
+# An unfloored log(0) enters rkl/jsd/srkl as -1e30 and gives values and gradients ~1e30. With the
+# floor |log p_tail| <= 13.8, which bounds the tail's share of every loss and of its gradient;
+# the mass it adds (at most 1e-6 a token, renormalised away) changes no result that matters.
+TAIL_FLOOR = 1e-6
 
 
 def _check_hparams(loss: str, beta: float, alpha: float, temperature: float) -> None:
@@ -79,6 +91,31 @@ def _log_mix(a: Tensor, b: Tensor, w: float) -> Tensor:
 def _log1mexp(x: Tensor) -> Tensor:
     """log(1 - e^x) for x <= 0, accurate at both ends (Maechler 2012). No gradient use."""
     return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_tail(
+    topk_logprobs: Tensor, tail_logprob: Tensor | None = None, full_vocab: bool = False
+) -> Tensor:
+    """log of the teacher's tail bucket [..., 1] (float64), floored at log(TAIL_FLOOR).
+
+    ``tail_logprob`` [...] is the stored log tail mass (the teacher cache keeps it exact); without
+    it the tail is derived as ``1 - sum(exp(topk_logprobs))`` in float64. ``full_vocab`` (k equals
+    the vocabulary): the tail is empty, -> _NEG, and no floor (it would add mass that is not there).
+    """
+    shape = (*topk_logprobs.shape[:-1], 1)
+    if full_vocab:
+        return torch.full(shape, _NEG, dtype=torch.float64, device=topk_logprobs.device)
+    if tail_logprob is None:
+        top_mass = torch.logsumexp(topk_logprobs.detach().double(), -1, keepdim=True)
+        tail = _log1mexp(top_mass.clamp(max=0.0))
+    else:
+        if tuple(tail_logprob.shape) != shape[:-1]:
+            raise ValueError(
+                f"teacher tail shape {tuple(tail_logprob.shape)} does not match the top-k "
+                f"{tuple(topk_logprobs.shape)} (expected {shape[:-1]})"
+            )
+        tail = tail_logprob.detach().double()[..., None]
+    return tail.clamp(min=math.log(TAIL_FLOOR))
 
 
 def dense_divergence(
@@ -123,11 +160,14 @@ def sparse_divergence(
     beta: float = 0.5,
     alpha: float = 0.1,
     temperature: float = 1.0,
+    tail_logprob: Tensor | None = None,
 ) -> Tensor:
     """Per-token divergence against a top-k teacher: [..., V] logits, [..., k] ids/logprobs -> [...].
 
-    ``topk_logprobs`` are the teacher's log-probs at T = 1; the teacher's tail bucket gets the
-    remaining mass ``1 - sum(exp(topk_logprobs))``. The student (at T = 1) is collapsed onto the
+    ``topk_logprobs`` are the teacher's log-probs at T = 1; the teacher's tail bucket gets
+    ``tail_logprob`` [...] (log of the mass outside the top k, as the teacher cache stores it) or,
+    without it, ``1 - sum(exp(topk_logprobs))``; floored either way (``teacher_tail``). The
+    teacher's buckets are re-normalised (rounding, the floor). The student (at T = 1) is collapsed onto the
     same k ids plus a tail bucket, its log-mass a logsumexp over the non-top-k logits (exact even
     when the student puts almost all its mass on the k ids, unlike log1p(-sum)).
 
@@ -149,11 +189,11 @@ def sparse_divergence(
 
     with torch.no_grad():
         t_top = topk_logprobs.detach().to(z.dtype)
-        t_tail = _log1mexp(torch.logsumexp(t_top, -1, keepdim=True).clamp(max=0.0))
-        if ids.shape[-1] >= z.shape[-1]:  # k == V: the tail is empty, not 1 - sum's rounding
-            t_tail = torch.full_like(t_tail, _NEG)
+        full_vocab = ids.shape[-1] >= z.shape[-1]  # k == V: the tail is empty, not rounding
+        t_tail = teacher_tail(topk_logprobs, tail_logprob, full_vocab).to(z.dtype)
         t = torch.cat([t_top, t_tail], -1).clamp(min=_NEG)
-        # Always re-normalise: rounding (bf16 logprobs) can make the top-k mass exceed 1.
+        # Always re-normalise: rounding (bf16 logprobs) and the tail floor can make the buckets'
+        # mass exceed 1.
         t = torch.log_softmax(t / temperature, -1)
     if temperature != 1.0:
         s = torch.log_softmax(s / temperature, -1)
@@ -166,6 +206,7 @@ def kd_loss(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_topk_tail: Tensor | None = None,
     loss: str = "fkl",
     temperature: float = 1.0,
     beta: float = 0.5,
@@ -173,7 +214,8 @@ def kd_loss(
 ) -> Tensor:
     """Per-token KD term ``T^2 * D(teacher, student)`` [..., V] -> [...]: no masking, no chunking.
 
-    Give either ``teacher_logits`` (dense) or the ``teacher_topk_*`` pair (sparse).
+    Give either ``teacher_logits`` (dense) or the ``teacher_topk_*`` pair (sparse), with the
+    optional ``teacher_topk_tail`` (log tail mass [...], see ``sparse_divergence``).
     """
     if teacher_logits is not None:
         _check_hparams(loss, beta, alpha, temperature)
@@ -186,7 +228,14 @@ def kd_loss(
         div = dense_divergence(s, t, loss, beta, alpha)
     elif teacher_topk_ids is not None and teacher_topk_logprobs is not None:
         div = sparse_divergence(
-            student_logits, teacher_topk_ids, teacher_topk_logprobs, loss, beta, alpha, temperature
+            student_logits,
+            teacher_topk_ids,
+            teacher_topk_logprobs,
+            loss,
+            beta,
+            alpha,
+            temperature,
+            tail_logprob=teacher_topk_tail,
         )
     else:
         raise ValueError("kd_loss needs teacher_logits or teacher_topk_ids + teacher_topk_logprobs")
@@ -196,7 +245,7 @@ def kd_loss(
 def _chunk_terms(z: Tensor, labels: Tensor, teacher: tuple, opts: tuple) -> tuple[Tensor, Tensor]:
     """(sum of per-token KD, sum of per-token CE) for one chunk of valid tokens z [n, V]."""
     loss, temperature, beta, alpha = opts
-    teacher_logits, topk_ids, topk_logprobs = teacher
+    teacher_logits, topk_ids, topk_logprobs, topk_tail = teacher
     zf = z.to(_compute_dtype(z))
     ce = torch.logsumexp(zf, -1) - zf.gather(-1, labels[:, None]).squeeze(-1)
     if teacher_logits is None and topk_ids is None:
@@ -206,6 +255,7 @@ def _chunk_terms(z: Tensor, labels: Tensor, teacher: tuple, opts: tuple) -> tupl
         teacher_logits=teacher_logits,
         teacher_topk_ids=topk_ids,
         teacher_topk_logprobs=topk_logprobs,
+        teacher_topk_tail=topk_tail,
         loss=loss,
         temperature=temperature,
         beta=beta,
@@ -223,13 +273,13 @@ class _ChunkedDistill(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, idx, labels, teacher_logits, topk_ids, topk_logprobs, opts, chunk):
-        ctx.save_for_backward(student, idx, labels, teacher_logits, topk_ids, topk_logprobs)
+    def forward(ctx, student, idx, labels, logits, topk_ids, topk_logprobs, topk_tail, opts, chunk):
+        ctx.save_for_backward(student, idx, labels, logits, topk_ids, topk_logprobs, topk_tail)
         ctx.opts, ctx.chunk = opts, chunk
         kd_sum = student.new_zeros((), dtype=_compute_dtype(student))
         ce_sum = kd_sum.clone()
         for ix, lab, teacher in _chunks(
-            idx, labels, teacher_logits, topk_ids, topk_logprobs, chunk
+            idx, labels, (logits, topk_ids, topk_logprobs, topk_tail), chunk
         ):
             kd, ce = _chunk_terms(student[ix], lab, teacher, opts)
             kd_sum += kd
@@ -238,28 +288,24 @@ class _ChunkedDistill(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_kd, grad_ce):
-        student, idx, labels, teacher_logits, topk_ids, topk_logprobs = ctx.saved_tensors
+        student, idx, labels, *teacher_full = ctx.saved_tensors
         grad = None
         if ctx.needs_input_grad[0]:
             grad = torch.zeros_like(student)
-            chunks = _chunks(idx, labels, teacher_logits, topk_ids, topk_logprobs, ctx.chunk)
-            for ix, lab, teacher in chunks:
+            for ix, lab, teacher in _chunks(idx, labels, teacher_full, ctx.chunk):
                 with torch.enable_grad():
                     z = student[ix].detach().requires_grad_()
                     kd, ce = _chunk_terms(z, lab, teacher, ctx.opts)
                     (gz,) = torch.autograd.grad(kd * grad_kd + ce * grad_ce, z)
                 grad.index_put_(ix, gz)
-        return grad, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None
 
 
-def _chunks(idx, labels, teacher_logits, topk_ids, topk_logprobs, chunk):
+def _chunks(idx, labels, teacher, chunk):
     """Yield (index tuple, labels, (teacher chunk...)) for consecutive chunks of valid tokens."""
     for a in range(0, idx.shape[0], chunk):
         ix = tuple(idx[a : a + chunk].unbind(1))
-        teacher = tuple(
-            None if x is None else x[ix] for x in (teacher_logits, topk_ids, topk_logprobs)
-        )
-        yield ix, labels[a : a + chunk], teacher
+        yield ix, labels[a : a + chunk], tuple(None if x is None else x[ix] for x in teacher)
 
 
 def distillation_loss(
@@ -269,6 +315,7 @@ def distillation_loss(
     teacher_logits: Tensor | None = None,
     teacher_topk_ids: Tensor | None = None,
     teacher_topk_logprobs: Tensor | None = None,
+    teacher_topk_tail: Tensor | None = None,
     loss: str = "fkl",
     temperature: float = 1.0,
     ce_ratio: float = 0.0,
@@ -281,8 +328,9 @@ def distillation_loss(
 
     student_logits [B, T, V] and labels [B, T] are already aligned (labels[b, t] is the target
     of logits[b, t]). The teacher is ``teacher_logits`` [B, T, V] or the top-k pair
-    ``teacher_topk_ids`` / ``teacher_topk_logprobs`` [B, T, k] (log-probs at T = 1); it may be
-    omitted only when ce_ratio == 1. ``kd`` includes the T^2 factor; ``ce`` is at T = 1. Both are
+    ``teacher_topk_ids`` / ``teacher_topk_logprobs`` [B, T, k] (log-probs at T = 1), with the
+    optional ``teacher_topk_tail`` [B, T] (log of the mass outside the top k, e.g. the teacher
+    cache's; derived from the top-k when absent); it may be omitted only when ce_ratio == 1. ``kd`` includes the T^2 factor; ``ce`` is at T = 1. Both are
     means over tokens whose label != ignore_index (0, not NaN, when there are none); masked
     positions are never read, so they may hold anything. The teacher gets no gradient.
     """
@@ -304,6 +352,8 @@ def distillation_loss(
 
     dense = teacher_logits is not None
     sparse = teacher_topk_ids is not None or teacher_topk_logprobs is not None
+    if teacher_topk_tail is not None and teacher_topk_ids is None:
+        raise ValueError("teacher_topk_tail needs teacher_topk_ids and teacher_topk_logprobs")
     if dense and sparse:
         raise ValueError("give either teacher_logits or the teacher_topk_* pair, not both")
     if not dense and not sparse and ce_ratio < 1.0:
@@ -334,6 +384,11 @@ def distillation_loss(
             )
         if teacher_topk_ids.dtype.is_floating_point or teacher_topk_ids.dtype == torch.bool:
             raise ValueError(f"teacher_topk_ids must be integer, got {teacher_topk_ids.dtype}")
+        if teacher_topk_tail is not None and tuple(teacher_topk_tail.shape) != lead:
+            raise ValueError(
+                f"teacher_topk_tail shape {tuple(teacher_topk_tail.shape)} does not match "
+                f"student_logits {tuple(student_logits.shape)} (expected {lead})"
+            )
         k = teacher_topk_ids.shape[-1]
         if k > vocab:
             raise ValueError(f"top-k size {k} exceeds the student vocabulary size {vocab}")
@@ -360,6 +415,7 @@ def distillation_loss(
         teacher_logits,
         teacher_topk_ids,
         teacher_topk_logprobs,
+        teacher_topk_tail,
         (loss, temperature, beta, alpha),
         chunk_size,
     )

@@ -5,8 +5,9 @@
   once (greedy or sampled, ``generate_teacher_dataset``) and the student trains on those.
 - ``on_policy``: GKD (Agarwal et al. 2024): with probability ``lambda_on_policy`` per step the
   student samples replies to the batch prompts (no gradient), the teacher scores those
-  sequences, and the divergence is taken on the student's own samples; otherwise the data
-  set's replies are used, as off-policy.
+  sequences, and the divergence alone is taken on the student's own samples (no CE there: it
+  would reinforce whatever the student sampled; TRL's GKD does the same); otherwise the data
+  set's replies are used, as off-policy, with ``ce_ratio``.
 
 Sampling is a pure function of (seed, step, row of the global batch), so runs resume exactly
 and give the same samples whatever the number of ranks.

@@ -6,6 +6,7 @@ where the runtime reads it with `tokenizers` alone (no transformers on the devic
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -67,9 +68,33 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
+# Every file Hugging Face reads into a tokenizer that can change text -> ids (vocabulary, special
+# tokens and their BOS/EOS roles, added tokens, the chat template), in a fixed order.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def tokenizer_hash(tokenizer_dir: str | Path) -> str:
-    """sha256 of tokenizer.json: identifies the vocabulary in caches and manifests."""
-    return sha256_file(Path(tokenizer_dir) / "tokenizer.json")
+    """Fingerprint of everything in a tokenizer directory that changes tokenization.
+
+    sha256 over (name, sha256) of each ``TOKENIZER_FILES`` entry present and of every
+    ``additional_chat_templates/*.jinja``: a changed chat template in tokenizer_config.json or
+    chat_template.jinja changes the ids of chat rows while tokenizer.json stays the same.
+    Identifies the tokenizer in teacher caches.
+    """
+    root = Path(tokenizer_dir)
+    extra = sorted(p.relative_to(root).as_posix() for p in root.glob("additional_chat_templates/*"))
+    digest = hashlib.sha256()
+    for name in (*TOKENIZER_FILES, *extra):
+        if (root / name).is_file():
+            digest.update(f"{name}\0{sha256_file(root / name)}\n".encode())
+    return digest.hexdigest()
 
 
 def check_vocab_matches(

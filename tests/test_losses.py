@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from moe2edge.distill.losses import (
     LOSS_NAMES,
+    TAIL_FLOOR,
     dense_divergence,
     distillation_loss,
     kd_loss,
@@ -227,6 +228,90 @@ def test_finite_gradients_with_extreme_and_masked_logits(loss):
             g = grad_of(out["loss"], student)
             assert torch.isfinite(g).all()
             assert g.abs().sum() > 0
+
+
+def vllm_style_students(vocab: int) -> torch.Tensor:
+    """[1, N, vocab] student logits: random at several scales, and confident on a teacher top-k
+    id, on a tail id, or split between the two (where reverse KL's tail term is largest)."""
+    g = torch.Generator().manual_seed(15)
+    rows = [torch.randn(vocab, generator=g) * scale for scale in (0, 1, 3, 10, 30, 100)]
+    for c in (5.0, 20.0, 80.0):
+        for hot in ((3,), (50,), (3, 50)):
+            z = torch.zeros(vocab)
+            z[list(hot)] = c
+            rows.append(z)
+    return torch.stack(rows)[None]
+
+
+@pytest.mark.parametrize("temp", [1.0, 2.0])
+@pytest.mark.parametrize(
+    ("loss", "beta"),
+    [(name, 0.5) for name in LOSS_NAMES if name != "jsd"]
+    + [("jsd", beta) for beta in (0.0, 0.1, 0.5, 0.9, 1.0)],
+)
+def test_vllm_style_float32_topk_is_finite_with_bounded_gradients(loss, beta, temp):
+    """vLLM returns exactly 0.0 for the top token of a confident position, so in float32
+    1 - sum(exp(top-k)) <= 0: an unfloored tail made rkl and jsd(beta=1) ~1e30 (values and
+    gradients). With the tail floored, every loss stays finite and each token's gradient is
+    bounded (|d kd / d logit| <= 10 T here; it scales with T, see T^2 and 1/T)."""
+    vocab, k = 64, 4
+    students = vllm_style_students(vocab)
+    n = students.shape[1]
+    ids = torch.tensor([3, 7, 11, 12]).expand(1, n, k)
+    lp = torch.tensor([0.0, -20.0, -21.0, -22.0]).expand(1, n, k)
+    labels = torch.zeros(1, n, dtype=torch.long)
+    # Without a stored tail (derived from the top-k), and with the cache's: log(0) = -inf.
+    for tail in (None, torch.full((1, n), -math.inf)):
+        student = students.clone().requires_grad_()
+        out = distillation_loss(
+            student,
+            labels,
+            teacher_topk_ids=ids,
+            teacher_topk_logprobs=lp,
+            teacher_topk_tail=tail,
+            loss=loss,
+            beta=beta,
+            temperature=temp,
+            chunk_size=5,
+        )
+        assert torch.isfinite(out["kd"]) and out["kd"] < 1e3, out
+        g = grad_of(out["kd"], student) * n  # per token: kd is a mean over n tokens
+        assert torch.isfinite(g).all()
+        assert g.abs().max() <= 10 * temp, g.abs().max()
+
+
+def test_stored_tail_is_used_and_floored():
+    """The tail given with the top-k is the teacher's tail bucket (not 1 - sum of the top-k),
+    floored at TAIL_FLOOR when k < vocabulary."""
+    student, teacher, labels = make_batch(seed=16)
+    ids, lp = topk_of(teacher)
+    derived = (1 - lp.double().exp().sum(-1)).clamp(min=0).log()
+    stored = derived - 1.0  # a teacher whose tail is e times smaller than its top-k implies
+    for loss in ("fkl", "rkl", "jsd"):
+        out = distillation_loss(
+            student, labels, teacher_topk_ids=ids, teacher_topk_logprobs=lp,
+            teacher_topk_tail=stored, loss=loss, temperature=2.0, **HP,
+        )  # fmt: skip
+        q = torch.softmax(student.double(), -1).gather(-1, ids)
+        qb = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1) ** 0.5
+        pb = torch.cat([lp.double().exp(), stored.exp()[..., None]], -1) ** 0.5
+        qb, pb = qb / qb.sum(-1, keepdim=True), pb / pb.sum(-1, keepdim=True)
+        ref = 4 * ref_div(pb, qb, loss, **HP)[labels != -100].mean()
+        assert out["kd"].item() == pytest.approx(ref.item(), rel=1e-5)
+        plain = distillation_loss(
+            student, labels, teacher_topk_ids=ids, teacher_topk_logprobs=lp, loss=loss,
+            temperature=2.0, **HP,
+        )  # fmt: skip
+        assert abs(plain["kd"].item() - ref.item()) > 1e-3  # the stored tail made a difference
+    # An empty tail (log 0) and one below the floor are both the floor.
+    floor = torch.full(labels.shape, math.log(TAIL_FLOOR))
+    kw = dict(teacher_topk_ids=ids, teacher_topk_logprobs=lp, loss="rkl")
+    at_floor = distillation_loss(student, labels, teacher_topk_tail=floor, **kw)["kd"]
+    for below in (-math.inf, math.log(TAIL_FLOOR) - 5):
+        tail = torch.full(labels.shape, below)
+        assert distillation_loss(student, labels, teacher_topk_tail=tail, **kw)["kd"] == at_floor
+    with pytest.raises(ValueError, match="teacher_topk_tail shape"):
+        distillation_loss(student, labels, teacher_topk_tail=floor[:, :-1], **kw)
 
 
 @pytest.mark.parametrize("loss", LOSS_NAMES)

@@ -10,20 +10,22 @@ import signal
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 
-from moe2edge.distill.cache import TeacherCache, build_cache, register_cache_command
+from moe2edge.distill.cache import TeacherCache, build_cache, register_cache_command, write_cache
 from moe2edge.distill.data import collate, encode_example, encode_rows
 from moe2edge.distill.demo_data import write_jsonl
 from moe2edge.distill.errors import DistillError
 from moe2edge.distill.losses import distillation_loss
-from moe2edge.distill.pipeline import make_tokenizer
+from moe2edge.distill.pipeline import distill_student, make_tokenizer
 from moe2edge.distill.teacher import load_teacher
 from moe2edge.distill.teacher_server import Faults, TeacherServer
-from moe2edge.distill.tokenizer import load_tokenizer
+from moe2edge.distill.tokenizer import load_tokenizer, tokenizer_hash
 from moe2edge.fileio import sha256_file
 from moe2edge.rows import read_rows
+from tests._train_common import train_config
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
 K = 16
@@ -72,30 +74,36 @@ def test_local_cache_equals_direct_topk(setup, tmp_path):
                 logits = teacher(input_ids=torch.tensor([ids])).logits[0, :-1].double()
             logp = torch.log_softmax(logits, -1)
             want_lp, want_ids = logp.topk(K, -1)
-            got_ids, got_lp = cache.topk(i)
+            got_ids, got_lp, got_tail = cache.topk(i)
             assert got_ids.shape == (len(ids), K) and got_lp.dtype == torch.float32
+            assert got_tail.shape == (len(ids),) and got_tail.dtype == torch.float32
             # The last position predicts nothing the labels use: a padding row.
-            assert got_ids[-1].eq(0).all() and got_lp[-1].eq(0).all()
-            got_ids, got_lp = got_ids[:-1], got_lp[:-1].double()
+            assert got_ids[-1].eq(0).all() and got_lp[-1].eq(0).all() and got_tail[-1] == 0
+            got_ids, got_lp, got_tail = got_ids[:-1], got_lp[:-1].double(), got_tail[:-1].double()
             # Same top-k set (rows are stored sorted by fp16 logprob, then id) ...
             assert torch.equal(got_ids.sort(-1).values, want_ids.sort(-1).values), i
             # ... each logprob is that id's logprob to fp16 precision, in descending order ...
             torch.testing.assert_close(got_lp, logp.gather(-1, got_ids), rtol=1e-3, atol=1e-4)
             assert torch.equal(got_lp.sort(-1, descending=True).values, got_lp)
-            # ... and the derived tail is the exact one (not fp16 rounding noise).
+            # ... the stored tail is the exact mass outside the top k (fp16 rounding of its log) ...
+            exact_tail = 1 - want_lp.exp().sum(-1)
+            torch.testing.assert_close(got_tail.exp(), exact_tail, rtol=2e-3, atol=0.0)
+            # ... and the log-probs are rescaled to agree with it (not fp16 rounding noise).
             tail = 1 - got_lp.exp().sum(-1)
-            torch.testing.assert_close(tail, 1 - want_lp.exp().sum(-1), rtol=2e-3, atol=1e-6)
+            torch.testing.assert_close(tail, exact_tail, rtol=2e-3, atol=1e-6)
 
     cache = TeacherCache(setup["root"] / "local", tokenizer_dir=setup["tokenizer"])
     # batch() pads like collate: same width, and every labelled position has a teacher row.
     picks = [3, 0, 17, 39]
     encoded = [encode_example(tok, rows[i]["prompt"], rows[i]["reply"], SEQ) for i in picks]
     b = collate(encoded, tok.pad_token_id)
-    ids, lps = cache.batch(picks, pad_to=b["input_ids"].shape[1])
+    ids, lps, tails = cache.batch(picks, pad_to=b["input_ids"].shape[1])
     assert ids.shape == (*b["input_ids"].shape, K) and lps.shape == ids.shape
+    assert tails.shape == b["input_ids"].shape
     for row, i in enumerate(picks):
         n = len(encoded[row][0])
         assert torch.equal(ids[row, :n], cache.topk(i)[0]) and ids[row, n:].eq(0).all()
+        assert torch.equal(tails[row, :n], cache.topk(i)[2]) and tails[row, n:].eq(0).all()
     # The labelled token t+1 is usually among the teacher's top-k at position t.
     labelled = b["labels"] != -100
     hit = (ids == b["labels"][..., None]).any(-1)[labelled].float().mean()
@@ -208,7 +216,7 @@ def test_other_tokenizer_or_settings_are_refused(setup, tmp_path):
         TeacherCache(setup["root"] / "local", tokenizer_dir=other)
     want = json.loads((setup["root"] / "local" / "index.json").read_text())["tokenizer_sha256"]
     message = str(err.value)
-    assert want in message and sha256_file(other / "tokenizer.json") in message
+    assert want in message and tokenizer_hash(other) in message
     assert "rebuild the cache" in message
 
     # Resuming a cache with other settings changes nothing and says which setting differs.
@@ -240,7 +248,9 @@ def test_sparse_loss_with_k_equal_to_vocab_matches_dense(setup, tmp_path):
         dense_teacher = teacher(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).logits
-    ids, lps = cache.batch(range(6), pad_to=batch["input_ids"].shape[1])
+    ids, lps, tails = cache.batch(range(6), pad_to=batch["input_ids"].shape[1])
+    # k = vocabulary: the stored tails are float32 rounding (-inf or < 1e-6); the loss drops them.
+    assert (tails[batch["labels"] != -100].exp() < 1e-6).all()
     student = torch.randn(
         *batch["input_ids"].shape, vocab, generator=torch.Generator().manual_seed(0)
     )
@@ -251,7 +261,12 @@ def test_sparse_loss_with_k_equal_to_vocab_matches_dense(setup, tmp_path):
                 student, batch["labels"], teacher_logits=dense_teacher, **opts
             )
             sparse = distillation_loss(
-                student, batch["labels"], teacher_topk_ids=ids, teacher_topk_logprobs=lps, **opts
+                student,
+                batch["labels"],
+                teacher_topk_ids=ids,
+                teacher_topk_logprobs=lps,
+                teacher_topk_tail=tails,
+                **opts,
             )
             torch.testing.assert_close(
                 sparse["kd"], dense["kd"], rtol=2e-3, atol=1e-4, msg=f"{loss} T={temperature}"
@@ -280,3 +295,102 @@ def test_rows_follow_the_training_encoding(setup, tmp_path):
     cache.check_data(data, SEQ)
     with pytest.raises(DistillError, match="not from .* with max_seq_len=32"):
         cache.check_data(data, 32)
+
+
+def test_vllm_style_rows_train_finite_from_the_cache(setup, tmp_path):
+    """A served teacher's float32 rows whose top log-prob is exactly 0.0 (vLLM, confident
+    positions) store a tail of log(0) = -inf; the reader hands it to the loss, which floors it."""
+    tok = load_tokenizer(setup["tokenizer"])
+    examples = encode_rows(tok, read_rows(setup["data"])[:4], SEQ)
+    seqs = [ids for ids, _ in examples]
+    row = np.array([0.0, -20.0, -21.0, -22.0], dtype=np.float32)
+
+    def confident(chunk):
+        return [
+            (np.tile(np.array([5, 6, 7, 8], np.int32), (len(s) - 1, 1)), np.tile(row, (len(s) - 1, 1)))
+            for s in chunk
+        ]  # fmt: skip
+
+    header = {"teacher": {"kind": "served", "api": "vllm", "model": "m"}, "k": 4,
+              "tokenizer_sha256": tokenizer_hash(setup["tokenizer"]), "max_seq_len": SEQ,
+              "dataset": {"path": "x", "sha256": "0"}, "shard_examples": 2}  # fmt: skip
+    write_cache(tmp_path / "c", seqs, confident, header)
+    cache = TeacherCache(tmp_path / "c", tokenizer_dir=setup["tokenizer"])
+    batch = collate(examples, tok.pad_token_id)
+    ids, lps, tails = cache.batch(range(4), pad_to=batch["input_ids"].shape[1])
+    valid = batch["labels"] != -100
+    assert torch.isinf(tails[valid]).all() and (lps[valid][:, 0].abs() < 1e-8).all()
+    student = torch.randn(*ids.shape[:2], len(tok), generator=torch.Generator().manual_seed(0))
+    for loss in ("fkl", "rkl", "jsd", "skl", "srkl", "tvd"):
+        x = student.clone().requires_grad_()
+        out = distillation_loss(
+            x, batch["labels"], teacher_topk_ids=ids, teacher_topk_logprobs=lps,
+            teacher_topk_tail=tails, loss=loss, beta=1.0,
+        )  # fmt: skip
+        (grad,) = torch.autograd.grad(out["loss"], x)
+        assert out["kd"] < 100 and torch.isfinite(grad).all(), (loss, out)
+        assert grad.abs().max() * int(valid.sum()) < 10, loss  # per token
+
+
+def test_cached_lengths_must_match_the_tokenized_examples(setup, tmp_path):
+    """A cache whose index matches the data (sha256, count, max_seq_len) but whose rows were
+    made for other token sequences is refused, naming the first example that differs."""
+    tok = load_tokenizer(setup["tokenizer"])
+    cache = TeacherCache(setup["root"] / "local", tokenizer_dir=setup["tokenizer"])
+    lengths = [len(ids) for ids, _ in encode_rows(tok, read_rows(setup["data"]), SEQ)]
+    assert cache.example_lengths() == lengths
+    cache.check_lengths(lengths, "data.jsonl")
+    with pytest.raises(DistillError, match=r"example 17 of data.jsonl encodes to \d+ tokens"):
+        cache.check_lengths(lengths[:17] + [lengths[17] + 1] + lengths[18:], "data.jsonl")
+    with pytest.raises(DistillError, match="holds 40 examples but data.jsonl has 39"):
+        cache.check_lengths(lengths[:-1], "data.jsonl")
+
+    # Through training: other rows, same count, and an index claiming they are its data.
+    other = tmp_path / "other.jsonl"
+    write_jsonl(read_rows(setup["train"])[N_EXAMPLES : 2 * N_EXAMPLES], other)
+    other_lengths = [len(ids) for ids, _ in encode_rows(tok, read_rows(other), SEQ)]
+    first = next(i for i, (a, b) in enumerate(zip(lengths, other_lengths, strict=True)) if a != b)
+    stale = tmp_path / "stale"
+    shutil.copytree(setup["root"] / "local", stale)
+    index = json.loads((stale / "index.json").read_text())
+    index["dataset"]["sha256"] = sha256_file(other)
+    (stale / "index.json").write_text(json.dumps(index))
+    cfg = train_config(setup, tmp_path / "run", teacher=None, teacher_cache=stale, train_data=other)
+    with pytest.raises(DistillError, match=rf"example {first} of .*other.jsonl encodes to"):
+        distill_student(cfg)
+
+
+def test_tokenizer_fingerprint_covers_config_and_chat_template(setup, tmp_path):
+    """tokenizer.json alone misses changes that re-tokenize rows: the chat template (in
+    chat_template.jinja or tokenizer_config.json) and the special-token settings."""
+    base = tmp_path / "base"
+    shutil.copytree(setup["tokenizer"], base)
+    assert tokenizer_hash(base) == tokenizer_hash(setup["tokenizer"])  # the bytes, not the path
+    seen = {tokenizer_hash(base)}
+    chat = {"messages": [{"role": "user", "content": "dim the office"},
+                         {"role": "assistant", "content": "ok"}]}  # fmt: skip
+    ids = encode_rows(load_tokenizer(base), [chat], SEQ)[0][0]
+
+    template = tmp_path / "template"
+    shutil.copytree(base, template)
+    jinja = template / "chat_template.jinja"
+    jinja.write_text(jinja.read_text().replace("{{ m['content'] }}", "{{ m['content'] }} ."))
+    assert encode_rows(load_tokenizer(template), [chat], SEQ)[0][0] != ids  # re-tokenized ...
+    assert (template / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+    seen.add(tokenizer_hash(template))  # ... and the fingerprint says so
+
+    config = tmp_path / "config"
+    shutil.copytree(base, config)
+    settings = json.loads((config / "tokenizer_config.json").read_text())
+    settings["bos_token"] = "<|user|>"
+    (config / "tokenizer_config.json").write_text(json.dumps(settings))
+    seen.add(tokenizer_hash(config))
+
+    extra = tmp_path / "extra"
+    shutil.copytree(base, extra)
+    (extra / "additional_chat_templates").mkdir()
+    (extra / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
+    seen.add(tokenizer_hash(extra))
+    assert len(seen) == 4
+    with pytest.raises(DistillError, match="fingerprint"):
+        TeacherCache(setup["root"] / "local", tokenizer_dir=template)

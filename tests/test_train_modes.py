@@ -23,7 +23,7 @@ from moe2edge.distill.pipeline import distill_student
 from moe2edge.distill.student import build_student
 from moe2edge.distill.teacher import load_teacher
 from moe2edge.distill.tokenizer import load_tokenizer
-from moe2edge.distill.train import train_model
+from moe2edge.distill.train import check_config, train_model
 from moe2edge.rows import read_rows
 from tests._train_common import train_config, train_records, weights
 
@@ -81,6 +81,36 @@ def test_on_policy_training_trains_on_student_samples(tiny_run, tmp_path):
     assert all(r["on_policy"] for r in rec_on) and not any(r["on_policy"] for r in rec_off)
     assert [r["reply_tokens"] for r in rec_on] != [r["reply_tokens"] for r in rec_off]
     assert all(r["kd"] > 0 for r in rec_on)
+    # No CE on the student's own samples (TRL's GKD): the loss is the divergence alone ...
+    assert all(r["ce"] > 0 and r["loss"] == pytest.approx(r["kd"], rel=1e-9) for r in rec_on)
+    # ... while data-set steps keep the ce_ratio mix.
+    assert all(r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"]) for r in rec_off)
+
+
+def test_mixed_on_policy_drops_ce_only_on_sampled_steps(tiny_run, tmp_path):
+    cfg = train_config(tiny_run, tmp_path, max_steps=6, mode="on_policy", lambda_on_policy=0.5)
+    distill_student(cfg)
+    records = train_records(tmp_path)
+    assert {r["on_policy"] for r in records} == {True, False}
+    for r in records:
+        ce_ratio = 0.0 if r["on_policy"] else cfg.ce_ratio
+        assert r["loss"] == pytest.approx(ce_ratio * r["ce"] + (1 - ce_ratio) * r["kd"])
+
+
+def test_teacher_dtype_and_device_map_options(tiny_run, tmp_path):
+    """teacher_dtype / teacher_device_map reach load_teacher; a placed teacher trains alike."""
+    plain = distill_student(train_config(tiny_run, tmp_path / "plain", max_steps=2))
+    placed = distill_student(
+        train_config(
+            tiny_run, tmp_path / "placed", max_steps=2, teacher_dtype="float32",
+            teacher_device_map="auto",
+        )
+    )  # fmt: skip
+    a, b = train_records(tmp_path / "plain"), train_records(tmp_path / "placed")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], rel=1e-6)
+    assert plain.is_dir() and placed.is_dir()
+    with pytest.raises(DistillError, match="teacher_dtype='int8'"):  # before any rank starts
+        check_config(train_config(tiny_run, tmp_path / "bad", teacher_dtype="int8"), True)
 
 
 def test_on_policy_and_seq_kd_need_a_live_teacher(tiny_run, tmp_path):

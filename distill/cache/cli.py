@@ -32,6 +32,19 @@ def register_cache_command(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (local)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (served)")
     p.add_argument("--retries", type=int, default=5, help="retries per request (served)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="local teacher dtype: auto (the checkpoint's), bf16, fp32, fp16",
+    )
+    p.add_argument(
+        "--device-map",
+        help="local teacher placement by accelerate: auto, cuda, cpu (default: all in CPU RAM)",
+    )
+    p.add_argument(
+        "--offload-folder",
+        help="local teacher: where --device-map auto offloads weights that fit nowhere else",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(handler=run_cache)
 
@@ -39,6 +52,7 @@ def register_cache_command(sub) -> None:
 def run_cache(args: argparse.Namespace) -> int:
     names = ("data", "tokenizer", "out", "teacher", "server", "api", "k", "max_seq_len")
     names += ("shard_examples", "concurrency", "batch_size", "timeout", "retries")
+    names += ("dtype", "device_map", "offload_folder")
     opts = {name: getattr(args, name) for name in names}
     index = build_cache(model_name=args.model, trust_remote_code=args.trust_remote_code, **opts)
     keys = ("num_examples", "skipped_shards", "tokens", "bytes", "bytes_per_token")

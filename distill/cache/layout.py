@@ -8,7 +8,9 @@ from pathlib import Path
 from moe2edge.distill.errors import DistillError
 
 FORMAT_NAME = "moe2edge-teacher-cache"
-FORMAT_VERSION = 1
+# 2: ``tokenizer_sha256`` is ``tokenizer_hash``'s fingerprint of all tokenizer files (v1: of
+# tokenizer.json alone), so a v1 cache cannot be checked against a tokenizer and is refused.
+FORMAT_VERSION = 2
 INDEX_FILE = "index.json"
 # Settings a resumed run must share with the cache it continues.
 RESUME_KEYS = ("teacher", "tokenizer_sha256", "k", "max_seq_len", "dataset", "shard_examples")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ from safetensors import safe_open
 
 from moe2edge.distill.cache.layout import INDEX_FILE, load_index
 from moe2edge.distill.errors import DistillError
-from moe2edge.distill.tokenizer import tokenizer_hash
+from moe2edge.distill.tokenizer import TOKENIZER_FILES, tokenizer_hash
 from moe2edge.fileio import sha256_file
 
 
@@ -46,10 +47,10 @@ class TeacherCache:
             if have != want:
                 raise DistillError(
                     f"the teacher cache {self.path} was made with the tokenizer whose "
-                    f"tokenizer.json has sha256 {want}, but {tokenizer_dir} has sha256 {have}: "
-                    "its token ids would not match. Train with the tokenizer the cache was made "
-                    f"with, or rebuild the cache with `moe2edge distill cache --tokenizer "
-                    f"{tokenizer_dir}`"
+                    f"fingerprint is {want}, but {tokenizer_dir} has {have} (the sha256 over "
+                    f"{', '.join(TOKENIZER_FILES[:3])} and the chat template): its token ids "
+                    "would not match. Train with the tokenizer the cache was made with, or "
+                    f"rebuild the cache with `moe2edge distill cache --tokenizer {tokenizer_dir}`"
                 )
         self.k: int = self.meta["k"]
         self.shards: list[dict] = self.meta["shards"]
@@ -84,6 +85,35 @@ class TeacherCache:
                 "examples. Build a cache for this data with `moe2edge distill cache`"
             )
 
+    def example_lengths(self) -> list[int]:
+        """Tokens of every cached example (its rows + 1), from the shards' offsets."""
+        lengths = []
+        for n in range(len(self.shards)):
+            offsets = self._shard(n)[1]
+            lengths += [b - a + 1 for a, b in pairwise(offsets)]
+        return lengths
+
+    def check_lengths(self, lengths: Sequence[int], data_name: str = "the data set") -> None:
+        """Raise DistillError unless example i of the data has ``lengths[i]`` cached rows + 1.
+
+        The data's sha256 and max_seq_len can match while the encoding differs (another
+        tokenizer version, chat template or BOS rule): then rows would silently misalign and
+        the missing ones become id 0 / logprob 0 targets. Reads only the shards' offsets.
+        """
+        if len(lengths) != len(self):
+            raise DistillError(
+                f"the teacher cache {self.path} holds {len(self)} examples but {data_name} has "
+                f"{len(lengths)}; build a cache for this data with `moe2edge distill cache`"
+            )
+        for i, (have, want) in enumerate(zip(self.example_lengths(), lengths, strict=True)):
+            if have != want:
+                raise DistillError(
+                    f"example {i} of {data_name} encodes to {want} tokens, but the teacher cache "
+                    f"{self.path} holds {have} for it: the cache was made from other data or with "
+                    "another tokenizer, chat template or max_seq_len, so its rows would not line "
+                    "up. Rebuild the cache on this data with `moe2edge distill cache`"
+                )
+
     def _verify(self, n: int) -> None:
         shard = self.shards[n]
         path = self.path / shard["file"]
@@ -116,10 +146,12 @@ class TeacherCache:
             self._open[n] = (handle, offsets)
         return self._open[n]
 
-    def topk(self, example_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids LongTensor [T, k], logprobs FloatTensor [T, k]) of example i (T = its tokens).
+    def topk(self, example_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids LongTensor [T, k], logprobs FloatTensor [T, k], tail FloatTensor [T]) of example i.
 
-        Row t is the teacher's top-k for token t + 1; the last row is padding (id 0, logprob 0).
+        T = its tokens. Row t is the teacher's top-k for token t + 1, ``tail`` the log of the mass
+        outside it (exact, -inf when none is left; ``moe2edge.distill.losses`` floors it). The last
+        row is padding (id 0, logprob 0, tail 0).
         """
         if not 0 <= example_index < len(self):
             raise IndexError(f"example {example_index} is outside the cache (0..{len(self) - 1})")
@@ -129,23 +161,29 @@ class TeacherCache:
         a, b = offsets[j], offsets[j + 1]
         lps = handle.get_slice("logprobs")[a:b].double()
         tail = handle.get_slice("tail")[a:b].double()[:, None]
-        # Rescale the rounded probabilities so that 1 - sum(exp(lps)) is the stored tail.
+        # Rescale the fp16-rounded probabilities so that they and the stored tail sum to 1.
         kept = torch.where(tail > -0.693, torch.log(-torch.expm1(tail)), torch.log1p(-tail.exp()))
         lps = (lps - lps.logsumexp(-1, keepdim=True) + kept).float()
         pad = torch.zeros((1, self.k))
-        return torch.cat([handle.get_slice("ids")[a:b].long(), pad.long()]), torch.cat([lps, pad])
+        ids = torch.cat([handle.get_slice("ids")[a:b].long(), pad.long()])
+        return ids, torch.cat([lps, pad]), torch.cat([tail[:, 0].float(), pad[:, 0]])
 
     def batch(
         self, indices: Sequence[int], pad_to: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, pad_to, k] ids and logprobs, right-padded with id 0 / logprob 0 like collate."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[B, pad_to, k] ids and logprobs and [B, pad_to] tails, right-padded with 0 like collate.
+
+        The three are ``distillation_loss``'s ``teacher_topk_ids / _logprobs / _tail``.
+        """
         items = [self.topk(i) for i in indices]
-        width = max(len(ids) for ids, _ in items) if pad_to is None else pad_to
+        width = max(len(item[0]) for item in items) if pad_to is None else pad_to
         ids = torch.zeros((len(items), width, self.k), dtype=torch.long)
         lps = torch.zeros((len(items), width, self.k), dtype=torch.float32)
-        for row, (i, lp) in enumerate(items):
+        tails = torch.zeros((len(items), width), dtype=torch.float32)
+        for row, (i, lp, tail) in enumerate(items):
             if len(i) > width:
                 raise ValueError(f"example {indices[row]} has {len(i)} tokens > pad_to={width}")
             ids[row, : len(i)] = i
             lps[row, : len(i)] = lp
-        return ids, lps
+            tails[row, : len(i)] = tail
+        return ids, lps, tails

@@ -14,6 +14,7 @@ import torch
 
 from moe2edge.distill.data import encode_rows
 from moe2edge.distill.errors import DistillError
+from moe2edge.distill.teacher import teacher_device
 
 Scorer = Callable[[list[list[int]]], list[tuple[np.ndarray, np.ndarray]]]
 
@@ -36,7 +37,7 @@ def local_scorer(model: torch.nn.Module, k: int, batch_size: int = 8) -> Scorer:
     vocab = model.config.vocab_size
     if not 1 <= k <= vocab:
         raise DistillError(f"k={k} must be between 1 and the teacher's vocabulary size {vocab}")
-    device = next(model.parameters()).device
+    device = teacher_device(model)
 
     @torch.no_grad()
     def score(seqs: list[list[int]]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -190,9 +190,15 @@ def build_cache(
     retries: int = 5,
     backoff: float = 0.5,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
+    device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     on_shard: Callable[[int], None] | None = None,
 ) -> dict:
-    """Fill (or finish) the teacher cache ``out`` from a local teacher dir or a served one."""
+    """Fill (or finish) the teacher cache ``out`` from a local teacher dir or a served one.
+
+    ``dtype`` / ``device_map`` / ``offload_folder``: how a local teacher loads
+    (``moe2edge.distill.teacher.load_teacher``)."""
     if (teacher is None) == (server is None):
         raise DistillError("give exactly one teacher: a local directory or a server URL")
     if k < 1 or shard_examples < 1 or max_seq_len < 2:
@@ -212,7 +218,13 @@ def build_cache(
     if teacher is not None:
         from moe2edge.distill.teacher import load_teacher
 
-        model = load_teacher(teacher, trust_remote_code=trust_remote_code)
+        model = load_teacher(
+            teacher,
+            dtype,
+            trust_remote_code,
+            device_map=device_map,
+            offload_folder=offload_folder,
+        )
         check_vocab_matches(tok, model.config.vocab_size, "teacher")
         header["teacher"] = local_teacher_identity(teacher)
         return write_cache(out, seqs, local_scorer(model, k, batch_size), header, on_shard)
