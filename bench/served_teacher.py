@@ -38,6 +38,13 @@ from tests.vllm_helpers import (  # noqa: E402
 )
 
 
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def compare(a: TeacherCache, b: TeacherCache) -> dict:
     same_top1 = total = same_set = 0
     worst = 0.0
@@ -68,8 +75,9 @@ def main() -> int:
         print(f"set {VLLM_PYTHON_ENV} to a vLLM venv's python (make vllm-venv)", file=sys.stderr)
         return 2
     results: dict = {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "rows": args.rows,
+        "note": "tokens/s measured with other jobs on the same 2 cores; compare within a run",
         "k": args.k,
         "families": {},
     }
@@ -83,9 +91,7 @@ def main() -> int:
         for family in ("llama", "deepseek_v3"):
             teacher = build_tiny_teacher(tmp / family, tokenizer, family)
             t0 = time.perf_counter()
-            build_cache(
-                out=tmp / f"{family}-local", teacher=teacher, batch_size=8, **common
-            )
+            build_cache(out=tmp / f"{family}-local", teacher=teacher, batch_size=8, **common)
             local_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             with vllm_server(
