@@ -2,20 +2,21 @@
 
 ``RUN_DIR/checkpoints/step-NNNNNNNN/`` holds
 
-- ``model.safetensors``   the full (gathered) model state, fp32 as trained
-- ``optimizer.pt``        the full optimizer state, keyed by parameter name
-- ``training_state.pt``   step, scheduler, RNG states of every rank (torch CPU, CUDA,
-                           python ``random``, numpy), world size
-- ``manifest.json``       written last: sha256 and size of each file above, the step and the
-                           training config fingerprint
+- ``.metadata``, ``__R_0.distcp``  model + optimizer state as a sharded
+                                 ``torch.distributed.checkpoint`` (DCP): each rank R writes its
+                                 own shards (fp32 as trained), no rank gathers anything
+- ``training_state.pt``         step, scheduler, RNG states of every rank (torch CPU, CUDA,
+                                 python ``random``, numpy), world size
+- ``manifest.json``             written last: sha256 and size of every file above (each rank
+                                 hashes the files it wrote), the step and the training config
+                                 fingerprint
 
-A checkpoint is first written to ``.step-NNNNNNNN.tmp`` and renamed into place once complete
-and fsynced (``moe2edge.fileio.atomic_dir``), so a killed writer leaves only a ``.tmp``
-directory, which is never read. On load
-every file is checked against the manifest. Under FSDP2 the state is gathered with
-``torch.distributed.checkpoint.state_dict`` (full_state_dict, cpu_offload) and rank 0 writes it;
-on load rank 0 reads it and broadcasts it into the shards. Because the state is saved in full
-and keyed by name, a run may resume on a different number of ranks.
+A checkpoint is first written to ``.step-NNNNNNNN.tmp`` and renamed into place by rank 0 once
+every rank has written and hashed its files and everything is fsynced
+(``moe2edge.fileio.atomic_dir``), so a killed writer leaves only a ``.tmp`` directory, which is
+never read. On load every file is checked against the manifest, then DCP reads into this run's
+shards: DCP reshards on load, so a run may resume on another number of ranks (or in one
+process). A single process writes the same format (DCP needs no process group).
 
 The data position is the step: batches are a pure function of (seed, step).
 """
@@ -29,6 +30,8 @@ import os
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -48,8 +51,9 @@ from moe2edge.fileio import atomic_dir, sha256_file
 log = logging.getLogger(__name__)
 
 # Config fields that change what training computes. A run may only resume from a checkpoint
-# written with the same values (run_dir, logging, eval, checkpointing, device, world size and
-# grad_accum_steps may change: the global batch and its loss are the same).
+# written with the same values (run_dir, logging, eval, checkpointing, device, world size,
+# grad_accum_steps and sync_every_micro_batch may change: the global batch and its loss are
+# the same).
 FINGERPRINT_KEYS = (
     "train_data",
     "tokenizer",
@@ -76,12 +80,15 @@ FINGERPRINT_KEYS = (
     "weight_decay",
     "grad_clip",
     "seed",
+    "student_overrides",
+    "param_dtype",
+    "reduce_dtype",
     "lora_r",
     "lora_alpha",
     "lora_dropout",
     "lora_target_modules",
 )
-FILES = ("model.safetensors", "optimizer.pt", "training_state.pt")
+FORMAT_VERSION = 2  # 1: full-state model.safetensors + optimizer.pt gathered on rank 0
 
 
 def config_fingerprint(cfg) -> dict:
@@ -120,39 +127,36 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
 
 
-def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors, cloning any that share storage (safetensors refuses aliases)."""
-    seen, out = set(), {}
-    for key, value in state.items():
-        value = value.detach().contiguous()
-        ptr = (value.untyped_storage().data_ptr(), value.storage_offset())
-        out[key] = value.clone() if ptr in seen else value
-        seen.add(ptr)
-    return out
+def _file_entry(path: Path, rank: int) -> dict:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size, "rank": rank}
 
 
 def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo) -> Path:
-    """Gather the full state on every rank; rank 0 writes it atomically. Call on all ranks."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    """Write a sharded checkpoint of step ``step`` atomically. Call on all ranks.
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    rngs = gather_objects(rng_state(), info)
+    Every rank writes and hashes its own DCP shards into the ``.tmp`` directory; rank 0 adds
+    the training state, writes the manifest from the ranks' hashes (a few bytes each) and
+    renames the directory into place.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     final = checkpoint_dir(cfg.run_dir, step)
+    root = final.parent
     if info.is_main:
-        root = final.parent
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
-        with atomic_dir(final) as tmp:
-            save_file(_unshared(model_state), tmp / "model.safetensors", metadata={"format": "pt"})
-            torch.save(optim_state, tmp / "optimizer.pt")
+    tmp = final.with_name(f".{final.name}.tmp")  # the name atomic_dir builds in
+    with atomic_dir(final) if info.is_main else nullcontext(tmp) as tmp:
+        barrier(info)  # the directory exists before anyone writes into it
+        model_state, optim_state = get_state_dict(model, optimizer)
+        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.save(state, storage_writer=writer, no_dist=not info.enabled)
+        rngs = gather_objects(rng_state(), info)
+        mine = sorted(tmp.glob(f"__{info.rank}_*"))
+        if info.is_main:
             training_state = {
                 "step": step,
                 "scheduler": scheduler.state_dict(),
@@ -160,13 +164,16 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo)
                 "world_size": info.world_size,
             }
             torch.save(training_state, tmp / "training_state.pt")
+            mine += [tmp / ".metadata", tmp / "training_state.pt"]
+        hashed = gather_objects({p.name: _file_entry(p, info.rank) for p in mine}, info)
+        if info.is_main:
+            files = {name: entry for part in hashed for name, entry in sorted(part.items())}
+            unhashed = sorted({p.name for p in tmp.iterdir()} - set(files))
+            if unhashed:
+                raise DistillError(f"checkpoint {final}: files {unhashed} have no owner rank")
             fingerprint = config_fingerprint(cfg)
-            files = {
-                name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-                for name in FILES
-            }
             manifest = {
-                "format_version": 1,
+                "format_version": FORMAT_VERSION,
                 "step": step,
                 "files": files,
                 "config_fingerprint": fingerprint,
@@ -177,6 +184,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo)
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if info.is_main:
         prune_checkpoints(root, cfg.keep_checkpoints)
         log.info("checkpoint %s", final)
     barrier(info)
@@ -215,12 +223,28 @@ def verify_checkpoint(path: str | Path) -> dict:
         raise DistillError(
             f"{manifest_file} is unreadable ({exc}); the checkpoint is damaged"
         ) from exc
-    for name, want in files.items():
-        f = path / name
-        if not f.is_file() or f.stat().st_size != want["bytes"] or sha256_file(f) != want["sha256"]:
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DistillError(
+            f"{path} is in checkpoint format {manifest.get('format_version')}, this version "
+            f"reads format {FORMAT_VERSION} (sharded DCP); finish that run with the moe2edge "
+            "that wrote it, or start over with resume=none"
+        )
+
+    def intact(name: str) -> bool:
+        f, want = path / name, files[name]
+        return (
+            f.is_file() and f.stat().st_size == want["bytes"] and sha256_file(f) == want["sha256"]
+        )
+
+    # One file per rank: hash them in parallel (hashlib releases the GIL on large blocks).
+    with ThreadPoolExecutor(max_workers=min(8, max(len(files), 1))) as pool:
+        results = dict(zip(files, pool.map(intact, files), strict=True))
+    for name, ok in results.items():
+        if not ok:
             raise DistillError(
-                f"checkpoint file {f} is missing or does not match its sha256 in the manifest: "
-                "the checkpoint is damaged; resume from an older one (pass its path as resume=)"
+                f"checkpoint file {path / name} is missing or does not match its sha256 in the "
+                "manifest: the checkpoint is damaged; resume from an older one (pass its path "
+                "as resume=)"
             )
     return manifest
 
@@ -285,9 +309,10 @@ def select_checkpoint(cfg, info: DistInfo) -> Path | None:
     path, error = None, None
     if info.is_main:
         try:
-            path = find_checkpoint(cfg)
+            path = find_checkpoint(cfg)  # verified: every file against the manifest
             if path is not None:
-                _check_same_config(path, verify_checkpoint(path), cfg)
+                manifest = json.loads((path / "manifest.json").read_text())
+                _check_same_config(path, manifest, cfg)
         except DistillError as exc:
             error = str(exc)
     raise_together(error, info)
@@ -297,26 +322,27 @@ def select_checkpoint(cfg, info: DistInfo) -> Path | None:
 def load_checkpoint(path: Path | None, model, optimizer, scheduler, info: DistInfo) -> int:
     """Load ``path`` into model/optimizer/scheduler/RNG; return the step to continue from.
 
-    Call on all ranks, after ``select_checkpoint``, with the model already sharded.
+    Call on all ranks, after ``select_checkpoint``, with the model already sharded: each rank
+    reads the parts of the DCP shards that its own shards cover.
     """
     if path is None:
         return 0
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    model_state, optim_state, training_state = {}, {}, None
+    model_state, optim_state = get_state_dict(model, optimizer)  # the shapes to read into
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not info.enabled)
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+    training_state = None
     if info.is_main:
-        model_state = load_file(path / "model.safetensors")
-        optim_state = torch.load(path / "optimizer.pt", weights_only=True)
         training_state = torch.load(path / "training_state.pt", weights_only=True)
     training_state = broadcast_object(training_state, info)
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.enabled)
-    set_model_state_dict(model, model_state, options=options)
-    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
     scheduler.load_state_dict(training_state["scheduler"])
     rngs = training_state["rng"]
     set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])

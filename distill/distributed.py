@@ -3,13 +3,16 @@
 Without torchrun's environment (RANK, WORLD_SIZE) everything here is a no-op and the
 training loop runs as one plain process. With it: gloo on the CPU, nccl on GPUs, one
 device per rank, and every decoder layer plus the root wrapped with FSDP2's ``fully_shard``
-(parameters, gradients and optimizer state sharded across ranks).
+(parameters, gradients and optimizer state sharded across ranks), built from a meta-device
+skeleton so that no rank but 0 ever holds the whole model (``shard_model``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -69,15 +72,81 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     raise DistillError(f"cannot find the decoder layers of {type(model).__name__} to shard")
 
 
-def shard_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """FSDP2: shard each decoder layer, then the rest (embeddings, norm, head) at the root."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def dtype_named(name: str, key: str) -> torch.dtype:
+    """``torch.bfloat16`` for ``"bfloat16"``; a DistillError naming ``key`` otherwise."""
+    if name not in DTYPES:
+        raise DistillError(f"{key}={name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def to_meta(model: torch.nn.Module) -> None:
+    """Swap every parameter and buffer of ``model`` for an empty meta tensor, in place.
+
+    ``model.to("meta")`` would untie tied weights (a CPU tensor cannot become a meta one in
+    place, so each module gets its own new Parameter); this keeps one Parameter per tensor.
+    """
+    swapped: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and not param.is_meta:
+                if id(param) not in swapped:
+                    empty = torch.empty_like(param, device="meta")
+                    swapped[id(param)] = torch.nn.Parameter(empty, param.requires_grad)
+                module._parameters[name] = swapped[id(param)]
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                module._buffers[name] = torch.empty_like(buf, device="meta")
+
+
+def shard_model(
+    model: torch.nn.Module,
+    info: DistInfo,
+    param_dtype: str = "float32",
+    reduce_dtype: str = "float32",
+) -> torch.nn.Module:
+    """FSDP2 from a meta-device skeleton, initialised from rank 0's weights. Call on all ranks.
+
+    Rank 0's ``model`` holds the initial weights (a seeded random init or a loaded HF
+    checkpoint); the other ranks' may be built on the meta device (``distill_student`` does),
+    so no rank but 0 ever holds the whole model. Rank 0 keeps its full state dict on the CPU,
+    every rank's model becomes a meta skeleton, each decoder layer and then the root (embeddings,
+    norm, head) is wrapped with ``fully_shard`` under a ``MixedPrecisionPolicy`` (parameters
+    gathered in ``param_dtype`` for compute, gradients reduced in ``reduce_dtype``, the sharded
+    master weights stay fp32), ``to_empty`` allocates this rank's shards only, and
+    ``set_model_state_dict(broadcast_from_rank0)`` streams rank 0's tensors one at a time into
+    every rank's shards. Buffers (not sharded; some, like rotary ``inv_freq``, are not in the
+    state dict) are broadcast from rank 0 as well. The result is rank 0's init, bit for bit,
+    on every world size: the same weights a single process starts from.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(
+        param_dtype=dtype_named(param_dtype, "param_dtype"),
+        reduce_dtype=dtype_named(reduce_dtype, "reduce_dtype"),
+    )
+    full_state: dict[str, torch.Tensor] = {}
+    buffers: dict[str, torch.Tensor] = {}
+    if info.is_main:
+        full_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        buffers = {k: v.detach().cpu() for k, v in model.named_buffers()}
+    to_meta(model)
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    model.to_empty(device=info.device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full_state, options=options)
+    del full_state
+    buffers = broadcast_object(buffers, info)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            buf.copy_(buffers[name])
     return model
 
 
@@ -121,6 +190,12 @@ def raise_together(error: str | None, info: DistInfo) -> None:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size so far, in MiB (``getrusage`` ru_maxrss)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes / KiB
 
 
 def full_tensor(x):

@@ -6,10 +6,13 @@ vLLM and llama.cpp's converters, and optimum exports it with a KV cache.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from moe2edge.distill.errors import DistillError
+from moe2edge.distill.formats import DEMO_TOKEN_IDS
 
 # name -> LlamaConfig fields (vocab_size comes from the tokenizer / teacher)
 PRESETS: dict[str, dict] = {
@@ -53,17 +56,19 @@ PRESETS: dict[str, dict] = {
 def student_config(preset: str, vocab_size: int | None = None, **overrides) -> LlamaConfig:
     if preset not in PRESETS:
         raise DistillError(f"unknown student preset {preset!r}; choose one of {sorted(PRESETS)}")
-    fields = dict(
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        rope_theta=10000.0,
-    )
+    # Special ids: the demo tokenizer's unless given (bos_token_id / eos_token_id /
+    # pad_token_id overrides: ``tokenizer.special_token_ids``, what training passes)
+    fields = dict(rms_norm_eps=1e-5, tie_word_embeddings=False, rope_theta=10000.0)
+    fields.update(DEMO_TOKEN_IDS)
     fields.update(PRESETS[preset])
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size
+    unknown = sorted(k for k in overrides if not hasattr(LlamaConfig(), k))
+    if unknown:
+        raise DistillError(
+            f"student overrides {unknown} are not LlamaConfig fields; use its field names "
+            "(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, ...)"
+        )
     fields.update(overrides)
     return LlamaConfig(**fields)
 
@@ -80,3 +85,20 @@ def build_student(
     torch.manual_seed(seed)
     with torch.device(device):
         return LlamaForCausalLM(config)
+
+
+def load_student(init_dir: str | Path, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """The HF checkpoint ``init_dir`` (e.g. a merged MoE -> dense student) in fp32.
+
+    ``device='meta'`` builds the same model from its config.json only, reading no weights:
+    what the ranks other than 0 start from under FSDP2 (``distributed.shard_model``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if torch.device(device).type == "meta":
+        config = AutoConfig.from_pretrained(init_dir, local_files_only=True)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(
+        init_dir, local_files_only=True, dtype=torch.float32
+    ).to(device)

@@ -6,11 +6,12 @@ One readable loop in the style of torchtune's recipes, driven by ``TrainConfig``
 - modes (distill/modes.py): off-policy on a data set with a live teacher or a top-k teacher
   cache, sequence-level KD, on-policy (GKD);
 - scale (distill/distributed.py): the same loop under ``torchrun --nproc_per_node N`` with
-  FSDP2; the global batch ``batch_size`` is split across ranks and ``grad_accum_steps``, and the
-  loss is a mean over the reply tokens of the whole global batch, so N ranks x M micro-batches
-  compute the same step as one process; activation checkpointing, bf16 autocast on GPUs, LoRA;
+  FSDP2 (meta-device init, ``MixedPrecisionPolicy``, gradients reduced once per step); the
+  global batch ``batch_size`` is split across ranks and ``grad_accum_steps``, and the loss is a
+  mean over the reply tokens of the whole global batch, so N ranks x M micro-batches compute
+  the same step as one process; activation checkpointing, bf16 autocast on GPUs, LoRA;
 - exact resume (distill/checkpoint.py): ``resume=auto`` continues from the latest complete,
-  verified checkpoint, bit for bit;
+  verified, sharded (DCP) checkpoint, bit for bit;
 - evaluation and logging (distill/evaluate.py, distill/metrics.py): held-out KL, top-1
   agreement, perplexity, task accuracy; ``metrics.jsonl``, TensorBoard, ``curves.png``.
 
@@ -47,19 +48,26 @@ from moe2edge.distill.checkpoint import (
 from moe2edge.distill.config import load_config, to_dict
 from moe2edge.distill.data import (
     IGNORE_INDEX,
-    batch_indices,
+    ExampleStream,
     collate,
+    collate_packed,
     encode_rows,
     micro_batches,
+    pack,
+    packed_like,
     read_data,
+    step_examples,
 )
 from moe2edge.distill.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
     cleanup,
+    dtype_named,
     full_tensor,
+    gather_objects,
     init_distributed,
+    peak_rss_mb,
     shard_model,
 )
 from moe2edge.distill.errors import DistillError
@@ -72,9 +80,10 @@ from moe2edge.distill.modes import (
     on_policy_examples,
     use_on_policy,
 )
-from moe2edge.distill.student import build_student
-from moe2edge.distill.teacher import load_teacher
-from moe2edge.distill.tokenizer import check_vocab_matches, load_tokenizer
+from moe2edge.distill.student import build_student, load_student
+from moe2edge.distill.teacher import DTYPES as TEACHER_DTYPES
+from moe2edge.distill.teacher import is_placed, load_teacher
+from moe2edge.distill.tokenizer import apply_special_ids, check_vocab_matches, load_tokenizer
 from moe2edge.fileio import sha256_file
 
 log = logging.getLogger(__name__)
@@ -89,8 +98,16 @@ class TrainConfig:
     tokenizer: str = "runs/demo/tokenizer"
     teacher: str | None = "runs/demo/teacher"  # None: CE only (teacher pre-training), or a cache
     teacher_cache: str | None = None  # a `moe2edge distill cache` dir made on train_data
+    # How a live teacher loads (moe2edge.distill.teacher.load_teacher): auto = the checkpoint's
+    # dtype (bf16 for published MoE checkpoints, fp32 for the demo's); device_map None = into
+    # CPU RAM, then moved to the training device; auto/cuda/cpu/... = placed by accelerate,
+    # spilling to teacher_offload_folder on disk (single process only)
+    teacher_dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    teacher_device_map: str | None = None
+    teacher_offload_folder: str | None = None
     student_preset: str = "demo"
     student_init: str | None = None  # an HF checkpoint dir to start from instead of a preset
+    student_overrides: dict = field(default_factory=dict)  # LlamaConfig fields over the preset
     # where the sequences come from: off_policy | seq_kd | on_policy
     mode: str = "off_policy"
     lambda_on_policy: float = 0.5  # on_policy: share of steps on student samples (GKD lambda)
@@ -108,6 +125,12 @@ class TrainConfig:
     batch_size: int = 32  # global batch: split across ranks and grad_accum_steps
     grad_accum_steps: int = 1
     max_seq_len: int = 64
+    # lay a micro-batch's examples end to end in rows of max_seq_len tokens (fewer pads);
+    # position_ids restart per example, so no token attends across examples
+    packing: bool = False
+    # read and encode the data set as training goes (data sets too large to hold), in file
+    # order: rank r takes rows r, r + world, ...; no shuffling (shuffle when writing the set)
+    streaming: bool = False
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -115,6 +138,13 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0: no clipping
     activation_checkpointing: bool = False
     bf16: bool = True  # autocast to bf16 on CUDA only; the CPU always trains in fp32
+    # FSDP2 (torchrun) only: the dtype parameters are gathered in for compute and the one
+    # gradients are reduced in; the sharded master weights and Adam state stay fp32
+    param_dtype: str = "float32"  # float32 | bfloat16 | float16
+    reduce_dtype: str = "float32"
+    # FSDP2: reduce-scatter after every micro-batch instead of once per step (each rank then
+    # holds no unsharded gradient between micro-batches: less memory, more communication)
+    sync_every_micro_batch: bool = False
     device: str = "auto"  # auto | cpu | cuda
     lora_r: int = 0  # > 0: train LoRA adapters (peft), merged into the final checkpoint
     lora_alpha: int = 16
@@ -158,12 +188,26 @@ def check_config(cfg: TrainConfig, has_teacher: bool) -> None:
             f"mode={cfg.mode} trains on new sequences a cache made on the data set cannot "
             "score; drop teacher_cache or use mode=off_policy"
         )
+    if cfg.teacher_dtype not in ("auto", *TEACHER_DTYPES):
+        problems.append(
+            f"teacher_dtype={cfg.teacher_dtype!r}: use auto or {sorted(TEACHER_DTYPES)}"
+        )
     if not 0.0 <= cfg.lambda_on_policy <= 1.0:
         problems.append(f"lambda_on_policy={cfg.lambda_on_policy} must be in [0, 1]")
     if cfg.grad_accum_steps < 1 or cfg.batch_size < 1 or cfg.max_steps < 0:
         problems.append("batch_size and grad_accum_steps must be >= 1 and max_steps >= 0")
     if cfg.max_seq_len < 2:
         problems.append(f"max_seq_len={cfg.max_seq_len} must be >= 2")
+    if cfg.student_overrides and (cfg.student_init or not isinstance(cfg.student_overrides, dict)):
+        problems.append(
+            "student_overrides must be a mapping of LlamaConfig fields and applies to "
+            "student_preset only; drop it when starting from student_init"
+        )
+    for key in ("param_dtype", "reduce_dtype"):
+        try:
+            dtype_named(getattr(cfg, key), key)
+        except DistillError as exc:
+            problems.append(str(exc))
     if problems:
         raise DistillError("bad training config: " + "; ".join(problems))
 
@@ -175,7 +219,11 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
-    """LoRA adapters, activation checkpointing, device placement and FSDP2 sharding."""
+    """LoRA adapters, activation checkpointing, device placement and FSDP2 sharding.
+
+    Under torchrun only rank 0's ``model`` needs real weights (the others' may be on the meta
+    device): ``shard_model`` broadcasts them into every rank's shards.
+    """
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
@@ -190,13 +238,13 @@ def prepare_model(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> t
         model = get_peft_model(model, lora)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(info.device)
     if info.enabled:
-        shard_model(model, info)
-    return model
+        return shard_model(model, info, cfg.param_dtype, cfg.reduce_dtype)
+    return model.to(info.device)
 
 
-def _open_cache(path: str, cfg: TrainConfig, data_path: str | None, rows: int):
+def _open_cache(path: str, cfg: TrainConfig, data_path: str | None, lengths: list[int]):
+    """The verified cache for the examples of ``data_path`` (``lengths``: their token counts)."""
     from moe2edge.distill.cache import TeacherCache
 
     cache = TeacherCache(path, tokenizer_dir=cfg.tokenizer, verify=True)
@@ -208,24 +256,26 @@ def _open_cache(path: str, cfg: TrainConfig, data_path: str | None, rows: int):
                 f"the teacher cache {path} was made on another data set than {data_path} "
                 f"(sha256 differs); train on the data the cache was made from, or rebuild it"
             )
-    if len(cache) != rows or meta.get("max_seq_len") != cfg.max_seq_len:
+    if len(cache) != len(lengths) or meta.get("max_seq_len") != cfg.max_seq_len:
         raise DistillError(
             f"the teacher cache {path} holds {len(cache)} examples at max_seq_len="
-            f"{meta.get('max_seq_len')}, the data set has {rows} at max_seq_len={cfg.max_seq_len}; "
-            "use the same max_seq_len and data set as the cache"
+            f"{meta.get('max_seq_len')}, the data set has {len(lengths)} at max_seq_len="
+            f"{cfg.max_seq_len}; use the same max_seq_len and data set as the cache"
         )
+    cache.check_lengths(lengths, str(data_path))  # rows line up with the tokens, example by example
     return cache
 
 
 def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, autocast) -> dict:
     """One optimizer step's forward/backward over this rank's micro-batches; returns sums."""
-    indices = batch_indices(step, cfg.batch_size, len(examples), cfg.seed)
-    parts = micro_batches(indices, info.rank, info.world_size, cfg.grad_accum_steps)
+    parts, pool = step_examples(
+        examples, step, cfg.batch_size, cfg.seed, info.rank, info.world_size, cfg.grad_accum_steps
+    )
     on_policy = cfg.mode == "on_policy" and use_on_policy(step, cfg.seed, cfg.lambda_on_policy)
     first_row = info.rank * (cfg.batch_size // info.world_size)
     batches = []
     for m, part in enumerate(parts):
-        exs = [examples[i] for i in part]
+        exs = [pool[i] for i in part]
         if on_policy:  # the student's own replies, sampled without gradient
             row0 = first_row + m * len(part)
             exs = on_policy_examples(
@@ -242,7 +292,12 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
                 device=info.device,
                 autocast=autocast,
             )
-        batches.append((part, collate(exs, tokenizer.pad_token_id)))
+        if cfg.packing:
+            lengths = [len(ids) for ids, _ in exs]
+            batch = collate_packed(exs, pack(lengths, cfg.max_seq_len), tokenizer.pad_token_id)
+        else:
+            batch = collate(exs, tokenizer.pad_token_id)
+        batches.append((part, batch))
     # The loss is a mean over the reply tokens of the whole global batch.
     local = sum(int((b["labels"] != IGNORE_INDEX).sum()) for _, b in batches)
     total = all_reduce_sum(torch.tensor([float(local)], device=info.device), info)
@@ -250,21 +305,37 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)
     from_cache = cache is not None and not on_policy
     ce_ratio = 1.0 if teacher is None and cache is None else cfg.ce_ratio
-    for part, batch in batches:
+    if on_policy:  # no CE on the student's own samples: it would reinforce them (as TRL's GKD)
+        ce_ratio = 0.0
+    for m, (part, batch) in enumerate(batches):
+        if info.enabled:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+            last = m == len(batches) - 1
+            model.set_requires_gradient_sync(last or cfg.sync_every_micro_batch)
         batch = {k: v.to(info.device) for k, v in batch.items()}
         # Right padding + causal attention: no real token attends to the pads after it, so no
         # attention mask is needed, and HF skips building a padded mask (~20 ms a call on CPU).
         with autocast():
-            logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+            positions = batch.get("position_ids")  # packed rows: attention within each example
+            logits = model(
+                input_ids=batch["input_ids"], position_ids=positions, use_cache=False
+            ).logits
         targets = {}
         if from_cache:  # the teacher's top-k, scored once by `moe2edge distill cache`
-            ids, lps = cache.batch(part, pad_to=batch["input_ids"].shape[1])
+            width = batch["input_ids"].shape[1]
+            lengths = [len(pool[i][0]) for i in part]
+            ids, lps, tail = cache.batch(part, pad_to=max(lengths) if cfg.packing else width)
+            if cfg.packing:  # per example -> the packed rows' layout
+                rows = pack(lengths, cfg.max_seq_len)
+                ids, lps, tail = (packed_like(t, lengths, rows, width) for t in (ids, lps, tail))
             targets["teacher_topk_ids"] = ids.to(info.device)
             targets["teacher_topk_logprobs"] = lps.to(info.device)
+            targets["teacher_topk_tail"] = tail.to(info.device)
         elif teacher is not None:
             with torch.no_grad(), autocast():
                 ids = batch["input_ids"]
-                targets["teacher_logits"] = teacher(input_ids=ids, use_cache=False).logits
+                targets["teacher_logits"] = teacher(
+                    input_ids=ids, position_ids=batch.get("position_ids"), use_cache=False
+                ).logits
         out = distillation_loss(
             logits,
             batch["labels"],
@@ -324,24 +395,34 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     np.random.seed(cfg.seed % 2**32)
     autocast = _autocast(info.device, cfg.bf16)
     if teacher is not None:
-        teacher.to(info.device).eval().requires_grad_(False)
+        if not is_placed(teacher):  # a device_map teacher stays where accelerate put it
+            teacher.to(info.device)
+        teacher.eval().requires_grad_(False)
     data_path = cfg.train_data
     if cfg.mode == "seq_kd":
         data_path = _seq_kd_data(teacher, tokenizer, cfg, info, autocast)
-    examples = encode_rows(tokenizer, read_data(data_path), cfg.max_seq_len)
-    if not examples:
-        raise DistillError(f"training data {data_path} is empty")
+    if cfg.streaming:  # this rank's rows, encoded as the steps need them
+        per_rank = cfg.batch_size // info.world_size
+        examples = ExampleStream(
+            tokenizer, data_path, cfg.max_seq_len, per_rank, info.rank, info.world_size
+        )
+    else:
+        examples = encode_rows(tokenizer, read_data(data_path), cfg.max_seq_len)
+        if not examples:
+            raise DistillError(f"training data {data_path} is empty")
     micro_batches(list(range(cfg.batch_size)), 0, info.world_size, cfg.grad_accum_steps)
     cache = None
     if cfg.teacher_cache:
-        cache = _open_cache(cfg.teacher_cache, cfg, cfg.train_data, len(examples))
+        lengths = examples.lengths() if cfg.streaming else [len(e[0]) for e in examples]
+        cache = _open_cache(cfg.teacher_cache, cfg, cfg.train_data, lengths)
     eval_rows, eval_teacher = None, teacher
     if cfg.eval_data:
         if not Path(cfg.eval_data).is_file():
             raise DistillError(f"eval_data {cfg.eval_data} does not exist")
         eval_rows = read_data(cfg.eval_data)
         if cfg.eval_teacher_cache:
-            eval_teacher = _open_cache(cfg.eval_teacher_cache, cfg, cfg.eval_data, len(eval_rows))
+            lengths = [len(e[0]) for e in encode_rows(tokenizer, eval_rows, cfg.max_seq_len)]
+            eval_teacher = _open_cache(cfg.eval_teacher_cache, cfg, cfg.eval_data, lengths)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2))
@@ -365,6 +446,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
             batch_size=cfg.eval_batch_size,
             task_limit=cfg.eval_task_limit,
             max_new_tokens=cfg.max_new_tokens,
+            chunk_size=cfg.loss_chunk_size,
             info=info,
             device=info.device,
             autocast=autocast,
@@ -397,6 +479,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
             sums = result["sums"].clone()
             sums[3] = tokens_local
             loss, kd, ce, tokens_seen = all_reduce_sum(sums, info).tolist()
+            peak_rss = gather_objects(round(peak_rss_mb(), 1), info)  # MiB, one per rank
             record = {
                 "step": step,
                 "split": "train",
@@ -408,6 +491,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
                 "reply_tokens": int(result["reply_tokens"]),
                 "on_policy": result["on_policy"],
                 "tok_s": tokens_seen / (time.perf_counter() - started),
+                "peak_rss_mb": peak_rss,
             }
             logger.log(record)
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -423,6 +507,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     logger.close()
     if info.is_main and cfg.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
+    optimizer.state.clear()  # the Adam moments are done with: free them before the export
     out = save_final(model, tokenizer, run_dir / out_name, info, lora=cfg.lora_r > 0)
     barrier(info)
     return out
@@ -432,16 +517,32 @@ def distill_student(cfg: TrainConfig) -> Path:
     """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``)."""
     if cfg.teacher is None and cfg.teacher_cache is None:
         raise DistillError("distillation needs a teacher: set teacher=PATH or teacher_cache=DIR")
-    teacher = load_teacher(cfg.teacher) if cfg.teacher else None  # None: train from the cache
+    teacher = None  # None: train from the cache
+    if cfg.teacher:
+        teacher = load_teacher(
+            cfg.teacher,
+            cfg.teacher_dtype,
+            device_map=cfg.teacher_device_map,
+            offload_folder=cfg.teacher_offload_folder,
+        )
     tokenizer = load_tokenizer(cfg.tokenizer)
     vocab_size = teacher.config.vocab_size if teacher is not None else len(tokenizer)
     check_vocab_matches(tokenizer, vocab_size, "teacher")
+    # Under torchrun only rank 0 builds (or loads) the initial weights; the other ranks build
+    # the same model on the meta device, without memory, and get rank 0's weights at sharding.
+    info = init_distributed(cfg.device)
+    device = "meta" if info.enabled and not info.is_main else "cpu"
     if cfg.student_init:
-        from transformers import AutoModelForCausalLM
-
-        student = AutoModelForCausalLM.from_pretrained(cfg.student_init, local_files_only=True)
+        student = load_student(cfg.student_init, device)
     else:
-        student = build_student(cfg.student_preset, vocab_size=vocab_size, seed=cfg.seed)
+        student = build_student(
+            cfg.student_preset,
+            vocab_size=vocab_size,
+            seed=cfg.seed,
+            device=device,
+            **cfg.student_overrides,
+        )
+    apply_special_ids(student, tokenizer)  # bos/eos/pad (the end of turn) from the tokenizer
     check_vocab_matches(tokenizer, student.config.vocab_size, "student")
     if teacher is not None and student.config.vocab_size != teacher.config.vocab_size:
         raise DistillError(

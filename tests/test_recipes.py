@@ -29,6 +29,7 @@ def test_production_recipe_describes_the_13b_job():
     assert cfg.max_steps == 10  # overrides apply on top of the YAML
     assert cfg.teacher is None and cfg.teacher_cache  # the 671B teacher is served, then cached
     assert cfg.activation_checkpointing and cfg.device == "cuda" and cfg.bf16
+    assert cfg.param_dtype == "bfloat16" and cfg.reduce_dtype == "float32"  # FSDP2 mixed precision
     assert cfg.batch_size % (8 * cfg.grad_accum_steps) == 0  # splits over 8 ranks x accumulation
     student = build_student(cfg.student_preset, device="meta")
     params = sum(p.numel() for p in student.parameters())

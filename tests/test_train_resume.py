@@ -89,9 +89,9 @@ def test_half_written_and_damaged_checkpoints_are_never_used(tiny_run, tmp_path)
     # A complete-looking checkpoint whose weights changed after the manifest was written.
     damaged = root / "step-00000005"
     shutil.copytree(good, damaged)
-    blob = bytearray((damaged / "model.safetensors").read_bytes())
+    blob = bytearray((damaged / "__0_0.distcp").read_bytes())  # rank 0's DCP shard
     blob[-1] ^= 0xFF
-    (damaged / "model.safetensors").write_bytes(bytes(blob))
+    (damaged / "__0_0.distcp").write_bytes(bytes(blob))
 
     assert [p.name for p in complete_checkpoints(run_dir)] == ["step-00000002", "step-00000005"]
     cfg.resume = "auto"
