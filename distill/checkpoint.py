@@ -74,6 +74,8 @@ FINGERPRINT_KEYS = (
     "max_steps",
     "batch_size",
     "max_seq_len",
+    "packing",
+    "streaming",
     "lr",
     "min_lr_ratio",
     "warmup_steps",

@@ -19,6 +19,12 @@ ASSISTANT_PREFIX = "<|assistant|>"
 END_OF_TURN = "<|end|>"
 # The order fixes the ids (0 = pad, 1 = bos, 2 = end of turn, ...): do not reorder.
 SPECIAL_TOKENS = [PAD, BOS, END_OF_TURN, USER_PREFIX, ASSISTANT_PREFIX, UNK]
+# The demo tokenizer's special ids as model-config fields (a preset student's default).
+DEMO_TOKEN_IDS = {
+    "bos_token_id": SPECIAL_TOKENS.index(BOS),
+    "eos_token_id": SPECIAL_TOKENS.index(END_OF_TURN),
+    "pad_token_id": SPECIAL_TOKENS.index(PAD),
+}
 
 _ACTION = re.compile(r"\[[^\]]*\]")
 

@@ -240,7 +240,12 @@ def generate_teacher_dataset(
             ids = reply[:-1] if reply and reply[-1] == tokenizer.eos_token_id else reply
             text = tokenizer.decode(ids, skip_special_tokens=True).strip()
             extra = {k: v for k, v in rows[i].items() if k not in ("messages", "text")}
-            results[i] = {**extra, "prompt": prompt, "reply": text, "reference_reply": reference}
+            if "messages" in rows[i]:  # a chat stays a chat, encoded on its template again
+                reply_turn = {"role": "assistant", "content": text}
+                extra["messages"] = rows[i]["messages"][:-1] + [reply_turn]
+            else:
+                extra.update(prompt=prompt, reply=text)
+            results[i] = {**extra, "reference_reply": reference}
     part = out_path.with_name(f".{out_path.name}.rank{info.rank}.part")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     part.write_text(json.dumps({str(k): v for k, v in results.items()}), encoding="utf-8")

@@ -1,12 +1,16 @@
-"""A BPE tokenizer trained with `tokenizers`, saved in Hugging Face format.
+"""A BPE tokenizer trained with `tokenizers`, saved in Hugging Face format; any tokenizer
+made ready for chat training, and its special ids.
 
 Teacher and student share it; the export copies its ``tokenizer.json`` into the bundle,
 where the runtime reads it with `tokenizers` alone (no transformers on the device).
+``load_tokenizer`` makes eos the chat template's end of turn and gives it a pad token
+(``chat_ready``); ``special_token_ids`` are the ids the student's config gets.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -23,6 +27,8 @@ from moe2edge.distill.formats import (
     USER_PREFIX,
 )
 from moe2edge.fileio import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512) -> Path:
@@ -59,13 +65,80 @@ def train_tokenizer(texts: list[str], out_dir: str | Path, vocab_size: int = 512
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """A tokenizer directory, ready for chat training (``chat_ready``)."""
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise DistillError(
             f"no tokenizer.json in {path}; pass a Hugging Face tokenizer directory "
             "(for the demo, `moe2edge distill tokenizer` writes one)"
         )
-    return PreTrainedTokenizerFast.from_pretrained(path)
+    return chat_ready(PreTrainedTokenizerFast.from_pretrained(path))
+
+
+# --- special tokens -------------------------------------------------------------------------
+
+_PROBE = "MOE2EDGEREPLY"
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template writes right after an assistant turn's text
+    (``<|im_end|>``, ``<|eot_id|>``, ``<｜end▁of▁sentence｜>``, the demo's ``<|end|>``); None
+    without a template or when it writes none."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probe = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}]
+    try:
+        text = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception as exc:  # jinja2 errors of all kinds; chat rows will name the problem
+        log.warning("the chat template cannot render a user + assistant exchange: %s", exc)
+        return None
+    if _PROBE not in text:
+        return None
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    for token_id in tokenizer.encode(text.split(_PROBE, 1)[1], add_special_tokens=False):
+        if token_id in special:
+            return tokenizer.convert_ids_to_tokens(token_id)
+    return None
+
+
+def chat_ready(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """Make ``eos`` the token that ends a reply and give the tokenizer a pad token.
+
+    eos becomes the chat template's end of turn where they differ (Qwen's base eos
+    ``<|endoftext|>`` -> ``<|im_end|>``, Llama-3's ``<|end_of_text|>`` -> ``<|eot_id|>``), as
+    the families' chat checkpoints ship it: every reply learnt ends with it and generation
+    stops on it. The tokenizer's own eos stays a stop token (``stop_token_ids``). A tokenizer
+    without a pad token (Llama-3) pads with eos: padded positions are never attended to nor
+    learnt, so any id would do.
+    """
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    end = end_of_turn_token(tokenizer)
+    if end is not None and end != tokenizer.eos_token:
+        log.info("eos %s -> the chat template's end of turn %s", tokenizer.eos_token, end)
+        tokenizer.eos_token = end
+    if tokenizer.eos_token_id is None:
+        raise DistillError(
+            "the tokenizer has no eos token and its chat template ends no turn with a special "
+            "token; set eos_token in tokenizer_config.json"
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.stop_token_ids = list(dict.fromkeys([tokenizer.eos_token_id, *stops]))
+    return tokenizer
+
+
+def special_token_ids(tokenizer) -> dict[str, int | list[int] | None]:
+    """The model-config fields of the tokenizer's special tokens (``LlamaConfig``,
+    ``generation_config.json``): bos (None when it has none), eos (the end of turn first,
+    then the tokenizer's own eos, a list when they differ) and pad."""
+    if not hasattr(tokenizer, "stop_token_ids"):
+        tokenizer = chat_ready(tokenizer)
+    stops = list(tokenizer.stop_token_ids)
+    return {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": stops[0] if len(stops) == 1 else stops,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
 
 
 # Every file Hugging Face reads into a tokenizer that can change text -> ids (vocabulary, special
@@ -107,3 +180,14 @@ def check_vocab_matches(
             f"{model_vocab_size}: they do not belong together. Use the tokenizer saved with "
             f"the {what} (its checkpoint directory) or one trained for it."
         )
+
+
+def apply_special_ids(model, tokenizer) -> None:
+    """Give ``model``'s config and generation config the tokenizer's special ids
+    (``special_token_ids``): saved in config.json and generation_config.json, they are what
+    generation stops on and what the export records as the bundle's end tokens."""
+    ids = special_token_ids(tokenizer)
+    model.config.update(ids)
+    if getattr(model, "generation_config", None) is not None:
+        for key, value in ids.items():
+            setattr(model.generation_config, key, value)

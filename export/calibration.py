@@ -1,4 +1,4 @@
-"""Calibration and evaluation rows: JSONL prompts/replies, tokenised as the runtime does.
+"""Calibration and evaluation rows (``moe2edge.rows``), tokenised as the runtime does.
 
 Calibration (int8 static, int4 gptq) feeds whole ``prompt + reply`` sequences through the
 graph with an empty KV cache: every weight MatMul sees exactly the activations it sees
@@ -20,29 +20,48 @@ from moe2edge.rows import RowError
 from moe2edge.rows import read_rows as read_data_rows
 from moe2edge.runtime.engine import LOGITS_TO_KEEP, SEQLENS, TOTAL_LENGTH
 from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.session import render_chat
 
 
 def read_rows(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Calibration/evaluation rows (``moe2edge.rows.read_rows``; ``limit`` 0 or None: all), each
-    with a prompt to encode: an ``utterance`` (put in the bundle's prompt template) or a
-    ``prompt`` (used as it is)."""
+    """Calibration/evaluation rows (``moe2edge.rows``: JSONL or Parquet, prompt/reply,
+    messages or text rows; ``limit`` 0 or None: all). A row's prompt is its ``utterance`` (put
+    in the bundle's chat format) if it has one, else its prompt, chat or text."""
     try:
         rows = read_data_rows(path, limit or None)
     except RowError as exc:
         raise ExportError(str(exc)) from exc
-    for number, row in enumerate(rows, 1):
-        if not (row.get("utterance") or row.get("prompt")):
-            raise ExportError(f"{path}: row {number} has neither 'utterance' nor 'prompt'")
     if not rows:
         raise ExportError(f"{path} holds no rows")
     return rows
 
 
+def _chat(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(str(m["role"]), str(m["content"] or "")) for m in messages]
+
+
+def _before_reply(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return messages[:-1] if messages[-1].get("role") == "assistant" else messages
+
+
+def prompt_text(row: dict[str, Any]) -> str:
+    """A row's user message as text: its utterance, prompt, last user turn, or text."""
+    if row.get("utterance") or row.get("prompt"):
+        return row.get("utterance") or row["prompt"]
+    if row.get("messages"):
+        users = [m for m in row["messages"] if m.get("role") == "user"]
+        if users:
+            return str(users[-1]["content"])
+    if row.get("text"):
+        return str(row["text"])
+    raise ExportError(f"a row with keys {sorted(row)} has no user message to prompt with")
+
+
 class PromptEncoder:
     """A bundle's tokenizer and prompt format, as the runtime applies them (no session).
 
-    The prompt ids are the runtime's own (``Generator.encode_prompt``), from a Generator
-    that has the bundle's tokenizer and manifest but no inference session.
+    The prompt ids are the runtime's own (``Generator.encode_prompt``, ``render_chat``),
+    from a Generator that has the bundle's tokenizer and manifest but no inference session.
     """
 
     def __init__(self, bundle_dir: str | Path, manifest: dict[str, Any]):
@@ -52,12 +71,27 @@ class PromptEncoder:
         self.eos = self.generator.eos_token_ids
 
     def prompt(self, row: dict[str, Any]) -> list[int]:
+        """The ids the runtime runs for the row: an utterance in the chat format, a chat up
+        to its last assistant turn (with the generation prompt), or the prompt/text as it is."""
         if row.get("utterance"):
             return self.generator.encode_prompt(row["utterance"])
-        return self.generator.encode_prompt(row["prompt"], template=False)
+        if row.get("messages"):
+            return render_chat(self.generator, _chat(_before_reply(row["messages"])))
+        text = row["prompt"] if "prompt" in row else row.get("text", "")
+        return self.generator.encode_prompt(str(text), template=False)
 
     def reply(self, row: dict[str, Any]) -> list[int]:
-        """``" " + reply`` then end-of-turn: how distill builds its training sequences."""
+        """The reply's ids after ``prompt(row)`` ([] when the row has none): ``" " + reply``
+        then end-of-turn, how distill builds prompt/reply sequences, or a chat's last
+        assistant turn as the chat format writes it, through its end of turn."""
+        messages = row.get("messages")
+        if messages and messages[-1].get("role") == "assistant":
+            head = self.prompt(row)
+            ids = render_chat(self.generator, _chat(messages))[len(head) :]
+            ends = [n for n, t in enumerate(ids) if t in self.eos]
+            return ids[: ends[0] + 1] if ends else ids
+        if not row.get("reply"):
+            return []
         return self.generator.encode(" " + row["reply"]) + self.eos[:1]
 
 
@@ -112,7 +146,7 @@ def calibration_feeds(
     enc = PromptEncoder(bundle_dir, manifest)
     feeds = []
     for row in read_rows(jsonl, limit):
-        ids = enc.prompt(row) + (enc.reply(row) if row.get("reply") else [])
+        ids = enc.prompt(row) + enc.reply(row)
         io = manifest["io"]
         context = int(io["kv_cache"].get("max_length") or io["max_sequence_length"])
         feeds.append(prefill_feed(manifest, ids[:context]))

@@ -33,16 +33,60 @@ def prompt_template_from_tokenizer(tokenizer) -> str:
     return text.replace("{", "{{").replace("}", "}}").replace(marker, PROMPT_PLACEHOLDER)
 
 
+def renders_turn_by_turn(tokenizer, prompt_template: str, end_of_turn: str | None) -> bool:
+    """Whether the chat template writes a conversation as its turns one after the other: a
+    user turn as the one-turn ``prompt_template``, an assistant turn as `` text`` and the end
+    of turn (the demo's format, which the runtime renders without Jinja, turn by turn)."""
+    chat = [
+        {"role": "user", "content": "turn on the lights"},
+        {"role": "assistant", "content": "done."},
+        {"role": "user", "content": "and the office"},
+    ]
+    try:
+        text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    except Exception:  # jinja2 errors of all kinds: not a turn-by-turn template
+        return False
+    turns = (
+        prompt_template.format(prompt=chat[0]["content"])
+        + f" {chat[1]['content']}{end_of_turn or ''}"
+        + prompt_template.format(prompt=chat[2]["content"])
+    )
+    return text == turns
+
+
+def _saved_special_ids(student_dir: Path) -> dict[str, Any]:
+    """The special ids training saved with the student (generation_config.json), if any."""
+    path = student_dir / "generation_config.json"
+    return load_json(path) if path.is_file() else {}
+
+
 def generation_config(student_dir: Path, tokenizer, max_new_tokens: int) -> dict[str, Any]:
-    eos = tokenizer.eos_token_id
-    return {
-        "prompt_template": prompt_template_from_tokenizer(tokenizer),
+    """The manifest's ``generation``: prompt format, special ids and end tokens.
+
+    The end tokens are the student's ``eos_token_id`` (generation_config.json: training puts
+    the chat template's end of turn first), else the tokenizer's eos. A chat template that is
+    not turn by turn (ChatML, Llama-3, DeepSeek-V3, ...) goes in as Jinja with the special-token
+    strings it may use, for the runtime to render conversations exactly as training did.
+    """
+    saved = _saved_special_ids(Path(student_dir))
+    eos = saved.get("eos_token_id", tokenizer.eos_token_id)
+    eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+    pad = saved.get("pad_token_id", tokenizer.pad_token_id)
+    prompt_template = prompt_template_from_tokenizer(tokenizer)
+    out = {
+        "prompt_template": prompt_template,
         "add_bos": tokenizer.bos_token_id is not None,
         "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_ids": [eos] if eos is not None else [],
-        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_ids": eos_ids,
+        "pad_token_id": pad if pad is not None else (eos_ids[0] if eos_ids else None),
         "max_new_tokens": max_new_tokens,
     }
+    template = getattr(tokenizer, "chat_template", None)
+    end = tokenizer.convert_ids_to_tokens(eos_ids[0]) if eos_ids else None
+    if isinstance(template, str) and not renders_turn_by_turn(tokenizer, prompt_template, end):
+        out["chat_template"] = template
+        out["template_variables"] = dict(tokenizer.special_tokens_map)
+    return out
 
 
 def check_student_dir(student_dir: Path) -> dict[str, Any]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from moe2edge.export.bundle import update_manifest
-from moe2edge.export.calibration import read_rows
+from moe2edge.export.calibration import prompt_text, read_rows
 from moe2edge.export.parity import check_parity
 from moe2edge.runtime.generate import Generator
 
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[str]:
-    """User messages from a JSONL file (``utterance`` preferred, else ``prompt``)."""
-    return [row.get("utterance") or row["prompt"] for row in read_rows(path, limit)]
+    """User messages from a data file (``calibration.prompt_text``: ``utterance`` preferred)."""
+    return [prompt_text(row) for row in read_rows(path, limit)]
 
 
 def parity_for_bundle(

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from moe2edge.runtime.chat_template import ChatTemplate
 from moe2edge.runtime.detokenize import StreamDecoder
 from moe2edge.runtime.engine import KVCache, open_engine
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
@@ -82,8 +83,14 @@ class Generator:
         gen = engine.manifest["generation"]
         self.prompt_template: str = gen.get("prompt_template", "{prompt}")
         self.bos_token_id: int | None = gen.get("bos_token_id") if gen.get("add_bos") else None
-        self.eos_token_ids: list[int] = list(gen.get("eos_token_ids", []))
+        self.eos_token_ids: list[int] = list(gen.get("eos_token_ids", []))  # end of turn first
         self.default_max_new_tokens: int = int(gen.get("max_new_tokens", 64))
+        # The tokenizer's Jinja chat template, when the bundle has one that the prompt template
+        # cannot reproduce turn by turn (see runtime/session.py ``render_chat``)
+        source = gen.get("chat_template")
+        self.chat_template: ChatTemplate | None = (
+            ChatTemplate(source, gen.get("template_variables")) if source else None
+        )
 
     @classmethod
     def from_bundle(
@@ -108,9 +115,19 @@ class Generator:
         """Token ids of ``text`` (no special tokens, no template)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def with_bos(self, ids: list[int]) -> list[int]:
+        """``ids`` with BOS first, unless the bundle has none or ``ids`` start with it (a chat
+        template that writes it itself), as training encodes."""
+        bos = self.bos_token_id
+        return ids if bos is None or ids[:1] == [bos] else [bos] + ids
+
     def encode_prompt(self, prompt: str, template: bool = True) -> list[int]:
-        text = self.prompt_template.format(prompt=prompt) if template else prompt
-        return ([self.bos_token_id] if self.bos_token_id is not None else []) + self.encode(text)
+        """One user message in the chat format (``template``), or raw text, with BOS."""
+        if template and self.chat_template is not None:
+            text = self.chat_template.render([{"role": "user", "content": prompt}], True)
+        else:
+            text = self.prompt_template.format(prompt=prompt) if template else prompt
+        return self.with_bos(self.encode(text))
 
     def check_fits(self, cache: KVCache, new_tokens: int) -> None:
         room = self.engine.max_length - cache.length

@@ -98,31 +98,39 @@ def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
 
 # --- the chat format -------------------------------------------------------------------
 #
-# The bundle carries its chat template rendered for one user turn (``prompt_template``,
-# e.g. ``<user> {prompt} <assistant>``); an assistant turn is `` reply`` and the end-of-turn
-# token, as the templates moe2edge trains with render it. Every message is encoded on its
-# own, so a conversation's tokens only grow as turns are added (what a cached prefix needs).
+# A bundle whose chat template is turn by turn (the demo's) carries it rendered for one user
+# turn (``prompt_template``, e.g. ``<user> {prompt} <assistant>``); an assistant turn is
+# `` reply`` and the end-of-turn token, as that template renders it. Every message is encoded
+# on its own, so a conversation's tokens only grow as turns are added. Any other template
+# (ChatML, Llama-3, DeepSeek-V3, ...) is in the bundle as Jinja (``Generator.chat_template``):
+# the whole conversation is rendered and tokenised at once, exactly as training encodes it
+# (moe2edge.distill.data.encode_chat); ``Conversation.sync`` reuses the cached prefix.
 
 SYSTEM_ROLES = ("system", "developer")
+_MARK = "\x00MOE2EDGE\x00"
+
+
+def _head_ids(generator: Generator, head: str, text: str) -> list[int]:
+    """``head + text`` encoded; with no text yet, the head tokens every text starts with (the
+    whitespace before the first word may merge into the first word)."""
+    if text:
+        return generator.encode(head + text)
+    probes = [generator.encode(head + word) for word in ("the", "turn", "what", "I", "a", "x")]
+    return probes[0][: min(common_prefix_len(probes[0], p) for p in probes[1:])]
 
 
 def user_tokens(generator: Generator, text: str, final: bool = True) -> list[int]:
     """A user turn in the prompt template (no BOS).
 
     ``final=False`` (a turn still being spoken): the template's head and ``text`` only; with
-    no text yet, the head tokens every text starts with (the space before the first word
-    may merge into the first word).
+    no text yet, the head tokens every text starts with (``_head_ids``).
     """
     template = generator.prompt_template
     if final:
         return generator.encode(template.format(prompt=text))
     if "{prompt}" not in template:
         return []  # nothing of the turn is known before it is complete
-    head = template.partition("{prompt}")[0].format()  # format() undoes {{ }}
-    if text:
-        return generator.encode(head + text)
-    probes = [generator.encode(head + word) for word in ("the", "turn", "what", "I", "a", "x")]
-    return probes[0][: min(common_prefix_len(probes[0], p) for p in probes[1:])]
+    return _head_ids(generator, template.partition("{prompt}")[0].format(), text)  # {{ }} undone
 
 
 def assistant_tokens(generator: Generator, text: str) -> list[int]:
@@ -130,18 +138,48 @@ def assistant_tokens(generator: Generator, text: str) -> list[int]:
     return generator.encode(f" {text}") + generator.eos_token_ids[:1]
 
 
+def _chat_messages(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
+    chat = []
+    for role, text in messages:
+        if role not in ("user", "assistant", *SYSTEM_ROLES):
+            raise ValueError(
+                f"unknown chat role {role!r}; use user, assistant, {' or '.join(SYSTEM_ROLES)}"
+            )
+        chat.append({"role": "system" if role in SYSTEM_ROLES else role, "content": text})
+    return chat
+
+
+def _template_ids(
+    generator: Generator, messages: list[tuple[str, str]], partial: bool
+) -> list[int]:
+    """The conversation rendered by the bundle's Jinja chat template and tokenised at once;
+    the generation prompt follows unless the last message is the assistant's."""
+    chat, template = _chat_messages(messages), generator.chat_template
+    if not chat:
+        return generator.with_bos([])
+    if partial:
+        marked = chat[:-1] + [{"role": "user", "content": _MARK}]
+        head = template.render(marked, True).partition(_MARK)[0]
+        return generator.with_bos(_head_ids(generator, head, chat[-1]["content"]))
+    text = template.render(chat, chat[-1]["role"] != "assistant")
+    return generator.with_bos(generator.encode(text))
+
+
 def render_chat(
     generator: Generator, messages: Iterable[tuple[str, str]], partial: bool = False
 ) -> list[int]:
     """``(role, text)`` messages as the token ids of one conversation: BOS, then each turn.
 
-    System (and developer) texts lead the first user turn, one per line, when a user turn
-    comes first (the prompt template has no system role). ``partial``: the last message
-    is a user turn still being spoken (``user_tokens(final=False)``).
+    With the bundle's Jinja chat template (``Generator.chat_template``), the template decides
+    (system turns included); otherwise system (and developer) texts lead the first user turn,
+    one per line, when a user turn comes first (the prompt template has no system role).
+    ``partial``: the last message is a user turn still being spoken (its text so far).
     """
     messages = list(messages)
+    if generator.chat_template is not None:
+        return _template_ids(generator, messages, partial)
     system = "\n".join(text for role, text in messages if role in SYSTEM_ROLES)
-    ids = [generator.bos_token_id] if generator.bos_token_id is not None else []
+    ids = generator.with_bos([])
     turns = [(i, role, text) for i, (role, text) in enumerate(messages) if role not in SYSTEM_ROLES]
     for n, (i, role, text) in enumerate(turns):
         if role == "user":

@@ -90,20 +90,24 @@ class CompletionRequest(_Sampling):
 
 
 def chat_prompt(state: ServiceState, messages: list[ChatMessage]) -> list[int]:
-    """Messages -> prompt ids in the bundle's conversation format (``render_chat``, as the
-    voice pipeline renders its history: the prompt template for user turns, `` reply`` and
-    the end-of-turn token for assistant turns; system text leads the first user turn)."""
+    """Messages -> prompt ids in the bundle's conversation format (``render_chat``: the
+    bundle's Jinja chat template and its generation prompt, the ids training encodes the
+    same conversation to; for the demo's turn-by-turn format, as the voice pipeline renders
+    its history: the prompt template for user turns, `` reply`` and the end-of-turn token for
+    assistant turns, system text leading the first user turn)."""
     if messages[-1].role != "user":
         raise APIError(400, "the last message must have role 'user'", param="messages")
-    return render_chat(state.generator, [(m.role, m.text()) for m in messages])
+    try:
+        return render_chat(state.generator, [(m.role, m.text()) for m in messages])
+    except ValueError as exc:  # the chat template refused the conversation
+        raise APIError(400, str(exc), param="messages") from exc
 
 
 def encode(state: ServiceState, text: str, template: bool) -> list[int]:
     gen = state.generator
     if template:
         return gen.encode_prompt(text)
-    ids = gen.tokenizer.encode(text, add_special_tokens=False).ids
-    return ([gen.bos_token_id] if gen.bos_token_id is not None else []) + ids
+    return gen.with_bos(gen.tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def sampling_params(
