@@ -1,7 +1,8 @@
 """Dense Llama-architecture students: presets, and building one for a teacher's vocabulary.
 
-A student is a standard HF ``LlamaForCausalLM`` checkpoint, so it loads in transformers,
-vLLM and llama.cpp's converters, and optimum exports it with a KV cache.
+A student is a standard HF ``LlamaForCausalLM`` checkpoint, so it loads in transformers and
+vLLM, and optimum exports it with a KV cache. For llama.cpp, ``moe2edge export gguf`` writes it
+(llama.cpp's convert_hf_to_gguf.py refuses freshly trained tokenizers: docs/export.md).
 """
 
 from __future__ import annotations
