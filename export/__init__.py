@@ -9,6 +9,9 @@ Public API:
 - ``check_trt.check_bundle`` -- nodes TensorRT's ONNX parser would refuse
 - ``check_trt.check_onnx_for_tensorrt`` -- the pre-checks ``export engine`` runs before a build
 - ``rtn.rtn_grid`` -- the round-to-nearest scales and zero points (TensorRT flavour, GPTQ)
+- ``weights`` -- graphs without their weights, weights read and written one at a time
+  (models above 2 GB); ``layerwise`` -- the layers, and ORT's quantizers one layer at a time
+- ``peak_rss.measure`` -- an export step in a fresh process, with its peak RSS
 - ``report.report`` -- accuracy of variants against their FP32 parent, through the runtime
 - ``variants.build_all_variants`` -- all of the above for one FP32 bundle, with the report
 - ``parity.check_parity`` -- PyTorch vs ONNX Runtime logits and greedy tokens

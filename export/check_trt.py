@@ -10,7 +10,9 @@ subgraphs too, is checked for:
 - the restrictions we can decide statically: DequantizeLinear/QuantizeLinear zero points
   must be zero, Reduce* ``axes`` must be an initializer.
 
-The graph's default opset must lie in the parser's range.
+The graph's default opset must lie in the parser's range. Models of any size are read
+without their external data (only zero points are read, from their files); types come
+from ``infer_shapes_path``.
 
 ``check_onnx_for_tensorrt`` is the stricter gate ``moe2edge export engine`` runs before a
 build: it raises on what TensorRT refuses for certain (ONNX Runtime contrib ops, INT4
@@ -20,15 +22,16 @@ below opset 21, UINT4 weights, block scales that are not constants, non-zero zer
 from __future__ import annotations
 
 import json
+import tempfile
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from moe2edge.export.errors import ExportError
+from moe2edge.export.weights import read_weight
 from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.manifest import read_manifest
 from moe2edge.runtime.tensorrt.build import onnx_model_path
@@ -73,9 +76,14 @@ def _graphs(graph: onnx.GraphProto):
                     yield from _graphs(g)
 
 
-def _value_types(model: onnx.ModelProto) -> dict[str, int]:
+def _value_types(model: onnx.ModelProto, model_path: Path) -> dict[str, int]:
+    """Tensor types, from shape inference by path (in memory it serialises the model, which
+    fails above 2 GB and copies the weights below)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            typed = Path(tmp) / "typed.onnx"
+            onnx.shape_inference.infer_shapes_path(str(model_path), str(typed))
+            inferred = onnx.load(str(typed), load_external_data=False)
     except Exception:  # inference is a help, not a requirement
         inferred = model
     types = {}
@@ -103,21 +111,22 @@ def _constants(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return found
 
 
-def zero_point_problem(node: onnx.NodeProto, consts: dict) -> str | None:
-    """TensorRT's quantization is symmetric: a Q/DQ zero point must be a constant of zeros."""
+def zero_point_problem(node: onnx.NodeProto, consts: dict, base_dir: Path) -> str | None:
+    """TensorRT's quantization is symmetric: a Q/DQ zero point must be a constant of zeros
+    (read from the external data in ``base_dir`` where it is stored there)."""
     zp_at = ZERO_POINT_INPUT.get(node.op_type)
     if zp_at is None or len(node.input) <= zp_at or not node.input[zp_at]:
         return None
     zp = consts.get(node.input[zp_at])
     if zp is None:
         return NON_CONSTANT_ZERO_POINT
-    if np.asarray(numpy_helper.to_array(zp)).astype(np.int64).any():
+    if np.asarray(read_weight(zp, base_dir)).astype(np.int64).any():
         return "non-zero zero point: TensorRT quantization is symmetric only"
     return None
 
 
 def node_problem(
-    node: onnx.NodeProto, spec: dict | None, types: dict[str, int], consts: dict
+    node: onnx.NodeProto, spec: dict | None, types: dict[str, int], consts: dict, base_dir: Path
 ) -> str | None:
     """Why TensorRT's parser would refuse this node, or None."""
     if node.domain not in DEFAULT_DOMAINS:
@@ -131,7 +140,7 @@ def node_problem(
         name = TYPE_NAMES.get(types[first], str(types[first]))
         if name not in spec["types"] and name != "DOUBLE":  # DOUBLE is cast down by the parser
             return f"input type {name} not among the supported types {spec['types']}"
-    zero_point = zero_point_problem(node, consts)
+    zero_point = zero_point_problem(node, consts, base_dir)
     if zero_point:
         return zero_point
     if node.op_type.startswith("Reduce") and len(node.input) > 1 and node.input[1]:
@@ -154,13 +163,15 @@ def check_model(model_path: str | Path) -> dict[str, Any]:
         errors.append(
             f"default opset {opset} is outside TensorRT {table['tensorrt_version']}'s {lo}..{hi}"
         )
-    types = _value_types(model)
+    types = _value_types(model, Path(model_path))
     unsupported, count = [], 0
     for graph in _graphs(model.graph):
         consts = _constants(graph)
         for node in graph.node:
             count += 1
-            reason = node_problem(node, ops.get(node.op_type), types, consts)
+            reason = node_problem(
+                node, ops.get(node.op_type), types, consts, Path(model_path).parent
+            )
             if reason:
                 unsupported.append(
                     {
@@ -227,7 +238,7 @@ def check_onnx_for_tensorrt(model_path: str | Path) -> list[str]:
                 errors.append(
                     f"{node.name}: block scales must be constant initializers for TensorRT"
                 )
-            zero_point = zero_point_problem(node, consts)
+            zero_point = zero_point_problem(node, consts, Path(model_path).parent)
             if zero_point == NON_CONSTANT_ZERO_POINT:
                 warnings.append(f"{node.name}: {zero_point}")
             elif zero_point:

@@ -8,6 +8,7 @@ check-trt  which nodes TensorRT's ONNX parser would refuse
 report     accuracy of variants against the FP32 bundle, written into each manifest
 engine     build a TensorRT engine (on the device, with TensorRT and a GPU)
 verify     recompute every hash and check the io contract
+gguf       a llama.cpp GGUF file (F16, Q8_0, Q4_0) from an HF Llama student
 """
 
 from __future__ import annotations
@@ -114,6 +115,20 @@ def register(subparsers, name: str, help_text: str) -> None:
     verify = sub.add_parser("verify", help="recompute every hash and check the io contract")
     verify.add_argument("bundle")
     verify.set_defaults(handler=run_verify)
+
+    from moe2edge.export.gguf import GGUF_TYPES  # numpy only at module level
+
+    g = sub.add_parser("gguf", help="a llama.cpp GGUF file from an HF Llama student checkpoint")
+    g.add_argument("student", help="HF Llama checkpoint directory (with tokenizer.json)")
+    g.add_argument("out", help="output .gguf file")
+    g.add_argument(
+        "--type",
+        default="f16",
+        choices=GGUF_TYPES,
+        help="weights of the 2-D tensors (norms stay F32; see docs/export.md)",
+    )
+    g.add_argument("--overwrite", action="store_true")
+    g.set_defaults(handler=run_gguf)
 
 
 def run_onnx(args: argparse.Namespace) -> int:
@@ -241,4 +256,14 @@ def run_verify(args: argparse.Namespace) -> int:
     warning = lineage_warning(args.bundle, manifest)
     if warning:
         print(f"warning: {warning}")
+    return 0
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    from moe2edge.export.gguf import export_gguf
+
+    summary = export_gguf(args.student, args.out, args.type, overwrite=args.overwrite)
+    kept = summary["kept_f16"]
+    kept = f"; kept F16 (rows not whole blocks): {', '.join(kept)}" if kept else ""
+    print(f"wrote {summary['path']}: {args.type}, {summary['bytes']} bytes{kept}")
     return 0

@@ -15,9 +15,17 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx.external_data_helper import uses_external_data
 
 from moe2edge.export.bundle import describe_io, write_bundle
 from moe2edge.export.errors import ExportError
+from moe2edge.export.weights import (
+    INLINE_BYTES,
+    WeightWriter,
+    inline_bytes,
+    read_weight,
+    to_float16,
+)
 from moe2edge.fileio import sha256_file
 from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.manifest import MANIFEST_NAME, verify_bundle
@@ -44,8 +52,13 @@ def load_parent(parent_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def model_path(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
+    return Path(bundle_dir) / manifest["io"]["model_file"]
+
+
 def load_model(bundle_dir: str | Path, manifest: dict[str, Any]) -> onnx.ModelProto:
-    path = Path(bundle_dir) / manifest["io"]["model_file"]
+    """The whole model, weights included (for tools that need it in memory: ORT's INT4)."""
+    path = model_path(bundle_dir, manifest)
     try:
         return onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf/onnx raise many types for a broken file
@@ -74,33 +87,55 @@ def model_weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def save_model(model: onnx.ModelProto, out_dir: Path) -> list[str]:
-    """Write ``model.onnx`` (+ ``model.onnx_data`` when large); returns the file names."""
+def save_model(
+    model: onnx.ModelProto,
+    out_dir: str | Path,
+    base_dir: str | Path | None = None,
+    stored_types: dict[str, int] | None = None,
+    writer: WeightWriter | None = None,
+) -> list[str]:
+    """Write ``model.onnx`` (+ ``model.onnx_data`` above ``EXTERNAL_DATA_BYTES``), a weight
+    at a time; returns the file names.
+
+    Weights ``writer`` (on ``out_dir/model.onnx_data``) already holds stay; external ones
+    are read from ``base_dir`` (as ``stored_types`` says they were written; float32 becomes
+    float16 where the graph now says so); those inside the proto are moved out. A model
+    that turns out small gets its weights back into one file, as optimum writes it.
+    """
+    out_dir = Path(out_dir)
+    writer = writer or WeightWriter(out_dir, DATA_FILE)
+    if writer.path != out_dir / DATA_FILE:
+        raise ExportError(f"{writer.path} is not {out_dir / DATA_FILE}; this is a bug, report it")
+    stored_types = stored_types or {}
+    with writer:
+        for tensor in model.graph.initializer:
+            if tensor.name in writer.names:
+                continue
+            if uses_external_data(tensor):
+                if base_dir is None:
+                    raise ExportError(f"{tensor.name} is external data of an unknown folder (bug)")
+                stored = stored_types.get(tensor.name, tensor.data_type)
+                values = read_weight(tensor, base_dir, stored)
+                if stored != tensor.data_type:
+                    if (stored, tensor.data_type) != (
+                        onnx.TensorProto.FLOAT,
+                        onnx.TensorProto.FLOAT16,
+                    ):
+                        raise ExportError(
+                            f"{tensor.name}: no conversion {stored} -> {tensor.data_type}"
+                        )
+                    values = to_float16(values)
+                tensor.CopyFrom(writer.add(values, tensor.name))
+                del values  # one weight at a time: drop the map before the next
+            elif inline_bytes(tensor) >= INLINE_BYTES:
+                writer.move(tensor)
     if model_weight_bytes(model) > EXTERNAL_DATA_BYTES:
-        onnx.save_model(
-            model,
-            str(out_dir / MODEL_FILE),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=DATA_FILE,
-            size_threshold=1024,
-        )
+        onnx.save_model(model, str(out_dir / MODEL_FILE))
         return [MODEL_FILE, DATA_FILE]
+    onnx.load_external_data_for_model(model, str(out_dir))
+    writer.path.unlink()
     onnx.save_model(model, str(out_dir / MODEL_FILE))
     return [MODEL_FILE]
-
-
-def save_for_tool(model: onnx.ModelProto, path: Path) -> bool:
-    """Save a copy for a tool that reads files; weights go to a side file when large
-    (protobuf cannot hold 2 GB). Returns whether they did (the tools' external-data flag)."""
-    large = model_weight_bytes(model) > EXTERNAL_DATA_BYTES
-    if large:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)  # saving as external data rewrites the proto it is given
-        onnx.save_model(copy, str(path), save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save_model(model, str(path))
-    return large
 
 
 def weight_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:

@@ -12,76 +12,163 @@ Quantization grid (``moe2edge.export.rtn``, the same as ORT's round-to-nearest
 ``DefaultWeightOnlyQuantizer``): asymmetric ``scale = (max - min) / 15``,
 ``zp = round(-min / scale)``; symmetric ``scale = m / -8`` where ``m`` is the block's
 largest-magnitude value (zero point 8 implied).
+
+Sequential, as in the paper: the layers are quantized in order (``layer_stages``, from
+the layer index in optimum's node names), and the Hessians of layer L come from the
+calibration set run through the layers before it *already quantized*. Each layer gets one
+ONNX Runtime session over the part of the graph that computes its MatMuls' inputs, with
+the weights fed as inputs (``probe_model``): the earlier layers' GPTQ levels through
+``DequantizeLinear``, memory maps of the rest; the model is never loaded into a session
+whole.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 from tqdm import tqdm
 
+from moe2edge.export.layerwise import layer_stages
 from moe2edge.export.rtn import rtn_grid, rtn_levels
+from moe2edge.export.weights import read_weight
 
 log = logging.getLogger(__name__)
 
 
-def _session(model: onnx.ModelProto, work: str) -> ort.InferenceSession:
-    from moe2edge.export.derived import save_for_tool
+def _node_inputs(node: onnx.NodeProto) -> list[str]:
+    """A node's inputs and the outer names its subgraphs read (If/Loop bodies)."""
+    names = list(node.input)
+    for attr in node.attribute:
+        for graph in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            for inner in graph.node:
+                names.extend(_node_inputs(inner))
+    return names
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    path = Path(work) / "probe.onnx"
-    save_for_tool(model, path)
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+def probe_model(
+    model: onnx.ModelProto,
+    activations: list[str],
+    quantized: dict[str, int] | None = None,
+) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``activations`` (its outputs), every external
+    initializer turned into a graph input: weights are fed, so no session holds them.
+
+    A weight named in ``quantized`` (name -> block size) is fed as its GPTQ levels, scales
+    and zero points (``.q`` uint8 [K, N], ``.scale``, ``.zero``) through a blocked
+    ``DequantizeLinear`` (opset 21): a quarter of its fp32 bytes, the same numbers as
+    ``rtn.dequantize``.
+    """
+    quantized = quantized or {}
+    graph = model.graph
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    needed: set[int] = set()  # indices of the nodes the activations depend on
+    stack, seen = list(activations), set()
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        index = producer.get(name)
+        if index is not None and index not in needed:
+            needed.add(index)
+            stack.extend(_node_inputs(graph.node[index]))
+    nodes = [graph.node[i] for i in sorted(needed)]
+    used = {name for n in nodes for name in _node_inputs(n)}
+    inits = [t for t in graph.initializer if t.name in used]
+    inputs = [i for i in graph.input if i.name in used]
+    dequantize = []
+    for t in inits:
+        if not uses_external_data(t):
+            continue
+        if t.name not in quantized:
+            inputs.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            continue
+        k, n = t.dims
+        blocks = [-(-k // quantized[t.name]), n]
+        inputs += [
+            helper.make_tensor_value_info(f"{t.name}.q", onnx.TensorProto.UINT8, [k, n]),
+            helper.make_tensor_value_info(f"{t.name}.scale", onnx.TensorProto.FLOAT, blocks),
+            helper.make_tensor_value_info(f"{t.name}.zero", onnx.TensorProto.UINT8, blocks),
+        ]
+        dequantize.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [f"{t.name}.q", f"{t.name}.scale", f"{t.name}.zero"],
+                [t.name],
+                axis=0,
+                block_size=quantized[t.name],
+            )
+        )
+    probe = helper.make_graph(
+        dequantize + nodes,
+        "gptq_probe",
+        inputs,
+        [onnx.ValueInfoProto(name=a) for a in activations],
+        [t for t in inits if not uses_external_data(t)],
+    )
+    opsets = [
+        helper.make_opsetid(o.domain, max(o.version, 21) if dequantize else o.version)
+        if o.domain in ("", "ai.onnx")
+        else o
+        for o in model.opset_import
+    ]
+    return helper.make_model(probe, opset_imports=opsets, ir_version=max(model.ir_version, 10))
 
 
 def collect_hessians(
     model: onnx.ModelProto,
+    base_dir: str | Path,
     feeds: list[dict[str, np.ndarray]],
     activations: list[str],
-    hidden_sizes: dict[str, int],
-    budget_bytes: int = 2 << 30,
+    quantized: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    block_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     """``H = 2/n * sum x x^T`` over every calibration token for each named activation.
 
-    The activations become extra graph outputs; as many as fit ``budget_bytes`` of float64
-    Hessians are collected per pass over the calibration set (one pass for small models).
+    One session over the part of the graph that computes them; its weights are fed:
+    ``quantized[name] = (q, scale, zero)`` (the earlier layers, GPTQ'd at ``block_size``)
+    where given, else a memory map of the weight's bytes in ``base_dir``.
     """
-    groups, group, used = [], [], 0
-    for name in activations:
-        size = 8 * hidden_sizes[name] ** 2
-        if group and used + size > budget_bytes:
-            groups.append(group)
-            group, used = [], 0
-        group.append(name)
-        used += size
-    if group:
-        groups.append(group)
-    hessians: dict[str, np.ndarray] = {}
-    for names in groups:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        have = {o.name for o in probe.graph.output}
-        probe.graph.output.extend(onnx.ValueInfoProto(name=a) for a in names if a not in have)
-        with tempfile.TemporaryDirectory() as work:
-            session = _session(probe, work)
-            del probe
-            sums = {name: np.zeros((hidden_sizes[name],) * 2) for name in names}
-            count = 0
-            for feed in tqdm(feeds, desc="gptq calibration", unit="sample", mininterval=2.0):
-                outs = session.run(names, feed)
-                for name, x in zip(names, outs, strict=True):
-                    x = x.reshape(-1, x.shape[-1]).astype(np.float64)
-                    sums[name] += x.T @ x
-                count += int(np.prod(outs[0].shape[:-1]))
-        hessians.update({name: 2.0 * s / max(1, count) for name, s in sums.items()})
-    return hessians
+    quantized = quantized or {}
+    probe = probe_model(model, activations, {name: block_size for name in quantized})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(
+        probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {i.name for i in session.get_inputs()}
+    fed: dict[str, np.ndarray] = {}
+    for name, (q, scale, zero) in quantized.items():
+        if f"{name}.q" in names:
+            fed[f"{name}.q"] = q
+            fed[f"{name}.scale"] = scale.astype(np.float32)
+            fed[f"{name}.zero"] = zero.astype(np.uint8)
+    for name in names:
+        if name in inits:
+            fed[name] = read_weight(inits[name], base_dir)
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for feed in feeds:
+        outs = session.run(activations, {**{k: v for k, v in feed.items() if k in names}, **fed})
+        for name, x in zip(activations, outs, strict=True):
+            x = x.reshape(-1, x.shape[-1]).astype(np.float64)
+            if name in sums:
+                sums[name] += x.T @ x  # in place: a Hessian is K x K float64
+            else:
+                sums[name] = x.T @ x
+        count += int(np.prod(outs[0].shape[:-1]))
+    for s in sums.values():
+        s *= 2.0
+        s /= max(1, count)
+    return sums
 
 
 def gptq_weight(
@@ -94,19 +181,21 @@ def gptq_weight(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ of ``w`` [K, N] (MatMul layout, y = x @ w) with groups of ``block_size`` along K.
 
-    Returns (q [K, N] in 0..15, scale [blocks, N], zero [blocks, N]); dequantized weights
-    are ``(q - zero) * scale`` per group.
+    Returns (q [K, N] uint8 in 0..15, scale [blocks, N], zero [blocks, N]); dequantized
+    weights are ``(q - zero) * scale`` per group (``rtn.dequantize``).
     """
     k, n = w.shape
-    W = w.astype(np.float64).copy()
-    H = hessian.astype(np.float64).copy()
+    W = w.astype(np.float64)  # astype copies: w and hessian stay as they were
+    H = hessian.astype(np.float64)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
     W[dead, :] = 0.0
     H[np.diag_indices(k)] += percdamp * np.mean(np.diag(H))
-    U = np.linalg.cholesky(np.linalg.inv(H)).T  # upper triangular: U^T U = H^-1
+    H = np.linalg.inv(H)  # one K x K float64 at a time: they dominate memory at large K
+    U = np.linalg.cholesky(H).T  # upper triangular: U^T U = H^-1
+    del H
     blocks = -(-k // block_size)
-    q = np.zeros((k, n))
+    q = np.zeros((k, n), dtype=np.uint8)
     scales = np.zeros((blocks, n))
     zeros = np.zeros((blocks, n))
     scale = zero = None
@@ -131,9 +220,9 @@ def gptq_weight(
     return q, scales, zeros
 
 
-def nbits_tensors(
+def nbits_arrays(
     name: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, block_size: int, symmetric: bool
-) -> list[onnx.TensorProto]:
+) -> list[tuple[str, np.ndarray]]:
     """``MatMulNBits`` inputs B [N, blocks, block/2], scales [N, blocks], zero points
     [N, ceil(blocks/2)] (absent when symmetric), in ORT's packing (low nibble first)."""
     k, n = q.shape
@@ -143,29 +232,47 @@ def nbits_tensors(
     # padding rows (K not a multiple of the block) stay 0: MatMulNBits reads only K rows
     per_col = padded.T.reshape(n, blocks, block_size)
     packed = per_col[..., 0::2] | (per_col[..., 1::2] << 4)
-    tensors = [
-        numpy_helper.from_array(packed.astype(np.uint8), f"{name}_Q4"),
-        numpy_helper.from_array(scale.T.astype(np.float32).copy(), f"{name}_scales"),
+    arrays = [
+        (f"{name}_Q4", np.ascontiguousarray(packed, dtype=np.uint8)),
+        (f"{name}_scales", scale.T.astype(np.float32)),
     ]
     if not symmetric:
         z = zero.T.astype(np.uint8)  # [N, blocks]
         if blocks % 2:
             z = np.concatenate([z, np.full((n, 1), 8, dtype=np.uint8)], axis=1)
-        tensors.append(
-            numpy_helper.from_array(z[:, 0::2] | (z[:, 1::2] << 4), f"{name}_zero_points")
-        )
-    return tensors
+        arrays.append((f"{name}_zero_points", np.ascontiguousarray(z[:, 0::2] | (z[:, 1::2] << 4))))
+    return arrays
+
+
+def nbits_tensors(
+    name: str, q: np.ndarray, scale: np.ndarray, zero: np.ndarray, block_size: int, symmetric: bool
+) -> list[onnx.TensorProto]:
+    """``nbits_arrays`` as in-memory TensorProtos."""
+    return [
+        numpy_helper.from_array(values, n)
+        for n, values in nbits_arrays(name, q, scale, zero, block_size, symmetric)
+    ]
 
 
 def gptq_model(
     model: onnx.ModelProto,
+    base_dir: str | Path,
     feeds: list[dict[str, np.ndarray]],
     block_size: int,
     symmetric: bool,
     accuracy_level: int | None = None,
+    store: Callable[[np.ndarray, str], onnx.TensorProto] = numpy_helper.from_array,
     percdamp: float = 0.01,
 ) -> onnx.ModelProto:
-    """Every MatMul with a constant 2-D fp32 weight becomes a GPTQ-quantized ``MatMulNBits``."""
+    """Every MatMul with a constant 2-D fp32 weight becomes a GPTQ-quantized ``MatMulNBits``.
+
+    Sequential over layers (``layer_stages``): the Hessians of layer L come from the
+    calibration set run through layers < L already quantized (their levels, scales and
+    zero points fed to the probe), as in the paper. ``model`` is weightless
+    (``weights.weightless``, data in ``base_dir``); each new tensor goes through ``store``
+    (``WeightWriter.add`` writes it to the output's data file), so memory holds the levels
+    of the layers done (uint8: a quarter of their fp32 bytes) plus one layer's work.
+    """
     inits = {i.name: i for i in model.graph.initializer}
     targets = [
         n
@@ -175,36 +282,48 @@ def gptq_model(
         and len(inits[n.input[1]].dims) == 2
         and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT
     ]
-    hidden = {n.input[0]: int(inits[n.input[1]].dims[0]) for n in targets}
-    hessians = collect_hessians(model, feeds, sorted(hidden), hidden)
+    stages = layer_stages(targets)
+    done: dict[str, tuple] = {}  # weight name -> (q, scale, zero), fed to later probes
     replaced: dict[str, onnx.NodeProto] = {}
-    used = set()
-    for node in tqdm(targets, desc="gptq", unit="matmul", mininterval=2.0):
-        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        q, scale, zero = gptq_weight(w, hessians[node.input[0]], block_size, symmetric, percdamp)
-        base = f"{node.input[1]}_gptq{len(replaced)}"
-        tensors = nbits_tensors(base, q, scale, zero, block_size, symmetric)
-        model.graph.initializer.extend(tensors)
-        attrs = {"K": w.shape[0], "N": w.shape[1], "bits": 4, "block_size": block_size}
-        if accuracy_level:
-            attrs["accuracy_level"] = accuracy_level
-        replaced[node.name] = helper.make_node(
-            "MatMulNBits",
-            [node.input[0]] + [t.name for t in tensors],
-            list(node.output),
-            name=f"{node.name}_Q4",
-            domain="com.microsoft",
-            **attrs,
-        )
-        used.add(node.input[1])
+    new_tensors: list[onnx.TensorProto] = []  # the graph changes once all layers are done
+    for stage in tqdm(stages, desc="gptq", unit="layer", mininterval=2.0):
+        activations = sorted({n.input[0] for n in stage})
+        hessians = collect_hessians(model, base_dir, feeds, activations, done, block_size)
+        for node in stage:
+            w = np.asarray(read_weight(inits[node.input[1]], base_dir), dtype=np.float32)
+            q, scale, zero = gptq_weight(
+                w, hessians[node.input[0]], block_size, symmetric, percdamp
+            )
+            done[node.input[1]] = (q, scale, zero)
+            base = f"{node.input[1]}_gptq{len(replaced)}"
+            tensors = [
+                store(values, name)
+                for name, values in nbits_arrays(base, q, scale, zero, block_size, symmetric)
+            ]
+            attrs = {"K": w.shape[0], "N": w.shape[1], "bits": 4, "block_size": block_size}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            replaced[node.name] = helper.make_node(
+                "MatMulNBits",
+                [node.input[0]] + [t.name for t in tensors],
+                list(node.output),
+                name=f"{node.name}_Q4",
+                domain="com.microsoft",
+                **attrs,
+            )
+            new_tensors += tensors
+            del w, q
+        del hessians
     nodes = [replaced.get(n.name, n) if n.op_type == "MatMul" else n for n in model.graph.node]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     still = {i for n in model.graph.node for i in n.input}
-    keep = [i for i in model.graph.initializer if i.name not in used or i.name in still]
+    keep = [i for i in model.graph.initializer if i.name not in done or i.name in still]
     del model.graph.initializer[:]
-    model.graph.initializer.extend(keep)
+    model.graph.initializer.extend(keep + new_tensors)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    log.info("GPTQ: %d MatMuls at block size %d", len(replaced), block_size)
+    log.info(
+        "GPTQ: %d MatMuls in %d layers at block size %d", len(replaced), len(stages), block_size
+    )
     return model

@@ -16,6 +16,10 @@ INT4 quantizes every MatMul with a constant weight, the lm_head included, and (b
 the embedding table through ``GatherBlockQuantized`` with round-to-nearest: HQQ refuses
 Gather and GPTQ needs activations, which a table lookup has none of.
 
+Weights pass one at a time (FP16: ``weights``) or a layer at a time (ORT's INT8 dynamic and
+INT4 quantizers: ``layerwise``; GPTQ), so models above 2 GB export in bounded memory
+(docs/export.md, "Models above 2 GB"); INT8 static is ORT's whole-model path.
+
 INT8 uses per-channel weights with ``reduce_range`` (7-bit weights) by default: on x86
 CPUs without VNNI (these build machines) the u8 x s8 kernels saturate their 16-bit
 intermediate sums, which cost the demo student 1-2 points of top-1 agreement in
@@ -34,21 +38,25 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from moe2edge.export.calibration import calibration_feeds, calibration_reader, calibration_record
 from moe2edge.export.derived import (
+    DATA_FILE,
     check_block_size,
     derived_bundle,
-    load_model,
     load_parent,
+    model_path,
     model_weight_bytes,
     onnx_runtime_version,
-    save_for_tool,
     save_model,
     weight_nodes,
 )
 from moe2edge.export.errors import ExportError
 from moe2edge.export.gptq import gptq_model
+from moe2edge.export.layerwise import quantize_by_layer
+from moe2edge.export.weights import WeightWriter, load_graph, read_weight, tool_input, weightless
 
 log = logging.getLogger(__name__)
 
@@ -80,43 +88,92 @@ def quiet_ort_quantization() -> Iterator[None]:
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """FP16 weights and activations; KV cache in/out fp16, logits kept fp32 for sampling."""
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    """FP16 weights and activations; KV cache in/out fp16, logits kept fp32 for sampling.
+
+    ``model`` comes typed (``fp16_graph``); weights kept as external data are only retyped
+    here and converted when ``save_model`` writes them (``weights.to_float16``, the same
+    numbers).
+    """
+    from onnxruntime.transformers import float16
+
+    def value_info(tensor: onnx.TensorProto) -> onnx.ValueInfoProto:
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
 
     logits = [o.name for o in model.graph.output if o.name == "logits"]
-    return convert_float_to_float16(model, keep_io_types=logits, disable_shape_infer=False)
+    # ORT reads a whole initializer (from the working directory, for external data) only
+    # to learn its shape; the dims say the same without reading anything.
+    original = float16.make_value_info_from_tensor
+    float16.make_value_info_from_tensor = value_info
+    try:
+        return float16.convert_float_to_float16(
+            model, keep_io_types=logits, disable_shape_infer=True
+        )
+    finally:
+        float16.make_value_info_from_tensor = original
 
 
-def int8_dynamic(model: onnx.ModelProto, work: Path, reduce_range: bool) -> onnx.ModelProto:
-    """Per-channel int8 weights; activations quantized per tensor at run time."""
+def fp16_graph(path: Path, work: Path) -> tuple[onnx.ModelProto, Path, dict[str, int]]:
+    """The float16 graph of the weightless model at ``path`` (``weights.weightless``), the
+    folder of its weights and their stored types.
+
+    Types come from shape inference by path (``infer_shapes_path``: the in-memory form
+    serialises the model, which fails above 2 GB and copies it below).
+    """
+    typed = work / "typed.onnx"
+    onnx.shape_inference.infer_shapes_path(str(path), str(typed))
+    model = load_graph(typed)
+    stored = {t.name: t.data_type for t in model.graph.initializer if uses_external_data(t)}
+    return to_fp16(model), path.parent, stored
+
+
+def _tool_input(path: Path, work: Path) -> tuple[Path, list[str], list[str]]:
+    """The weightless model at ``path`` as ORT's int8 quantizers read it (a path in ``work``,
+    nodes named) and its weight nodes."""
+    model = load_graph(path)
+    matmuls, gathers = weight_nodes(model)
+    return tool_input(model, path.parent, work), matmuls, gathers
+
+
+def int8_dynamic(
+    model: onnx.ModelProto, work: Path, nodes: list[str], reduce_range: bool
+) -> onnx.ModelProto:
+    """Per-channel int8 weights; activations quantized per tensor at run time.
+
+    One pass of ORT's ``quantize_dynamic`` over ``nodes`` of ``model`` (in memory; run per
+    layer by ``layerwise.quantize_by_layer``).
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    matmuls, gathers = weight_nodes(model)
-    src, dst = work / "in.onnx", work / "out.onnx"
-    large = save_for_tool(model, src)
+    out = work / "layer.onnx"
     quantize_dynamic(
-        src,
-        dst,
+        model,
+        out,
         op_types_to_quantize=["MatMul", "Gather"],
-        nodes_to_quantize=matmuls + gathers,
+        nodes_to_quantize=nodes,
         per_channel=True,
         reduce_range=reduce_range,
         weight_type=QuantType.QInt8,
-        use_external_data_format=large,
+        use_external_data_format=True,
         extra_options={"MatMulConstBOnly": True},
     )
-    return onnx.load(str(dst))
+    quantized = onnx.load(str(out))  # one layer's weights
+    for path in (out, out.with_name(out.name + ".data")):
+        path.unlink(missing_ok=True)
+    return quantized
 
 
 def int8_static(
-    model: onnx.ModelProto, work: Path, feeds: list[dict[str, np.ndarray]], reduce_range: bool
-) -> onnx.ModelProto:
-    """QDQ int8: per-channel symmetric weights, asymmetric activations from MinMax ranges."""
+    path: Path, work: Path, feeds: list[dict[str, np.ndarray]], reduce_range: bool
+) -> Path:
+    """QDQ int8: per-channel symmetric weights, asymmetric activations from MinMax ranges.
+
+    ORT's ``quantize_static`` on the whole model (calibration runs all of it): it holds
+    the model and its calibration session at once, ~3x the fp32 weights (docs/export.md).
+    """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    matmuls, _ = weight_nodes(model)
-    src, dst = work / "in.onnx", work / "out.onnx"
-    large = save_for_tool(model, src)
+    src, matmuls, _ = _tool_input(path, work)
+    dst = work / "out.onnx"
     quantize_static(
         src,
         dst,
@@ -129,18 +186,31 @@ def int8_static(
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=CalibrationMethod.MinMax,
-        use_external_data_format=large,
+        use_external_data_format=True,
         extra_options={"MatMulConstBOnly": True},
     )
-    return onnx.load(str(dst))
+    return dst
 
 
-def int4_embedding(model: onnx.ModelProto, block_size: int, symmetric: bool) -> onnx.ModelProto:
-    """The embedding table as ``GatherBlockQuantized`` (RTN, blocks along the hidden axis)."""
+def int4_embedding(
+    model: onnx.ModelProto, block_size: int, symmetric: bool, base_dir: Path | None = None
+) -> onnx.ModelProto:
+    """The embedding table as ``GatherBlockQuantized`` (RTN, blocks along the hidden axis).
+
+    ORT's quantizer reads the table from the proto: an external one (in ``base_dir``) is
+    loaded into it first; the other weights stay where they are.
+    """
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in model.graph.node:
+        table = inits.get(node.input[0]) if node.op_type == "Gather" else None
+        if table is not None and uses_external_data(table):
+            values = np.asarray(read_weight(table, base_dir))
+            table.CopyFrom(numpy_helper.from_array(values, table.name))
 
     config = DefaultWeightOnlyQuantConfig(
         block_size=block_size,
@@ -158,17 +228,17 @@ def int4_weights(
     method: str,
     block_size: int,
     symmetric: bool,
-    feeds: list[dict[str, np.ndarray]] | None,
     accuracy_level: int | None,
 ) -> onnx.ModelProto:
+    """RTN or HQQ through ORT's ``MatMulNBitsQuantizer`` (run per layer by
+    ``layerwise.quantize_by_layer``: it quantizes the MatMuls whose weight is in ``model``).
+    GPTQ is ``gptq.gptq_model``."""
     from onnxruntime.quantization.matmul_nbits_quantizer import (
         DefaultWeightOnlyQuantConfig,
         HQQWeightOnlyQuantConfig,
         MatMulNBitsQuantizer,
     )
 
-    if method == "gptq":  # onnxruntime's GPTQ equals RTN in 1.32: see export/gptq.py
-        return gptq_model(model, feeds, block_size, symmetric, accuracy_level)
     if method == "rtn":
         config = DefaultWeightOnlyQuantConfig(
             block_size=block_size,
@@ -220,13 +290,12 @@ def quantize_bundle(
     if precision == "int4":
         check_block_size(block_size)
     parent = load_parent(parent_dir)
-    model = load_model(parent_dir, parent)
+    model_file = model_path(parent_dir, parent)
     feeds = (
         calibration_feeds(parent_dir, parent, calibration, calibration_limit)
         if needs_calibration
         else None
     )
-    fp32_bytes = model_weight_bytes(model)
     info: dict[str, Any] = {
         "weights": precision,
         "activations": {"fp16": "fp16", "int8": "int8" if method == "static" else "fp32"}.get(
@@ -242,23 +311,45 @@ def quantize_bundle(
     if precision == "int4":
         info.update(symmetric=symmetric, accuracy_level=accuracy_level)
 
+    def quantize(tmp: Path, work: Path) -> list[str]:
+        """The new model's files in ``tmp``; the weights pass a layer at a time at most."""
+        source = weightless(model_file, work)  # the graph; weights in files beside it
+        model, base, stored = load_graph(source), source.parent, None
+        fp32_bytes = model_weight_bytes(model)
+        writer = WeightWriter(tmp, DATA_FILE)
+        if precision == "fp16":
+            model, base, stored = fp16_graph(source, work)
+        elif method == "static":
+            quantized = int8_static(source, work, feeds, reduce_range)
+            model, base = load_graph(quantized), quantized.parent
+        elif method == "gptq":  # onnxruntime's GPTQ equals RTN in 1.32: see export/gptq.py
+            model = gptq_model(
+                model, base, feeds, block_size, symmetric, accuracy_level, writer.add
+            )
+        else:
+            matmuls, gathers = weight_nodes(model)  # names unnamed nodes: ORT selects by name
+            chosen = set(matmuls + gathers) if precision == "int8" else set(matmuls)
+            nodes = [n for n in model.graph.node if n.name in chosen]
+
+            def one_layer(layer: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+                if precision == "int8":
+                    return int8_dynamic(layer, work, names, reduce_range)
+                return int4_weights(layer, method, block_size, symmetric, accuracy_level)
+
+            model = quantize_by_layer(model, base, nodes, one_layer, writer)
+        if precision == "int4" and quantize_embedding and weight_nodes(model)[1]:
+            model = int4_embedding(model, block_size, symmetric, base)
+        info["embedding"] = embedding_precision(model)
+        files = save_model(model, tmp, base, stored, writer)
+        info["weight_bytes"] = model_weight_bytes(model)
+        info["weight_ratio_vs_fp32"] = round(info["weight_bytes"] / fp32_bytes, 4)
+        return files
+
     def build(tmp: Path) -> list[str]:
-        nonlocal model
         log.info("quantizing %s: %s %s", parent_dir, precision, method)
         with tempfile.TemporaryDirectory(dir=tmp) as work, quiet_ort_quantization():
             try:
-                if precision == "fp16":
-                    model = to_fp16(model)
-                elif method == "dynamic":
-                    model = int8_dynamic(model, Path(work), reduce_range)
-                elif method == "static":
-                    model = int8_static(model, Path(work), feeds, reduce_range)
-                else:
-                    model = int4_weights(
-                        model, method, block_size, symmetric, feeds, accuracy_level
-                    )
-                    if quantize_embedding and weight_nodes(model)[1]:
-                        model = int4_embedding(model, block_size, symmetric)
+                return quantize(tmp, Path(work))
             except ExportError:
                 raise
             except Exception as exc:  # the quantizers raise assertion/value errors
@@ -266,10 +357,6 @@ def quantize_bundle(
                     f"onnxruntime could not quantize {parent_dir} to {precision} {method} "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
-        info["embedding"] = embedding_precision(model)
-        info["weight_bytes"] = model_weight_bytes(model)
-        info["weight_ratio_vs_fp32"] = round(info["weight_bytes"] / fp32_bytes, 4)
-        return save_model(model, tmp)
 
     extra = {}
     if needs_calibration:

@@ -54,5 +54,19 @@ def rtn_levels(w: np.ndarray, scale: np.ndarray, zero: np.ndarray, bits: int) ->
     return np.clip(np.rint(w / _nonzero(scale)) + zero, 0, 2**bits - 1)
 
 
+def dequantize(
+    q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_size: int | None
+) -> np.ndarray:
+    """float32 ``(q - zero) * scale`` with groups of ``block_size`` rows (None: one group,
+    per column), as DequantizeLinear and MatMulNBits compute it."""
+    k = q.shape[0]
+    if block_size is None:
+        s, z = scale[None, :], (zero[None, :] if zero is not None else 0)
+    else:
+        s = np.repeat(scale, block_size, axis=0)[:k]
+        z = np.repeat(zero, block_size, axis=0)[:k] if zero is not None else 0
+    return (q.astype(np.float32) - np.asarray(z, dtype=np.float32)) * s.astype(np.float32)
+
+
 def _nonzero(scale: np.ndarray) -> np.ndarray:
     return np.where(scale == 0, 1, scale).astype(scale.dtype, copy=False)

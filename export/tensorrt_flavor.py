@@ -19,6 +19,8 @@ own INT4 kernel, with small numeric differences), so its accuracy is measured he
 from __future__ import annotations
 
 import logging
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +28,23 @@ import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
 
 from moe2edge.export.derived import (
+    DATA_FILE,
+    MODEL_FILE,
     check_block_size,
     derived_bundle,
-    load_model,
     load_parent,
+    model_path,
     model_weight_bytes,
     onnx_runtime_version,
     save_model,
 )
 from moe2edge.export.errors import ExportError
-from moe2edge.export.quantize import to_fp16
+from moe2edge.export.quantize import fp16_graph
 from moe2edge.export.rtn import rtn_grid, rtn_levels
+from moe2edge.export.weights import WeightWriter, load_graph, read_weight, weightless
 
 log = logging.getLogger(__name__)
 
@@ -75,35 +81,30 @@ def quantize_blockwise(
     return q, scale, zero
 
 
-def dequantize(
-    q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None, block_size: int | None
-) -> np.ndarray:
-    """The inverse, as DequantizeLinear computes it (for tests and error reports)."""
-    k = q.shape[0]
-    if block_size is None:
-        s, z = scale[None, :], (zero[None, :] if zero is not None else 0)
-    else:
-        s = np.repeat(scale, block_size, axis=0)[:k]
-        z = np.repeat(zero, block_size, axis=0)[:k] if zero is not None else 0
-    return (q.astype(np.float32) - np.asarray(z, dtype=np.float32)) * s.astype(np.float32)
-
-
 def _tensor(values: np.ndarray, name: str, bits: int, signed: bool) -> onnx.TensorProto:
+    return numpy_helper.from_array(_typed(values, bits, signed), name)
+
+
+def _typed(values: np.ndarray, bits: int, signed: bool) -> np.ndarray:
     if bits == 4:
-        values = values.astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
-    return numpy_helper.from_array(values, name)
+        return values.astype(ml_dtypes.int4 if signed else ml_dtypes.uint4)
+    return values
 
 
 def weight_only_dq(
     model: onnx.ModelProto,
-    originals: dict[str, np.ndarray],
+    weights: Callable[[str], np.ndarray],
+    targets: set[str],
     bits: int,
     block_size: int | None,
     symmetric: bool,
+    store: Callable[[np.ndarray, str], onnx.TensorProto] = numpy_helper.from_array,
 ) -> int:
-    """Replace each MatMul's constant weight by DequantizeLinear(W_q, scale[, zp]); count them."""
+    """Replace each MatMul's constant weight in ``targets`` by DequantizeLinear(W_q, scale[,
+    zp]); count them. ``weights(name)`` gives the fp32 values, one at a time; each new
+    tensor goes through ``store`` (``WeightWriter.add`` writes it to the output's data file)."""
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
+    inits = {i.name for i in graph.initializer}
     users: dict[str, int] = {}
     for node in graph.node:
         for name in node.input:
@@ -111,23 +112,25 @@ def weight_only_dq(
     new_nodes, replaced, dropped = [], 0, set()
     for node in graph.node:
         name = node.input[1] if node.op_type == "MatMul" and len(node.input) > 1 else None
-        if name is None or name not in originals or name not in inits:
+        if name is None or name not in targets or name not in inits:
             new_nodes.append(node)
             continue
-        w = originals[name]
-        q, scale, zero = quantize_blockwise(w, bits, block_size, symmetric)
+        q, scale, zero = quantize_blockwise(weights(name), bits, block_size, symmetric)
         base = f"{name}_w{bits}"
-        q_t = _tensor(q, base + "_q", bits, symmetric)
-        scale_t = numpy_helper.from_array(scale.astype(np.float16), base + "_scale")
-        new_inits = [q_t, scale_t]
-        dq_inputs = [q_t.name, scale_t.name]
+        new_inits = [
+            store(_typed(q, bits, symmetric), base + "_q"),
+            store(scale.astype(np.float16), base + "_scale"),
+        ]
         if zero is not None:
-            zp_t = _tensor(zero, base + "_zp", bits, signed=False)
-            new_inits.append(zp_t)
-            dq_inputs.append(zp_t.name)
+            new_inits.append(store(_typed(zero, bits, signed=False), base + "_zp"))
+        del q, scale, zero
         attrs = {"axis": 0, "block_size": block_size} if block_size else {"axis": 1}
         dq = helper.make_node(
-            "DequantizeLinear", dq_inputs, [base + "_dq"], name=f"{node.name}_DQ_w{bits}", **attrs
+            "DequantizeLinear",
+            [t.name for t in new_inits],
+            [base + "_dq"],
+            name=f"{node.name}_DQ_w{bits}",
+            **attrs,
         )
         graph.initializer.extend(new_inits)
         new_nodes.append(dq)
@@ -158,15 +161,17 @@ def set_opset(model: onnx.ModelProto, version: int = TRT_OPSET) -> None:
     model.ir_version = max(model.ir_version, 10)
 
 
-def matmul_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+def matmul_weights(model: onnx.ModelProto) -> set[str]:
+    """Names of the constant 2-D weights of MatMuls (what the flavour quantizes)."""
     inits = {i.name: i for i in model.graph.initializer}
-    out = {}
-    for node in model.graph.node:
-        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in inits:
-            t = inits[node.input[1]]
-            if len(t.dims) == 2:
-                out[t.name] = numpy_helper.to_array(t).astype(np.float32)
-    return out
+    return {
+        node.input[1]
+        for node in model.graph.node
+        if node.op_type == "MatMul"
+        and len(node.input) > 1
+        and node.input[1] in inits
+        and len(inits[node.input[1]].dims) == 2
+    }
 
 
 def tensorrt_bundle(
@@ -185,15 +190,7 @@ def tensorrt_bundle(
     if precision == "int4":
         check_block_size(block_size)
     parent = load_parent(parent_dir)
-    model = load_model(parent_dir, parent)
-    fp32_bytes = model_weight_bytes(model)
-    contrib = sorted({n.op_type for n in model.graph.node if n.domain not in ("", "ai.onnx")})
-    if contrib:
-        raise ExportError(
-            f"{parent_dir} already holds non-standard ops {contrib}; the TensorRT flavour "
-            "starts from optimum's standard-op FP32 export (`moe2edge export onnx`)"
-        )
-    originals = matmul_weights(model)
+    model_file = model_path(parent_dir, parent)
     bits = {"int8": 8, "int4": 4}.get(precision)
     info: dict[str, Any] = {
         "weights": precision,
@@ -209,23 +206,56 @@ def tensorrt_bundle(
             format=f"DequantizeLinear(opset {TRT_OPSET}) -> MatMul",
         )
 
-    def build(tmp: Path) -> list[str]:
-        nonlocal model
-        log.info("TensorRT flavour of %s: %s", parent_dir, precision)
-        model = to_fp16(model)
-        if bits:
-            count = weight_only_dq(
-                model, originals, bits, block_size if bits == 4 else None, symmetric
+    def flavour(tmp: Path, work: Path) -> list[str]:
+        source = weightless(model_file, work)  # the graph; weights in files beside it
+        fp32 = load_graph(source)
+        contrib = sorted({n.op_type for n in fp32.graph.node if n.domain not in ("", "ai.onnx")})
+        if contrib:
+            raise ExportError(
+                f"{parent_dir} already holds non-standard ops {contrib}; the TensorRT flavour "
+                "starts from optimum's standard-op FP32 export (`moe2edge export onnx`)"
             )
-            info["quantized_matmuls"] = count
+        fp32_bytes = model_weight_bytes(fp32)
+        targets = matmul_weights(fp32)
+        small = {  # the few weights kept inside the graph: fp16 conversion rewrites them
+            t.name: numpy_helper.to_array(t).astype(np.float32)
+            for t in fp32.graph.initializer
+            if t.name in targets and not uses_external_data(t)
+        }
+        del fp32
+        model, base, stored = fp16_graph(source, work)
+        inits = {t.name: t for t in model.graph.initializer}
+        writer = WeightWriter(tmp, DATA_FILE)
+
+        def fp32_weight(name: str) -> np.ndarray:
+            if name in small:
+                return small[name]
+            return read_weight(inits[name], base, onnx.TensorProto.FLOAT)
+
+        if bits:
+            info["quantized_matmuls"] = weight_only_dq(
+                model,
+                fp32_weight,
+                targets,
+                bits,
+                block_size if bits == 4 else None,
+                symmetric,
+                writer.add,
+            )
         set_opset(model)
-        try:
-            onnx.checker.check_model(model)
+        files = save_model(model, tmp, base, stored, writer)
+        try:  # by path: the in-memory checker serialises the model (2 GB cap)
+            onnx.checker.check_model(str(tmp / MODEL_FILE))
         except onnx.checker.ValidationError as exc:
             raise ExportError(f"the TensorRT-flavoured graph is not valid ONNX: {exc}") from exc
         info["weight_bytes"] = model_weight_bytes(model)
         info["weight_ratio_vs_fp32"] = round(info["weight_bytes"] / fp32_bytes, 4)
-        return save_model(model, tmp)
+        return files
+
+    def build(tmp: Path) -> list[str]:
+        log.info("TensorRT flavour of %s: %s", parent_dir, precision)
+        with tempfile.TemporaryDirectory(dir=tmp) as work:
+            return flavour(tmp, Path(work))
 
     extra = {
         "quantization": {

@@ -17,7 +17,8 @@ from moe2edge.export.check_trt import (
     check_onnx_for_tensorrt,
     operator_table,
 )
-from moe2edge.export.tensorrt_flavor import dequantize, quantize_blockwise, tensorrt_bundle
+from moe2edge.export.rtn import dequantize
+from moe2edge.export.tensorrt_flavor import quantize_blockwise, tensorrt_bundle
 from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.manifest import read_manifest
 from moe2edge.runtime.tensorrt.build import build_engine

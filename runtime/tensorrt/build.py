@@ -45,12 +45,17 @@ def model_file(manifest: dict[str, Any], bundle_dir: Path) -> str:
 
 
 def onnx_model_path(bundle_dir: str | Path, manifest: dict[str, Any] | None = None) -> Path:
-    """The bundle's ONNX model, which must exist."""
+    """The bundle's ONNX model, which must exist, with its external data files (models
+    above 2 GB keep the weights in ``model.onnx_data``, which TensorRT's parser reads from
+    the model's folder: a missing one would fail the parse with a less clear message)."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir) if manifest is None else manifest
-    path = bundle_dir / model_file(manifest, bundle_dir)
-    if not path.is_file():
-        raise BundleError(f"{path} is missing; copy the whole bundle directory")
+    name = model_file(manifest, bundle_dir)
+    path = bundle_dir / name
+    data = [n for n in manifest.get("files", {}) if n != name and n.startswith(name)]
+    missing = [str(bundle_dir / n) for n in [name, *data] if not (bundle_dir / n).is_file()]
+    if missing:
+        raise BundleError(f"{', '.join(missing)} missing; copy the whole bundle directory")
     return path
 
 
