@@ -139,6 +139,7 @@ def session_view(s: VoiceSettings) -> dict:
             "audio_lead_ms": s.audio_lead_ms,
             "audio_chunk_ms": s.audio_chunk_ms,
             "speak_brackets": s.speak_brackets,
+            "history_turns": s.history_turns,
         },
     }
 
