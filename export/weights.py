@@ -41,9 +41,34 @@ FOUR_BIT = {
 def load_graph(path: str | Path) -> onnx.ModelProto:
     """The model at ``path`` without its external data (weights stored inside still load)."""
     try:
-        return onnx.load(str(path), load_external_data=False)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf/onnx raise many types for a broken file
         raise ExportError(f"cannot read {path} ({type(exc).__name__}: {exc}); re-export") from exc
+    inline_attribute_tensors(model, Path(path).parent)
+    return model
+
+
+def _attribute_tensors(graph: onnx.GraphProto):
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _attribute_tensors(sub)
+
+
+def inline_attribute_tensors(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read node attributes kept in external data (optimum stores big ``Constant`` values
+    there) into the graph: the per-tensor rewrites carry initializers only, so such an
+    attribute would point into a data file that the output no longer has. They are small."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for tensor in _attribute_tensors(model.graph):
+        if uses_external_data(tensor):
+            load_external_data_for_tensor(tensor, str(base_dir))
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 def inline_bytes(tensor: onnx.TensorProto) -> int:
