@@ -121,7 +121,7 @@ def fp16_graph(path: Path, work: Path) -> tuple[onnx.ModelProto, Path, dict[str,
     """
     typed = work / "typed.onnx"
     onnx.shape_inference.infer_shapes_path(str(path), str(typed))
-    model = load_graph(typed)
+    model = load_graph(typed, path.parent)  # its external data stays beside ``path``
     stored = {t.name: t.data_type for t in model.graph.initializer if uses_external_data(t)}
     return to_fp16(model), path.parent, stored
 

@@ -38,13 +38,16 @@ FOUR_BIT = {
 }
 
 
-def load_graph(path: str | Path) -> onnx.ModelProto:
-    """The model at ``path`` without its external data (weights stored inside still load)."""
+def load_graph(path: str | Path, base_dir: str | Path | None = None) -> onnx.ModelProto:
+    """The model at ``path`` without its external data (weights stored inside still load).
+
+    ``base_dir``: the folder its external data is relative to, when that is not the file's
+    own (a shape-inferred copy written to a work folder)."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf/onnx raise many types for a broken file
         raise ExportError(f"cannot read {path} ({type(exc).__name__}: {exc}); re-export") from exc
-    inline_attribute_tensors(model, Path(path).parent)
+    inline_attribute_tensors(model, Path(base_dir or Path(path).parent))
     return model
 
 

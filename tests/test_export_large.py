@@ -90,6 +90,12 @@ def write_synthetic_bundle(
                 )
                 nodes.append(helper.make_node("Add", [h, down], [f"h{layer + 1}"]))
                 h = f"h{layer + 1}"
+            # a Constant whose value is in the data file, as optimum writes big ones
+            scale = 1.0 + 0.1 * rng.standard_normal(hidden, dtype=np.float32)
+            value = writer.add(scale, "final_scale.value")
+            nodes.append(helper.make_node("Constant", [], ["final_scale"], value=value))
+            nodes.append(helper.make_node("Mul", [h, "final_scale"], ["h_scaled"]))
+            h = "h_scaled"
             nodes.append(
                 helper.make_node(
                     "Identity", [matmul(h, "/lm_head/MatMul", (hidden, vocab))], ["logits"]
