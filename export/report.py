@@ -34,8 +34,9 @@ from moe2edge.export.calibration import PromptEncoder, read_rows
 from moe2edge.export.derived import model_weight_bytes
 from moe2edge.export.errors import ExportError
 from moe2edge.export.parity import runtime_greedy_with_logits
+from moe2edge.fileio import sha256_file
 from moe2edge.runtime.generate import Generator
-from moe2edge.runtime.manifest import read_manifest, sha256_file
+from moe2edge.runtime.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-# sha256_file is also imported from here (export/report.py, export/calibration.py, tests)
 from moe2edge.fileio import atomic_write_json, sha256_file
 from moe2edge.runtime.errors import BundleError
 

@@ -16,8 +16,9 @@ from moe2edge.export.errors import ExportError
 from moe2edge.export.gptq import gptq_weight, nbits_tensors
 from moe2edge.export.quantize import quantize_bundle
 from moe2edge.export.verify import verify_io_contract
+from moe2edge.fileio import sha256_file
 from moe2edge.runtime.generate import Generator
-from moe2edge.runtime.manifest import MANIFEST_NAME, read_manifest, sha256_file, verify_bundle
+from moe2edge.runtime.manifest import MANIFEST_NAME, read_manifest, verify_bundle
 from tests._export_common import TINY_INT4, build_tiny_variants, prompt_logits, relative_error
 
 # Max logit error relative to the FP32 logit spread, per precision (measured on the tiny
