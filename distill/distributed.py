@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from moe2edge.distill.errors import DistillError
+from moe2edge.memory import hand_back_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (if any) and pick this rank's device."""
+    hand_back_freed_memory()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)

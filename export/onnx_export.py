@@ -16,6 +16,7 @@ from typing import Any
 
 from moe2edge.export.bundle import describe_io, kv_contract, load_json, model_summary, write_bundle
 from moe2edge.export.errors import ExportError
+from moe2edge.memory import hand_back_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +114,16 @@ def export_fp32(
     opset: int | None = None,
 ) -> Path:
     """Export ``student_dir`` to an FP32 ONNX Runtime bundle at ``bundle_dir``."""
-    from optimum.exporters.onnx import main_export
+    from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoTokenizer
 
+    from moe2edge.export.low_memory import (
+        load_unmapped,
+        pretranspose_linears,
+        weights_released_after_export,
+    )
+
+    hand_back_freed_memory()
     student_dir = Path(student_dir)
     config = check_student_dir(student_dir)
     tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
@@ -125,15 +133,18 @@ def export_fp32(
         with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
             log.info("exporting %s with optimum (text-generation-with-past)", student_dir)
             try:
-                main_export(
-                    str(student_dir),
-                    output=work,
-                    task="text-generation-with-past",
-                    opset=opset,
-                    device="cpu",
-                    do_validation=False,
-                    local_files_only=True,
-                )
+                model = load_unmapped(student_dir)
+                pretranspose_linears(model)  # one copy of the weights at the peak, not three
+                with weights_released_after_export(model):
+                    onnx_export_from_model(
+                        model,
+                        output=work,
+                        task="text-generation-with-past",
+                        opset=opset,
+                        device="cpu",
+                        do_validation=False,
+                    )
+                del model
             except Exception as exc:  # optimum raises many types; name the model and the fix
                 raise ExportError(
                     f"optimum could not export {student_dir} ({type(exc).__name__}: {exc})"
