@@ -69,6 +69,7 @@ FINGERPRINT_KEYS = (
     "loss",
     "temperature",
     "ce_ratio",
+    "ce_warmup_steps",
     "beta",
     "alpha",
     "max_steps",

@@ -118,6 +118,9 @@ class TrainConfig:
     loss: str = "fkl"
     temperature: float = 2.0
     ce_ratio: float = 0.5
+    # steps of CE only before the KD mix starts: the SFT-trained start that MiniLLM (rkl),
+    # GKD (jsd) and DistiLLM (skl/srkl) assume; on-policy sampling starts after it too
+    ce_warmup_steps: int = 0
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skl / srkl
     loss_chunk_size: int = 1024  # tokens per chunk in the loss (memory bound at a big vocab)
@@ -192,6 +195,10 @@ def check_config(cfg: TrainConfig, has_teacher: bool) -> None:
         problems.append(
             f"teacher_dtype={cfg.teacher_dtype!r}: use auto or {sorted(TEACHER_DTYPES)}"
         )
+    if not 0 <= cfg.ce_warmup_steps <= max(cfg.max_steps, 0):
+        problems.append(f"ce_warmup_steps={cfg.ce_warmup_steps} must be in [0, max_steps]")
+    if not 0.0 <= cfg.ce_ratio <= 1.0:
+        problems.append(f"ce_ratio={cfg.ce_ratio} must be in [0, 1]")
     if not 0.0 <= cfg.lambda_on_policy <= 1.0:
         problems.append(f"lambda_on_policy={cfg.lambda_on_policy} must be in [0, 1]")
     if cfg.grad_accum_steps < 1 or cfg.batch_size < 1 or cfg.max_steps < 0:
@@ -271,7 +278,12 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
     parts, pool = step_examples(
         examples, step, cfg.batch_size, cfg.seed, info.rank, info.world_size, cfg.grad_accum_steps
     )
-    on_policy = cfg.mode == "on_policy" and use_on_policy(step, cfg.seed, cfg.lambda_on_policy)
+    warming_up = step < cfg.ce_warmup_steps  # CE only, on the data set's replies
+    on_policy = (
+        cfg.mode == "on_policy"
+        and not warming_up
+        and use_on_policy(step, cfg.seed, cfg.lambda_on_policy)
+    )
     first_row = info.rank * (cfg.batch_size // info.world_size)
     batches = []
     for m, part in enumerate(parts):
@@ -304,7 +316,7 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
     total_tokens = max(float(total.item()), 1.0)
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)
     from_cache = cache is not None and not on_policy
-    ce_ratio = 1.0 if teacher is None and cache is None else cfg.ce_ratio
+    ce_ratio = 1.0 if (teacher is None and cache is None) or warming_up else cfg.ce_ratio
     if on_policy:  # no CE on the student's own samples: it would reinforce them (as TRL's GKD)
         ce_ratio = 0.0
     for m, (part, batch) in enumerate(batches):
