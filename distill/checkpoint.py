@@ -94,6 +94,8 @@ FINGERPRINT_KEYS = (
     "lora_plus_lr_ratio",
     "stage_steps",
 )
+# keys added later: left out at their default, so a run from before them still resumes
+LATER_KEY_DEFAULTS = {"peft_method": None, "lora_plus_lr_ratio": 16.0, "stage_steps": []}
 FORMAT_VERSION = 2  # 1: full-state model.safetensors + optimizer.pt gathered on rank 0
 
 
@@ -101,6 +103,9 @@ def config_fingerprint(cfg) -> dict:
     """The training-relevant config fields, plus the training data's sha256."""
     values = to_dict(cfg)
     fp = {k: values[k] for k in FINGERPRINT_KEYS if k in values}
+    for key, default in LATER_KEY_DEFAULTS.items():
+        if fp.get(key, default) == default:
+            fp.pop(key, None)
     if Path(cfg.train_data).is_file():
         fp["train_data_sha256"] = sha256_file(cfg.train_data)
     return fp

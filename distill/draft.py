@@ -59,9 +59,13 @@ def check_target(cfg: DraftConfig) -> dict:
     target = Path(cfg.draft_for)
     if not (target / "config.json").is_file():
         raise DistillError(f"draft_for={target} is not an HF checkpoint directory")
-    vocab = AutoConfig.from_pretrained(target, local_files_only=True).vocab_size
-    ours = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
-    theirs = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    try:
+        vocab = AutoConfig.from_pretrained(target, local_files_only=True).vocab_size
+        ours = AutoTokenizer.from_pretrained(cfg.tokenizer, local_files_only=True)
+        theirs = AutoTokenizer.from_pretrained(target, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        msg = f"cannot read the tokenizers of {cfg.tokenizer} and {target}: {exc}"
+        raise DistillError(msg) from exc
     if ours.get_vocab() != theirs.get_vocab():
         raise DistillError(
             f"tokenizer {cfg.tokenizer} differs from the one of draft_for={target}; a draft "
