@@ -269,6 +269,23 @@ def generate_dataset(
     return train, evaluation
 
 
+def room_rows(seed: int, rooms: list[str], size: int) -> list[dict]:
+    """``size`` examples of every intent in ``rooms`` only: a new domain for fine-tuning a
+    student trained on the other rooms (``split_by_room``)."""
+    unknown = [r for r in rooms if r not in ROOMS]
+    if unknown:
+        raise ValueError(f"unknown rooms {unknown}; the demo rooms are {ROOMS}")
+    rng = random.Random(seed)
+    pairs = [(i, r) for i in INTENTS for r in rooms]
+    return [_make_example(rng, *rng.choice(pairs)) for _ in range(size)]
+
+
+def split_by_room(rows: list[dict], rooms: list[str]) -> tuple[list[dict], list[dict]]:
+    """(rows in none of ``rooms``, rows in ``rooms``)."""
+    inside = [r for r in rows if r.get("room") in rooms]
+    return [r for r in rows if r.get("room") not in rooms], inside
+
+
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
     """Rows as JSONL, atomically (read them back with ``moe2edge.rows.read_rows``)."""
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))

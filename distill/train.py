@@ -9,7 +9,7 @@ One readable loop in the style of torchtune's recipes, driven by ``TrainConfig``
   FSDP2 (meta-device init, ``MixedPrecisionPolicy``, gradients reduced once per step); the
   global batch ``batch_size`` is split across ranks and ``grad_accum_steps``, and the loss is a
   mean over the reply tokens of the whole global batch, so N ranks x M micro-batches compute
-  the same step as one process; activation checkpointing, bf16 autocast on GPUs, LoRA;
+  the same step as one process; activation checkpointing, bf16 autocast on GPUs, peft adapters;
 - exact resume (distill/checkpoint.py): ``resume=auto`` continues from the latest complete,
   verified, sharded (DCP) checkpoint, bit for bit;
 - evaluation and logging (distill/evaluate.py, distill/metrics.py): held-out KL, top-1
@@ -39,6 +39,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from moe2edge.distill.adapters import (
+    adapter_method,
+    add_adapters,
+    check_adapter_config,
+    make_optimizer,
+    set_stage,
+)
 from moe2edge.distill.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -149,10 +156,16 @@ class TrainConfig:
     # holds no unsharded gradient between micro-batches: less memory, more communication)
     sync_every_micro_batch: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    lora_r: int = 0  # > 0: train LoRA adapters (peft), merged into the final checkpoint
+    # adapters (peft, distill/adapters.py): lora_r > 0 alone trains LoRA; peft_method names
+    # lora | lora_plus | dora | ia3 | vera | loha (rank and scale: lora_r, lora_alpha)
+    lora_r: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    peft_method: str | None = None
+    lora_plus_lr_ratio: float = 16.0  # lora_plus: lr of the B matrices / lr of the A matrices
+    stage_steps: list[int] = field(default_factory=list)  # [N1, N2]: attention-only, then all
+    merge_adapters: bool = True  # false: base + peft adapter dir (save_pretrained) side by side
     checkpoint_every: int = 200  # 0: no checkpoints
     keep_checkpoints: int = 2  # 0: keep all
     resume: str = "auto"  # auto | none | PATH of a checkpoints/step-N dir
@@ -215,6 +228,7 @@ def check_config(cfg: TrainConfig, has_teacher: bool) -> None:
             dtype_named(getattr(cfg, key), key)
         except DistillError as exc:
             problems.append(str(exc))
+    problems += check_adapter_config(cfg)
     if problems:
         raise DistillError("bad training config: " + "; ".join(problems))
 
@@ -226,23 +240,12 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
-    """LoRA adapters, activation checkpointing, device placement and FSDP2 sharding.
+    """Adapters (peft), activation checkpointing, device placement and FSDP2 sharding.
 
     Under torchrun only rank 0's ``model`` needs real weights (the others' may be on the meta
     device): ``shard_model`` broadcasts them into every rank's shards.
     """
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+    model = add_adapters(model, cfg)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if info.enabled:
@@ -441,9 +444,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
 
     model = prepare_model(model, cfg, info)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
+    optimizer = make_optimizer(model, params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     start = load_checkpoint(resume_from, model, optimizer, scheduler, info)
     logger = RunLogger(run_dir, start, info.is_main, cfg.tensorboard)
@@ -479,6 +480,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     )
     evaluated_last = False
     for step in bar:
+        set_stage(model, step, cfg)  # stage_steps: which adapters train at this step
         result = train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, autocast)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -520,13 +522,15 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     if info.is_main and cfg.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     optimizer.state.clear()  # the Adam moments are done with: free them before the export
-    out = save_final(model, tokenizer, run_dir / out_name, info, lora=cfg.lora_r > 0)
+    adapters = adapter_method(cfg) is not None
+    out = save_final(model, tokenizer, run_dir / out_name, info, adapters, cfg.merge_adapters)
     barrier(info)
     return out
 
 
-def distill_student(cfg: TrainConfig) -> Path:
-    """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``)."""
+def distill_student(cfg: TrainConfig, out_name: str = "student") -> Path:
+    """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``) at
+    ``run_dir/out_name``."""
     if cfg.teacher is None and cfg.teacher_cache is None:
         raise DistillError("distillation needs a teacher: set teacher=PATH or teacher_cache=DIR")
     teacher = None  # None: train from the cache
@@ -561,7 +565,7 @@ def distill_student(cfg: TrainConfig) -> Path:
             f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
             f"{teacher.config.vocab_size}; logit distillation needs the same vocabulary"
         )
-    return train_model(student, teacher, tokenizer, cfg, "student")
+    return train_model(student, teacher, tokenizer, cfg, out_name)
 
 
 def main(argv: list[str]) -> int:
