@@ -96,7 +96,12 @@ FINGERPRINT_KEYS = (
     "stage_steps",
 )
 # keys added later: left out at their default, so a run from before them still resumes
-LATER_KEY_DEFAULTS = {"peft_method": None, "lora_plus_lr_ratio": 16.0, "stage_steps": []}
+LATER_KEY_DEFAULTS = {
+    "ce_warmup_steps": 0,
+    "peft_method": None,
+    "lora_plus_lr_ratio": 16.0,
+    "stage_steps": [],
+}
 FORMAT_VERSION = 2  # 1: full-state model.safetensors + optimizer.pt gathered on rank 0
 
 
