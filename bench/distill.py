@@ -360,6 +360,51 @@ def trl_side_by_side(bench: Bench) -> dict:
     }
 
 
+def draft_acceptance(bench: Bench, best: dict) -> dict:
+    """A 1-layer draft from the same k=32 cache, against the best student (greedy, 4 tokens)."""
+    from moe2edge.distill.data import encode_rows, prompt_part
+    from moe2edge.distill.draft import DraftConfig, acceptance_rate, train_draft
+
+    fields = {f: getattr(bench.base, f) for f in bench.base.__dataclass_fields__}
+    cfg = DraftConfig(
+        **{
+            **fields,
+            **recipe_overrides("fkl"),
+            "run_dir": str(bench.work / "runs" / "draft"),
+            "student_preset": "draft",
+            "student_overrides": {},
+            "teacher": None,
+            "teacher_cache": str(bench.cache),
+            "max_steps": bench.args.draft_steps,
+        },
+        draft_for=best["student_dir"],
+    )
+    (Path(cfg.run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    draft_dir = train_draft(cfg)
+    target = AutoModelForCausalLM.from_pretrained(best["student_dir"], dtype=torch.float32)
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
+    rows = bench.eval_rows[: bench.args.draft_prompts]
+    prompts = [prompt_part(e) for e in encode_rows(bench.tokenizer, rows, bench.base.max_seq_len)]
+    rate = acceptance_rate(
+        target,
+        draft,
+        prompts,
+        draft_tokens=4,
+        max_new_tokens=bench.args.max_new_tokens,
+        eos_token_ids=[bench.tokenizer.eos_token_id],
+    )
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {
+        "rate": round(rate, 4),
+        "draft_tokens": 4,
+        "prompts": len(prompts),
+        "target": best["name"],
+        "draft_params": params(draft),
+        "target_params": params(target),
+        "draft_steps": cfg.max_steps,
+    }
+
+
 def plot(curves: dict[str, list], path: Path) -> None:
     import matplotlib
 
@@ -399,6 +444,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--student-preset", default="demo")
     parser.add_argument("--student-overrides", type=yaml.safe_load, default={})
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--draft-steps", type=int, default=300)
+    parser.add_argument("--draft-prompts", type=int, default=60)
     parser.add_argument("--only", default="", help="comma list of sections to run")
     parser.add_argument("--json", default=str(ROOT / "bench/results/distill.json"))
     return parser.parse_args()
@@ -443,6 +490,13 @@ def main() -> int:
         save()
     if "trl" in sections:
         result["trl"] = trl_side_by_side(bench)
+        save()
+    if "draft" in sections and "loss_table" in sections:
+        best = min(
+            (r for loss, rs in runs.items() if loss != "ce" for r in rs),
+            key=lambda r: (-(r["task_acc"] or 0), r["heldout_kl"]),
+        )
+        result["draft_acceptance"] = draft_acceptance(bench, best)
         save()
     if curves:
         png = Path(args.json).with_name("distill_curves.png")
