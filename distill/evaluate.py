@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from moe2edge.distill.data import IGNORE_INDEX, collate, encode_prompt, encode_rows, prompt_part
-from moe2edge.distill.distributed import all_reduce_sum
 from moe2edge.distill.demo_domain import is_wellformed
+from moe2edge.distill.distributed import all_reduce_sum
 from moe2edge.distill.formats import extract_actions
 from moe2edge.distill.losses import dense_divergence, sparse_divergence
 from moe2edge.distill.modes import sample_replies
