@@ -3,8 +3,11 @@
 Prints one JSON object:
   train_tok_s_cached, train_tok_s_live   student training tokens/s (same steps, same batch)
   cache_bytes_per_token                   {k: bytes} for top-k caches of the demo teacher
-  loss_table                              [{loss, heldout_kl, top1_agreement, task_acc}]
-                                          at equal steps; `ce` = CE only, others pure KD
+  loss_table                              [{loss, heldout_kl, top1_agreement, task_acc,
+                                          reply_wellformed, perplexity, subsets}] at equal
+                                          steps; `ce` = CE only, others pure KD; subsets:
+                                          {compound, multi_turn, long: {task_acc,
+                                          reply_wellformed}} of the held-out rows
 
     python bench/distill.py [--teacher DIR --tokenizer DIR --data DIR] [--steps 150]
 
@@ -38,6 +41,12 @@ from moe2edge.distill.train import TrainConfig  # noqa: E402
 from moe2edge.rows import read_rows  # noqa: E402
 
 LOSSES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
+MAX_SEQ_LEN, MAX_NEW_TOKENS = 128, 64  # the demo's (its longest rows are ~85 tokens)
+SUBSETS = {
+    "compound": lambda r: r.get("kind") == "compound",
+    "multi_turn": lambda r: r.get("kind") == "multi_turn",
+    "long": lambda r: bool(r.get("long")),
+}
 
 
 def prepare(args, work: Path) -> tuple[Path, Path, Path]:
@@ -45,7 +54,7 @@ def prepare(args, work: Path) -> tuple[Path, Path, Path]:
     if args.teacher:
         return Path(args.data), Path(args.tokenizer), Path(args.teacher)
     paths = write_demo_data(work / "data", seed=0, train_size=6000, eval_size=200)
-    make_tokenizer(paths["train"], work / "tokenizer", 384)
+    make_tokenizer(paths["train"], work / "tokenizer", 768)
     teacher = pretrain_demo_teacher(
         TrainConfig(
             run_dir=str(work / "teacher_run"),
@@ -53,6 +62,7 @@ def prepare(args, work: Path) -> tuple[Path, Path, Path]:
             tokenizer=str(work / "tokenizer"),
             teacher=None,
             max_steps=400,
+            max_seq_len=MAX_SEQ_LEN,
             checkpoint_every=0,
             tensorboard=False,
             plot=False,
@@ -98,7 +108,7 @@ def main() -> None:
             out=work / f"cache-k{k}",
             teacher=teacher_dir,
             k=k,
-            max_seq_len=64,
+            max_seq_len=MAX_SEQ_LEN,
         )
         cache_bytes[k] = round(TeacherCache(work / f"cache-k{k}", tokenizer_dir).bytes_per_token, 1)
         del index
@@ -109,6 +119,8 @@ def main() -> None:
         teacher=str(teacher_dir),
         student_preset="demo",
         batch_size=32,
+        max_seq_len=MAX_SEQ_LEN,
+        max_new_tokens=MAX_NEW_TOKENS,
         checkpoint_every=0,
         resume="none",
         tensorboard=False,
@@ -148,16 +160,32 @@ def main() -> None:
         started = time.perf_counter()
         student_dir = distill_student(cfg)
         student = AutoModelForCausalLM.from_pretrained(student_dir)
+        scoring = dict(max_seq_len=MAX_SEQ_LEN, max_new_tokens=MAX_NEW_TOKENS)
         metrics = evaluate_heldout(
-            student, teacher, tokenizer, eval_rows, task_limit=len(eval_rows)
+            student, teacher, tokenizer, eval_rows, task_limit=len(eval_rows), **scoring
         )
+        subsets = {}
+        for name, keep in SUBSETS.items():
+            rows = [r for r in eval_rows if keep(r)]
+            if rows:
+                sub = evaluate_heldout(
+                    student, None, tokenizer, rows, task_limit=len(rows), **scoring
+                )
+                subsets[name] = {k: round(sub[k], 4) for k in ("task_acc", "reply_wellformed")}
         table.append(
             {
                 "loss": loss,
                 **{
                     k: round(float(metrics[k]), 4)
-                    for k in ("heldout_kl", "top1_agreement", "task_acc", "perplexity")
+                    for k in (
+                        "heldout_kl",
+                        "top1_agreement",
+                        "task_acc",
+                        "reply_wellformed",
+                        "perplexity",
+                    )
                 },
+                "subsets": subsets,
                 "seconds": round(time.perf_counter() - started, 1),
             }
         )
