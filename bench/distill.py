@@ -60,6 +60,7 @@ from moe2edge.rows import read_rows  # noqa: E402
 log = logging.getLogger("bench.distill")
 RECIPES = ROOT / "recipes" / "kd-losses.yaml"
 LOSSES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+MAX_SEQ_LEN = 128  # the demo's: its longest rows are ~85 tokens at a 768-token vocabulary
 METRICS = ("task_acc", "reply_wellformed", "heldout_kl", "top1_agreement", "perplexity")
 
 
@@ -97,7 +98,7 @@ class Bench:
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
         self.data = write_demo_data(self.work / "data", seed=0, train_size=args.train_size)
-        self.tokenizer_dir = make_tokenizer(self.data["train"], self.work / "tokenizer", 384)
+        self.tokenizer_dir = make_tokenizer(self.data["train"], self.work / "tokenizer", 768)
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.eval_rows = read_rows(self.data["eval"])[: args.eval_rows]
         self.teacher_dir = self._teacher()
@@ -120,6 +121,7 @@ class Bench:
             eval_data=str(self.data["eval"]),
             eval_every=max(args.steps // 6, 1),
             eval_task_limit=0,  # curves: KL only; the final scoring decodes every row
+            max_seq_len=MAX_SEQ_LEN,
             max_new_tokens=args.max_new_tokens,
             threads=args.threads,
         )
@@ -143,6 +145,7 @@ class Bench:
             max_steps=self.args.teacher_steps,
             batch_size=32,
             lr=3e-3,
+            max_seq_len=MAX_SEQ_LEN,
             checkpoint_every=0,
             resume="none",
             tensorboard=False,
@@ -440,7 +443,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--student-preset", default="demo")
     parser.add_argument("--student-overrides", type=yaml.safe_load, default={})
     parser.add_argument("--threads", type=int, default=0)

@@ -180,9 +180,11 @@ def test_cached_teacher_at_full_k_trains_like_the_live_teacher(tiny_run, tmp_pat
         assert a["kd"] > 0
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (a, b)
         assert abs(a["kd"] - b["kd"]) <= 1e-3 * a["kd"], (a, b)  # fp16 log-probs in the cache
-    for name, tensor in weights(live).items():  # fp16 log-probs: Adam may amplify tiny grads
+    # fp16 log-probs: Adam amplifies tiny gradients (an element whose gradient is near 0 moves
+    # by up to ~lr a step either way), so single elements may differ; the mean may not
+    for name, tensor in weights(live).items():
         diff = (weights(cached)[name] - tensor).abs()
-        assert diff.max() < 1e-3 and diff.mean() < 1e-5, name
+        assert diff.max() < 5e-3 and diff.mean() < 1e-5, name
 
     # A cache made on other data is refused with what to do.
     with pytest.raises(DistillError, match="made on another data set"):
