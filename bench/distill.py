@@ -1,16 +1,25 @@
-"""Distillation benchmark: training speed (cached vs live teacher), cache size, loss table.
+"""Distillation benchmark: does distillation beat fine-tuning, and which recipe wins.
 
-Prints one JSON object:
-  train_tok_s_cached, train_tok_s_live   student training tokens/s (same steps, same batch)
-  cache_bytes_per_token                   {k: bytes} for top-k caches of the demo teacher
-  loss_table                              [{loss, heldout_kl, top1_agreement, task_acc}]
-                                          at equal steps; `ce` = CE only, others pure KD
+On the built-in demo domain (seeded; compound commands, multi-turn context, paraphrased
+replies with a real distribution, a held-out split of unseen combinations), against the demo
+DeepSeek-V3-architecture MoE teacher, at equal steps and tokens for every row:
 
-    python bench/distill.py [--teacher DIR --tokenizer DIR --data DIR] [--steps 150]
+  teacher           the teacher's own task accuracy / reply well-formedness (held-out split)
+  loss_table        CE only vs each KD loss trained with its recipe (recipes/kd-losses.yaml),
+                    per seed: task_acc, reply_wellformed, heldout_kl; mean/min/max over seeds
+  on_policy         off-policy vs on-policy GKD (jsd, lambda 0.5) on the compound/long subset
+  merged_init       merged MoE->dense init vs random init (same architecture): held-out KL
+                    curves, and the steps the merged init needs to reach random's final KL
+  sparse_vs_dense   the same fkl run from the top-k=32 cache vs the dense live teacher
+  trl               TRL's GKDTrainer vs ours on the same work (bench/distill_trl.py)
+  draft_acceptance  a 1-layer draft distilled from the same cache, greedy acceptance rate of
+                    4 drafted tokens against the best student
+  curves            bench/results/distill_curves.png: held-out KL per method over steps
 
-Without --teacher it builds the demo data, tokenizer and demo teacher first (~2 min).
-Everything runs on the CPU; timings are noisy on shared machines, so compare the numbers
-of one run with each other.
+    python bench/distill.py [--seeds 3] [--steps 150] [--quick]
+
+Prints the JSON and writes bench/results/distill.json. CPU only; timings are noisy, so
+compare ratios measured within one run.
 """
 
 from __future__ import annotations
@@ -18,166 +27,496 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from moe2edge.distill.cache import TeacherCache, build_cache  # noqa: E402
+from moe2edge.distill.cache import build_cache  # noqa: E402
 from moe2edge.distill.demo_data import write_demo_data  # noqa: E402
 from moe2edge.distill.evaluate import evaluate_heldout  # noqa: E402
-from moe2edge.distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher  # noqa: E402
+from moe2edge.distill.pipeline import (  # noqa: E402
+    distill_student,
+    make_tokenizer,
+    merge_teacher_into_dense,
+    pretrain_demo_teacher,
+)
+from moe2edge.distill.student import build_student  # noqa: E402
 from moe2edge.distill.teacher import load_teacher  # noqa: E402
 from moe2edge.distill.tokenizer import load_tokenizer  # noqa: E402
 from moe2edge.distill.train import TrainConfig  # noqa: E402
+from moe2edge.fileio import atomic_write_json  # noqa: E402
 from moe2edge.rows import read_rows  # noqa: E402
 
-LOSSES = ["ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd"]
+log = logging.getLogger("bench.distill")
+RECIPES = ROOT / "recipes" / "kd-losses.yaml"
+LOSSES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")
+MAX_SEQ_LEN = 128  # the demo's: its longest rows are ~85 tokens at a 768-token vocabulary
+METRICS = ("task_acc", "reply_wellformed", "heldout_kl", "top1_agreement", "perplexity")
 
 
-def prepare(args, work: Path) -> tuple[Path, Path, Path]:
-    """(data dir, tokenizer dir, teacher dir): given, or built like the demo."""
-    if args.teacher:
-        return Path(args.data), Path(args.tokenizer), Path(args.teacher)
-    paths = write_demo_data(work / "data", seed=0, train_size=6000, eval_size=200)
-    make_tokenizer(paths["train"], work / "tokenizer", 384)
-    teacher = pretrain_demo_teacher(
-        TrainConfig(
-            run_dir=str(work / "teacher_run"),
-            train_data=str(paths["train"]),
-            tokenizer=str(work / "tokenizer"),
-            teacher=None,
-            max_steps=400,
+def summary(values: list[float]) -> dict:
+    values = [v for v in values if v is not None]
+    if not values:
+        return {"mean": None, "min": None, "max": None}
+    return {
+        "mean": round(statistics.fmean(values), 4),
+        "min": round(min(values), 4),
+        "max": round(max(values), 4),
+    }
+
+
+def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    return [
+        (r["step"] + 1, r["heldout_kl"])
+        for r in records
+        if r.get("split") == "eval" and r.get("heldout_kl") is not None
+    ]
+
+
+def train_tok_s(run_dir: Path) -> float:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if '"tok_s"' in x][-1]["tok_s"]
+
+
+class Bench:
+    """The shared pieces (data, tokenizer, teacher, caches) and one scored run."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+        self.work = Path(args.work)
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.data = write_demo_data(self.work / "data", seed=0, train_size=args.train_size)
+        self.tokenizer_dir = make_tokenizer(self.data["train"], self.work / "tokenizer", 768)
+        self.tokenizer = load_tokenizer(self.tokenizer_dir)
+        self.eval_rows = read_rows(self.data["eval"])[: args.eval_rows]
+        self.teacher_dir = self._teacher()
+        self.teacher = load_teacher(self.teacher_dir)
+        self.base = TrainConfig(
+            train_data=str(self.data["train"]),
+            tokenizer=str(self.tokenizer_dir),
+            teacher=str(self.teacher_dir),
+            student_preset=args.student_preset,
+            student_overrides=dict(args.student_overrides),
+            batch_size=args.batch_size,
+            max_steps=args.steps,
+            lr=args.lr,
+            warmup_steps=10,
             checkpoint_every=0,
+            resume="none",
             tensorboard=False,
             plot=False,
+            log_every=10,
+            eval_data=str(self.data["eval"]),
+            eval_every=max(args.steps // 6, 1),
+            eval_task_limit=0,  # curves: KL only; the final scoring decodes every row
+            max_seq_len=MAX_SEQ_LEN,
+            max_new_tokens=args.max_new_tokens,
+            threads=args.threads,
         )
-    )
-    return work / "data", work / "tokenizer", teacher
-
-
-def tokens_per_second(run_dir: Path) -> float:
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "tok_s" in r][-1]["tok_s"]
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="runs/bench-distill")
-    (
-        parser.add_argument("--teacher"),
-        parser.add_argument("--tokenizer"),
-        parser.add_argument("--data"),
-    )
-    parser.add_argument("--steps", type=int, default=150, help="training steps per loss")
-    parser.add_argument("--speed-steps", type=int, default=40)
-    parser.add_argument("--cache-examples", type=int, default=1024)
-    parser.add_argument("--eval-rows", type=int, default=100)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    data, tokenizer_dir, teacher_dir = prepare(args, work)
-    train_jsonl, eval_jsonl = data / "train.jsonl", data / "eval.jsonl"
-    subset = work / "train_subset.jsonl"
-    subset.write_text(
-        "".join(json.dumps(r) + "\n" for r in read_rows(train_jsonl)[: args.cache_examples])
-    )
-
-    # Cache size per token at several k.
-    cache_bytes = {}
-    for k in (8, 32, 128):
-        index = build_cache(
-            data=subset,
-            tokenizer=tokenizer_dir,
-            out=work / f"cache-k{k}",
-            teacher=teacher_dir,
-            k=k,
-            max_seq_len=64,
+        self.cache = self._cache(32)
+        # held-out curves of every run (live or cached teacher) from one full-vocabulary
+        # cache of the eval rows: the exact dense KL, scored the same way for all
+        self.base = replace(
+            self.base,
+            eval_teacher_cache=str(self._cache(len(self.tokenizer), self.data["eval"], "eval")),
         )
-        cache_bytes[k] = round(TeacherCache(work / f"cache-k{k}", tokenizer_dir).bytes_per_token, 1)
-        del index
 
-    base = TrainConfig(
-        train_data=str(subset),
-        tokenizer=str(tokenizer_dir),
-        teacher=str(teacher_dir),
-        student_preset="demo",
-        batch_size=32,
-        checkpoint_every=0,
-        resume="none",
-        tensorboard=False,
-        plot=False,
-        log_every=5,
-        warmup_steps=10,
-    )
-    # Training speed: the same student and steps with the teacher live vs from the k=32 cache.
-    live = replace(base, run_dir=str(work / "speed-live"), max_steps=args.speed_steps)
-    cached = replace(
-        base,
-        run_dir=str(work / "speed-cached"),
-        max_steps=args.speed_steps,
-        teacher=None,
-        teacher_cache=str(work / "cache-k32"),
-    )
-    for cfg in (live, cached):
-        (Path(cfg.run_dir) / "metrics.jsonl").unlink(missing_ok=True)
-        distill_student(cfg)
-
-    # Loss table at equal steps on the full training set.
-    tokenizer = load_tokenizer(tokenizer_dir)
-    teacher = load_teacher(teacher_dir)
-    eval_rows = read_rows(eval_jsonl)[: args.eval_rows]
-    table = []
-    for loss in LOSSES:
-        cfg = replace(
-            base,
-            run_dir=str(work / f"loss-{loss}"),
-            train_data=str(train_jsonl),
-            max_steps=args.steps,
-            loss="fkl" if loss == "ce" else loss,
-            ce_ratio=1.0 if loss == "ce" else 0.0,
-            temperature=1.0,
+    def _teacher(self) -> Path:
+        out = self.work / "teacher_run" / "teacher"
+        if (out / "config.json").is_file():
+            return out
+        cfg = TrainConfig(
+            run_dir=str(self.work / "teacher_run"),
+            train_data=str(self.data["train"]),
+            tokenizer=str(self.tokenizer_dir),
+            teacher=None,
+            max_steps=self.args.teacher_steps,
+            batch_size=32,
+            lr=3e-3,
+            max_seq_len=MAX_SEQ_LEN,
+            checkpoint_every=0,
+            resume="none",
+            tensorboard=False,
+            plot=False,
+            log_every=50,
+            threads=self.args.threads,
         )
-        (Path(cfg.run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+        return pretrain_demo_teacher(cfg)
+
+    def _cache(self, k: int, data: Path | None = None, name: str = "train") -> Path:
+        out = self.work / f"cache-{name}-k{k}"
+        if not (out / "index.json").is_file():
+            build_cache(
+                data=data or self.data["train"],
+                tokenizer=self.tokenizer_dir,
+                out=out,
+                teacher=self.teacher_dir,
+                k=k,
+                max_seq_len=self.base.max_seq_len,
+            )
+        return out
+
+    def score(self, student_dir: Path, rows: list[dict] | None = None) -> dict:
+        """Held-out metrics of a saved student against the live teacher (dense KL)."""
+        rows = self.eval_rows if rows is None else rows
+        student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+        metrics = evaluate_heldout(
+            student,
+            self.teacher,
+            self.tokenizer,
+            rows,
+            max_seq_len=self.base.max_seq_len,
+            task_limit=len(rows),
+            max_new_tokens=self.args.max_new_tokens,
+        )
+        return {
+            k: (None if metrics.get(k) is None else round(float(metrics[k]), 4)) for k in METRICS
+        }
+
+    def run(self, name: str, **overrides) -> dict:
+        """Train one student with ``overrides`` over the base config; score it."""
+        cfg = replace(self.base, run_dir=str(self.work / "runs" / name), **overrides)
+        metrics_file = Path(cfg.run_dir) / "metrics.jsonl"
+        metrics_file.unlink(missing_ok=True)
         started = time.perf_counter()
         student_dir = distill_student(cfg)
-        student = AutoModelForCausalLM.from_pretrained(student_dir)
-        metrics = evaluate_heldout(
-            student, teacher, tokenizer, eval_rows, task_limit=len(eval_rows)
-        )
-        table.append(
+        seconds = time.perf_counter() - started
+        record = {"name": name, **self.score(student_dir), "seconds": round(seconds, 1)}
+        record["curve"] = eval_curve(Path(cfg.run_dir))
+        record["tok_s"] = round(train_tok_s(Path(cfg.run_dir)), 1)
+        record["student_dir"] = str(student_dir)
+        log.warning("%s: %s", name, {k: record[k] for k in METRICS + ("seconds",)})
+        return record
+
+
+def recipe_overrides(loss: str) -> dict:
+    recipes = yaml.safe_load(RECIPES.read_text())
+    if loss not in recipes:
+        raise SystemExit(f"{RECIPES} has no recipe for {loss}")
+    return dict(recipes[loss])
+
+
+def loss_table(bench: Bench, seeds: list[int]) -> tuple[list[dict], dict]:
+    rows, runs = [], {}
+    for loss in LOSSES:
+        per_seed = []
+        for seed in seeds:
+            per_seed.append(
+                bench.run(
+                    f"loss-{loss}-s{seed}",
+                    seed=seed,
+                    teacher=None,
+                    teacher_cache=str(bench.cache),
+                    **recipe_overrides(loss),
+                )
+            )
+        runs[loss] = per_seed
+        rows.append(
             {
                 "loss": loss,
-                **{
-                    k: round(float(metrics[k]), 4)
-                    for k in ("heldout_kl", "top1_agreement", "task_acc", "perplexity")
-                },
-                "seconds": round(time.perf_counter() - started, 1),
+                "seeds": seeds,
+                "recipe": recipe_overrides(loss),
+                **{m: summary([r[m] for r in per_seed]) for m in METRICS},
+                "per_seed": {m: [r[m] for r in per_seed] for m in ("task_acc", "heldout_kl")},
+                "tok_s": summary([r["tok_s"] for r in per_seed]),
             }
         )
-        print(json.dumps(table[-1]), file=sys.stderr)
-    torch.set_num_threads(torch.get_num_threads())
-    print(
-        json.dumps(
-            {
-                "train_tok_s_cached": round(tokens_per_second(Path(cached.run_dir)), 1),
-                "train_tok_s_live": round(tokens_per_second(Path(live.run_dir)), 1),
-                "cache_bytes_per_token": cache_bytes,
-                "loss_table": table,
-                "steps_per_loss": args.steps,
-                "settings": "demo teacher and data; student preset demo; batch 32; KD losses pure "
-                "(ce_ratio 0) at T=1; held-out KL(teacher||student) at T=1 on reply tokens",
-            },
-            indent=2,
-        )
+    return rows, runs
+
+
+def on_policy(bench: Bench, seeds: list[int]) -> dict:
+    """GKD off- vs on-policy (lambda 0.5) with the live teacher, scored on the
+    compound/long-reply subset of the held-out split."""
+    subset = [r for r in bench.eval_rows if r.get("kind") == "compound" or r.get("long")]
+    out = {"subset_rows": len(subset)}
+    for mode, extra in (("off_policy", {}), ("on_policy", {"lambda_on_policy": 0.5})):
+        scores = []
+        for seed in seeds:
+            record = bench.run(
+                f"gkd-{mode}-s{seed}", seed=seed, mode=mode, **recipe_overrides("jsd"), **extra
+            )
+            scores.append(bench.score(Path(record["student_dir"]), subset))
+        out[mode] = {m: summary([s[m] for s in scores]) for m in METRICS}
+    return out
+
+
+def merged_init(bench: Bench) -> dict:
+    """Same architecture (the merged model's), same recipe: merged init vs random init."""
+    merged = merge_teacher_into_dense(
+        bench.teacher_dir, bench.tokenizer_dir, bench.data["train"], bench.work / "merged"
     )
+    config = json.loads((merged / "config.json").read_text())
+    shape = {
+        k: config[k]
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
+    }
+    recipe = recipe_overrides("fkl")
+    common = dict(teacher=None, teacher_cache=str(bench.cache), **recipe)
+    random_init = bench.run(
+        "init-random", student_preset="demo", student_overrides={**shape}, **common
+    )
+    merged_run = bench.run("init-merged", student_init=str(merged), student_overrides={}, **common)
+    target = random_init["curve"][-1][1]
+    reached = next((step for step, kl in merged_run["curve"] if kl <= target), None)
+    return {
+        "architecture": shape,
+        "random_final_kl": target,
+        "merged_final_kl": merged_run["curve"][-1][1],
+        "merged_steps_to_random_final_kl": reached,
+        "steps": bench.base.max_steps,
+        "random_curve": random_init["curve"],
+        "merged_curve": merged_run["curve"],
+    }
+
+
+def sparse_vs_dense(bench: Bench) -> dict:
+    recipe = recipe_overrides("fkl")
+    dense = bench.run("fkl-dense-live", **recipe)
+    sparse = bench.run("fkl-sparse-k32", teacher=None, teacher_cache=str(bench.cache), **recipe)
+    return {
+        "dense_kl": dense["heldout_kl"],
+        "sparse_k32_kl": sparse["heldout_kl"],
+        "relative_gap": round(
+            abs(sparse["heldout_kl"] - dense["heldout_kl"]) / dense["heldout_kl"], 4
+        ),
+        "dense_tok_s": dense["tok_s"],
+        "sparse_tok_s": sparse["tok_s"],
+    }
+
+
+def trl_side_by_side(bench: Bench) -> dict:
+    """TRL's GKDTrainer and ours: one seed, the same init, data, batch, steps, divergence."""
+    from distill_trl import run_trl_gkd
+
+    init_dir = bench.work / "trl-init"
+    student = build_student(
+        bench.base.student_preset,
+        len(bench.tokenizer),
+        seed=0,
+        **bench.base.student_overrides,
+    )
+    student.generation_config.eos_token_id = bench.tokenizer.eos_token_id
+    student.save_pretrained(init_dir)
+    bench.tokenizer.save_pretrained(init_dir)
+    work = dict(loss="jsd", beta=0.5, temperature=1.0, ce_ratio=0.0, ce_warmup_steps=0)
+    work.update(eval_data=None, eval_every=0)  # no held-out passes inside the timed loop
+    ours = bench.run(
+        "trl-match-ours-live", student_init=str(init_dir), student_overrides={}, **work
+    )
+    ours_cached = bench.run(
+        "trl-match-ours-cached",
+        student_init=str(init_dir),
+        student_overrides={},
+        teacher=None,
+        teacher_cache=str(bench.cache),
+        **work,
+    )
+    b = bench.base
+    trl = run_trl_gkd(
+        init_dir,
+        bench.teacher,
+        bench.tokenizer,
+        read_rows(b.train_data),
+        bench.work / "runs" / "trl-gkd",
+        steps=b.max_steps,
+        batch_size=b.batch_size,
+        lr=b.lr,
+        warmup_steps=b.warmup_steps,
+        weight_decay=b.weight_decay,
+        grad_clip=b.grad_clip,
+        max_seq_len=b.max_seq_len,
+        beta=0.5,
+        seed=0,
+        threads=b.threads,
+    )
+    trl_scores = bench.score(Path(trl["student_dir"]))
+    return {
+        "work": "jsd beta 0.5, T 1, off-policy (lmbda 0), same init/data/batch/steps/optimizer",
+        "trl": {"tok_s": trl["tok_s"], "seconds": trl["seconds"], **trl_scores},
+        "ours_live_teacher": {"tok_s": ours["tok_s"], **{m: ours[m] for m in METRICS}},
+        "ours_cached_teacher": {
+            "tok_s": ours_cached["tok_s"],
+            **{m: ours_cached[m] for m in METRICS},
+        },
+        "tok_s_ratio_live": round(ours["tok_s"] / trl["tok_s"], 3),
+        "tok_s_ratio_cached": round(ours_cached["tok_s"] / trl["tok_s"], 3),
+        "kl_ratio_live": round(ours["heldout_kl"] / trl_scores["heldout_kl"], 3),
+        "kl_ratio_cached": round(ours_cached["heldout_kl"] / trl_scores["heldout_kl"], 3),
+    }
+
+
+def draft_acceptance(bench: Bench, best: dict) -> dict:
+    """A 1-layer draft from the same k=32 cache, against the best student (greedy, 4 tokens)."""
+    from moe2edge.distill.data import encode_rows, prompt_part
+    from moe2edge.distill.draft import DraftConfig, acceptance_rate, train_draft
+
+    fields = {f: getattr(bench.base, f) for f in bench.base.__dataclass_fields__}
+    cfg = DraftConfig(
+        **{
+            **fields,
+            **recipe_overrides("fkl"),
+            "run_dir": str(bench.work / "runs" / "draft"),
+            "student_preset": "draft",
+            "student_overrides": {},
+            "teacher": None,
+            "teacher_cache": str(bench.cache),
+            "max_steps": bench.args.draft_steps,
+        },
+        draft_for=best["student_dir"],
+    )
+    (Path(cfg.run_dir) / "metrics.jsonl").unlink(missing_ok=True)
+    draft_dir = train_draft(cfg)
+    target = AutoModelForCausalLM.from_pretrained(best["student_dir"], dtype=torch.float32)
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
+    rows = bench.eval_rows[: bench.args.draft_prompts]
+    prompts = [prompt_part(e) for e in encode_rows(bench.tokenizer, rows, bench.base.max_seq_len)]
+    rate = acceptance_rate(
+        target,
+        draft,
+        prompts,
+        draft_tokens=4,
+        max_new_tokens=bench.args.max_new_tokens,
+        eos_token_ids=[bench.tokenizer.eos_token_id],
+    )
+    params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    return {
+        "rate": round(rate, 4),
+        "draft_tokens": 4,
+        "prompts": len(prompts),
+        "target": best["name"],
+        "draft_params": params(draft),
+        "target_params": params(target),
+        "draft_steps": cfg.max_steps,
+    }
+
+
+def plot(curves: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, label=name, marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out KL(teacher || student)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("Held-out KL per method (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    steps = [s for s, _ in runs[0]["curve"]]
+    return [(s, statistics.fmean(r["curve"][i][1] for r in runs)) for i, s in enumerate(steps)]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default="runs/bench-distill")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--train-size", type=int, default=6000)
+    parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--student-preset", default="demo")
+    parser.add_argument("--student-overrides", type=yaml.safe_load, default={})
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--draft-steps", type=int, default=300)
+    parser.add_argument("--draft-prompts", type=int, default=60)
+    parser.add_argument("--only", default="", help="comma list of sections to run")
+    parser.add_argument("--json", default=str(ROOT / "bench/results/distill.json"))
+    return parser.parse_known_args()[0]
+
+
+def main() -> int:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    bench = Bench(args)
+    seeds = list(range(args.seeds))
+    sections = set(filter(None, args.only.split(","))) or {
+        "loss_table",
+        "on_policy",
+        "merged_init",
+        "sparse_vs_dense",
+        "trl",
+        "draft",
+    }
+    result: dict = {"cpu": cpu_name(), "steps": args.steps, "batch_size": args.batch_size}
+    result["teacher"] = bench.score(bench.teacher_dir)
+    log.warning("teacher: %s", result["teacher"])
+    curves = {}
+
+    def save(complete: bool = False) -> None:
+        atomic_write_json(args.json, {**result, "complete": complete})
+
+    if "loss_table" in sections:
+        result["loss_table"], runs = loss_table(bench, seeds)
+        curves.update({loss: mean_curve(r) for loss, r in runs.items()})
+        save()
+    if "on_policy" in sections:
+        result["on_policy"] = on_policy(bench, seeds)
+        save()
+    if "merged_init" in sections:
+        result["merged_init"] = merged_init(bench)
+        curves["merged init (fkl)"] = result["merged_init"]["merged_curve"]
+        curves["random init (fkl)"] = result["merged_init"]["random_curve"]
+        save()
+    if "sparse_vs_dense" in sections:
+        result["sparse_vs_dense"] = sparse_vs_dense(bench)
+        save()
+    if "trl" in sections:
+        result["trl"] = trl_side_by_side(bench)
+        save()
+    if "draft" in sections and "loss_table" in sections:
+        best = min(
+            (r for loss, rs in runs.items() if loss != "ce" for r in rs),
+            key=lambda r: (-(r["task_acc"] or 0), r["heldout_kl"]),
+        )
+        result["draft_acceptance"] = draft_acceptance(bench, best)
+        save()
+    if curves:
+        png = Path(args.json).with_name("distill_curves.png")
+        plot(curves, png)
+        result["curves_png"] = str(png.relative_to(ROOT)) if png.is_relative_to(ROOT) else str(png)
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    save(complete=True)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

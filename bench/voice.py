@@ -13,6 +13,8 @@ turns, as a microphone would) to a server running in another process (started he
 - endpoint_silence_ms: the server's end-of-turn silence setting;
 - transcript_exact_match, wer: final transcripts against the spoken text;
 - reply_task_acc: the voice replies' actions against the reference actions;
+- reply_wellformed: share of voice replies whose spoken part confirms their own actions
+  (the demo domain's reply forms, ``demo_domain.is_wellformed``);
 - text_task_acc: the same requests as text through /v1/chat/completions.
 
     python bench/voice.py --bundle runs/demo/bundles/fp32 --n 40
@@ -39,16 +41,19 @@ from websockets.asyncio.client import connect
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moe2edge.distill.demo_domain import is_wellformed  # noqa: E402  (stdlib only)
 from moe2edge.runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16  # noqa: E402
 
 VOICES = ["en-us", "en-us+f3", "en-us+m1", "en-us+f2"]  # US English: the ASR model is en-US
 
 
-def extract_action(
-    reply: str,
-) -> str | None:  # same rule as moe2edge.distill.formats.extract_action
-    match = re.search(r"\[[^\]]*\]", reply)
-    return match.group(0) if match else None
+def extract_actions(reply: str) -> list[str]:  # same rule as moe2edge.distill.formats
+    return re.findall(r"\[[^\]]*\]", reply)
+
+
+def same_actions(reply: str, action: str) -> bool:
+    """The reply's action sequence is the reference's (a compound command has two)."""
+    return extract_actions(reply) == extract_actions(action)
 
 
 def wer(refs: list[str], hyps: list[str]) -> float:
@@ -188,7 +193,7 @@ def text_accuracy(base: str, rows: list[dict], token: str | None) -> float:
             r = client.post("/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": row["utterance"]}], "temperature": 0})  # fmt: skip
             r.raise_for_status()
-            hits += extract_action(r.json()["choices"][0]["message"]["content"]) == row["action"]
+            hits += same_actions(r.json()["choices"][0]["message"]["content"], row["action"])
     return hits / len(rows)
 
 
@@ -223,11 +228,13 @@ def main() -> None:
     args.eval = args.eval or str(data_dir / "eval.jsonl")
     args.grammar = args.grammar or str(data_dir / "commands.jsgf")
     rows = [json.loads(line) for line in Path(args.eval).read_text().splitlines() if line.strip()]
-    rows = rows[: args.n]
+    # one utterance per voice turn: multi-turn rows need their earlier turns, so they are left
+    # out; the speech is the words-only form of the utterance (no digits)
+    rows = [r for r in rows if r.get("kind") != "multi_turn"][: args.n]
     voices = args.voices.split(",")
     synth = {v: EspeakSynthesizer(voice=v) for v in voices}
-    clips = [{"text": r["utterance"], "action": r["action"], "voice": voices[i % len(voices)],
-              "audio": synth[voices[i % len(voices)]].synthesize(r["utterance"])}
+    clips = [{"text": r.get("spoken", r["utterance"]), "action": r["action"], "voice": voices[i % len(voices)],
+              "audio": synth[voices[i % len(voices)]].synthesize(r.get("spoken", r["utterance"]))}
              for i, r in enumerate(rows)]  # fmt: skip
 
     server = None
@@ -248,7 +255,8 @@ def main() -> None:
             server.terminate()
             server.wait(10)
     exact = sum(t.get("transcript") == t["text"] for t in turns)
-    reply_hits = sum(extract_action(t.get("reply") or "") == t["action"] for t in turns)
+    reply_hits = sum(same_actions(t.get("reply") or "", t["action"]) for t in turns)
+    wellformed = sum(is_wellformed((t.get("reply") or "").strip()) for t in turns)
     server_side = [t["server"] for t in turns if "server" in t]
     result = {
         "response_latency_ms": pct([t["response_latency_ms"] for t in turns if "response_latency_ms" in t]),
@@ -257,6 +265,7 @@ def main() -> None:
         "transcript_exact_match": round(exact / len(turns), 3),
         "wer": round(wer([t["text"] for t in turns], [t.get("transcript") or "" for t in turns]), 4),
         "reply_task_acc": round(reply_hits / len(turns), 3),
+        "reply_wellformed": round(wellformed / len(turns), 3),
         "text_task_acc": round(text_acc, 3),
         "turns": len(turns),
         "turns_with_audio": sum("response_latency_ms" in t for t in turns),

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe2edge.distill.adapters import ADAPTER_DIR, merge_adapters
 from moe2edge.distill.config import to_dict
 from moe2edge.distill.distributed import (
     DistInfo,
@@ -69,6 +70,7 @@ FINGERPRINT_KEYS = (
     "loss",
     "temperature",
     "ce_ratio",
+    "ce_warmup_steps",
     "beta",
     "alpha",
     "max_steps",
@@ -89,7 +91,17 @@ FINGERPRINT_KEYS = (
     "lora_alpha",
     "lora_dropout",
     "lora_target_modules",
+    "peft_method",
+    "lora_plus_lr_ratio",
+    "stage_steps",
 )
+# keys added later: left out at their default, so a run from before them still resumes
+LATER_KEY_DEFAULTS = {
+    "ce_warmup_steps": 0,
+    "peft_method": None,
+    "lora_plus_lr_ratio": 16.0,
+    "stage_steps": [],
+}
 FORMAT_VERSION = 2  # 1: full-state model.safetensors + optimizer.pt gathered on rank 0
 
 
@@ -97,6 +109,9 @@ def config_fingerprint(cfg) -> dict:
     """The training-relevant config fields, plus the training data's sha256."""
     values = to_dict(cfg)
     fp = {k: values[k] for k in FINGERPRINT_KEYS if k in values}
+    for key, default in LATER_KEY_DEFAULTS.items():
+        if fp.get(key, default) == default:
+            fp.pop(key, None)
     if Path(cfg.train_data).is_file():
         fp["train_data_sha256"] = sha256_file(cfg.train_data)
     return fp
@@ -352,13 +367,13 @@ def load_checkpoint(path: Path | None, model, optimizer, scheduler, info: DistIn
     return int(training_state["step"])
 
 
-def _unsharded_copy(model, state: dict[str, torch.Tensor], lora: bool):
+def _unsharded_copy(model, state: dict[str, torch.Tensor], adapters: bool):
     """A plain (not FSDP) model holding ``state``: built on the meta device, then assigned."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         fresh = AutoModelForCausalLM.from_config(model.config)
-    if lora:
+    if adapters:
         from peft import get_peft_model
 
         fresh = get_peft_model(fresh, model.peft_config["default"])
@@ -367,12 +382,19 @@ def _unsharded_copy(model, state: dict[str, torch.Tensor], lora: bool):
 
 
 def save_final(
-    model, tokenizer, out_dir: str | Path, info: DistInfo | None = None, lora: bool = False
+    model,
+    tokenizer,
+    out_dir: str | Path,
+    info: DistInfo | None = None,
+    adapters: bool = False,
+    merge: bool = True,
 ) -> Path:
     """The trained model as a standard HF checkpoint (+ tokenizer), atomically, by rank 0.
 
-    LoRA adapters are merged into the base weights, so the result loads without peft.
-    Under FSDP2 the full state is gathered first. Call on all ranks.
+    peft ``adapters`` are merged into the base weights (``merge``), so the result loads
+    without peft; else the base goes in ``out_dir`` and the adapters, with peft's
+    ``save_pretrained``, in ``out_dir/adapter``. Under FSDP2 the full state is gathered
+    first. Call on all ranks.
     """
     out_dir = Path(out_dir)
     info = info or DistInfo()
@@ -383,10 +405,13 @@ def save_final(
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)
     if info.is_main:
-        plain = _unsharded_copy(model, state, lora) if info.enabled else model
-        if lora:
-            plain = plain.merge_and_unload()
+        plain = _unsharded_copy(model, state, adapters) if info.enabled else model
         with atomic_dir(out_dir) as tmp:
+            if adapters and not merge:
+                plain.save_pretrained(tmp / ADAPTER_DIR)  # adapter_config + adapter weights
+                plain = plain.unload()  # the base, unchanged
+            elif adapters:
+                plain = merge_adapters(plain)
             plain.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
     barrier(info)

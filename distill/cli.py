@@ -53,8 +53,18 @@ def register(subparsers, name: str, help_text: str) -> None:
     merge.add_argument("--calib-examples", type=int, default=64)
     merge.set_defaults(handler=run_merge)
 
+    merged = sub.add_parser(
+        "merge-adapters",
+        help="merge the peft adapters of a `finetune merge_adapters=false` run into its base",
+    )
+    merged.add_argument("model_dir", help="the finetuned dir (base + adapter/)")
+    merged.add_argument("out_dir")
+    merged.set_defaults(handler=run_merge_adapters)
+
     for action, help_line, handler in (
         ("train", "distil a teacher into a student (config YAML + key=value)", run_train),
+        ("draft", "distil a small draft model for speculative decoding of a student", run_draft),
+        ("finetune", "domain fine-tuning of a distilled student with peft adapters", run_finetune),
         ("demo-teacher", "DEMO ONLY: pre-train the tiny DeepSeek-V3 teacher", run_demo_teacher),
     ):
         t = sub.add_parser(action, help=help_line)
@@ -113,6 +123,29 @@ def run_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return launch_torchrun(args.nproc, args.config, args.overrides)
     print(f"wrote {distill_student(cfg)}")
+    return 0
+
+
+def run_draft(args: argparse.Namespace) -> int:
+    from moe2edge.distill.draft import DraftConfig, train_draft
+
+    print(f"wrote {train_draft(load_config(DraftConfig, args.config, args.overrides))}")
+    return 0
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    from moe2edge.distill.finetune import FinetuneConfig, finetune_student
+
+    cfg = load_config(FinetuneConfig, args.config, args.overrides)
+    check_config(cfg, has_teacher=cfg.teacher is not None)
+    print(f"wrote {finetune_student(cfg)}")
+    return 0
+
+
+def run_merge_adapters(args: argparse.Namespace) -> int:
+    from moe2edge.distill.finetune import merge_adapter_dir
+
+    print(f"wrote {merge_adapter_dir(args.model_dir, args.out_dir)}")
     return 0
 
 

@@ -1,249 +1,153 @@
 """The built-in demo domain: a seeded smart-home / robot voice-assistant data set.
 
 DEMO ONLY. No weights or data can be downloaded on our build machines, so the demo
-pipeline trains on this synthetic domain: user utterance -> assistant reply, where the
-reply starts with a canonical action in brackets (scored by exact match, see
-``formats.extract_action``) followed by a paraphrased confirmation (so the teacher's
-distribution over replies is informative). The conversation markers are those of
-``formats``, which the trained tokenizer knows as special tokens.
+pipeline trains on this synthetic domain (vocabulary and reply forms: ``demo_domain``):
+user utterance -> assistant reply, where the reply starts with the canonical action(s) in
+brackets (scored by exact match of the sequence, see ``formats.extract_actions``) followed by
+one spoken confirmation drawn from a skewed distribution over paraphrases (so the teacher's
+distribution over replies is informative). Three kinds of rows (``kind``):
 
-Held-out split: whole (intent, room) combinations never seen in training, so the
-evaluation measures composition, not recall. Utterances are lowercase words without
-punctuation (numbers spelled out), which is also what a speech recognizer returns; the
-command grammar is exported as JSGF for the recognizer.
+- ``single``: one command;
+- ``compound``: two commands joined by "and", two actions in order, one reply covering both;
+- ``multi_turn``: a follow-up ("turn it off", "make it warmer") after a turn that named the
+  device and room. The row carries the whole chat as ``messages`` and, as every row does,
+  ``prompt``/``reply``: the prompt is the chat template's rendering of the earlier turns and
+  the new utterance (``formats.format_context``), so the row trains as a prompt/reply row
+  with the loss on the last assistant turn (the earlier turn is learnt by its own rows).
+
+Utterances write numbers in digits or in words (``spoken``: the words-only form a speech
+recognizer returns; the JSGF grammar has words only). Held-out split: whole (intent, room)
+combinations and compound pairings never seen in training, so the evaluation measures
+composition, not recall. Eval rows are tagged ``kind`` and ``long`` (a long spoken reply).
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from moe2edge.distill.formats import format_prompt
+from moe2edge.distill.demo_domain import (  # noqa: F401  (re-exported for callers)
+    COLOURS,
+    INTENTS,
+    OPENERS,
+    ROOMS,
+    Intent,
+    action_string,
+    clause,
+    number_to_words,
+    parse_action,
+    reply_forms,
+    spoken_reply,
+    zipf_weights,
+)
+from moe2edge.distill.formats import extract_actions, format_context, format_prompt
 from moe2edge.fileio import atomic_write
 
-ROOMS = [
-    "kitchen",
-    "living room",
-    "bedroom",
-    "bathroom",
-    "office",
-    "garage",
-    "hallway",
-    "dining room",
-    "basement",
-    "nursery",
-]
-
-ONES = [
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-]
-TENS = {
-    20: "twenty",
-    30: "thirty",
-    40: "forty",
-    50: "fifty",
-    60: "sixty",
-    70: "seventy",
-    80: "eighty",
-    90: "ninety",
-}
+KINDS = ("single", "compound", "multi_turn")
+MIX = (0.5, 0.3, 0.2)  # share of each kind, in both splits
+LONG_WORDS = 12  # a spoken reply of at least this many words is tagged long
 
 
-def number_to_words(n: int) -> str:
-    if n < 20:
-        return ONES[n]
-    if n == 100:
-        return "one hundred"
-    tens, ones = divmod(n, 10)
-    return TENS[tens * 10] + ("" if ones == 0 else " " + ONES[ones])
+def _pick(rng: random.Random, count: int) -> int:
+    return rng.choices(range(count), weights=zipf_weights(count))[0]
 
 
-@dataclass(frozen=True)
-class Intent:
-    """One command type: its action, utterance templates and reply templates."""
-
-    name: str  # e.g. "lights.on"
-    templates: tuple[str, ...]  # {room} and {value} placeholders
-    replies: tuple[str, ...]
-    values: tuple[int, ...] = ()  # allowed numeric values, if the intent takes one
-    unit: str = ""
+def _say(value: int | str | None, digits: bool) -> tuple[str, str]:
+    """(as typed, as spoken) forms of a value in an utterance."""
+    if value is None:
+        return "", ""
+    if isinstance(value, str):
+        return value, value
+    return (str(value) if digits else number_to_words(value)), number_to_words(value)
 
 
-INTENTS: tuple[Intent, ...] = (
-    Intent(
-        "lights.on",
-        (
-            "turn on the {room} lights",
-            "switch on the lights in the {room}",
-            "please turn the {room} lights on",
-            "lights on in the {room}",
-            "can you turn on the lights in the {room}",
-        ),
-        (
-            "ok, the {room} lights are on.",
-            "done, {room} lights on.",
-            "sure, turning on the {room} lights.",
-        ),
-    ),
-    Intent(
-        "lights.off",
-        (
-            "turn off the {room} lights",
-            "switch off the lights in the {room}",
-            "please turn the {room} lights off",
-            "lights off in the {room}",
-            "can you turn off the lights in the {room}",
-        ),
-        (
-            "ok, the {room} lights are off.",
-            "done, {room} lights off.",
-            "sure, turning off the {room} lights.",
-        ),
-    ),
-    Intent(
-        "lights.dim",
-        (
-            "dim the {room} lights to {value} percent",
-            "set the {room} lights to {value} percent",
-            "make the lights in the {room} {value} percent",
-        ),
-        (
-            "ok, {room} lights at {value} percent.",
-            "done, dimming the {room} lights to {value}.",
-            "sure, {room} lights to {value} percent.",
-        ),
-        values=tuple(range(10, 101, 10)),
-        unit="percent",
-    ),
-    Intent(
-        "fan.on",
-        ("turn on the {room} fan", "switch on the fan in the {room}", "start the {room} fan"),
-        (
-            "ok, the {room} fan is on.",
-            "done, {room} fan running.",
-            "sure, starting the {room} fan.",
-        ),
-    ),
-    Intent(
-        "fan.off",
-        ("turn off the {room} fan", "switch off the fan in the {room}", "stop the {room} fan"),
-        (
-            "ok, the {room} fan is off.",
-            "done, {room} fan stopped.",
-            "sure, stopping the {room} fan.",
-        ),
-    ),
-    Intent(
-        "fan.speed",
-        ("set the {room} fan to speed {value}", "put the fan in the {room} on speed {value}"),
-        ("ok, {room} fan at speed {value}.", "done, {room} fan speed {value}."),
-        values=(1, 2, 3),
-    ),
-    Intent(
-        "heater.on",
-        ("turn on the {room} heater", "switch on the heater in the {room}", "warm up the {room}"),
-        ("ok, the {room} heater is on.", "done, heating the {room}.", "sure, {room} heater on."),
-    ),
-    Intent(
-        "heater.off",
-        ("turn off the {room} heater", "switch off the heater in the {room}"),
-        ("ok, the {room} heater is off.", "done, {room} heater off."),
-    ),
-    Intent(
-        "thermostat.set",
-        (
-            "set the {room} thermostat to {value} degrees",
-            "set the temperature in the {room} to {value}",
-            "make the {room} {value} degrees",
-        ),
-        (
-            "ok, {room} thermostat set to {value} degrees.",
-            "done, the {room} will be {value} degrees.",
-            "sure, {room} at {value} degrees.",
-        ),
-        values=tuple(range(16, 29)),
-        unit="degrees",
-    ),
-    Intent(
-        "thermostat.query",
-        (
-            "what is the temperature in the {room}",
-            "how warm is the {room}",
-            "tell me the {room} temperature",
-        ),
-        ("checking the {room} temperature.", "let me check the {room} thermostat."),
-    ),
-    Intent(
-        "speaker.volume",
-        (
-            "set the {room} speaker volume to {value}",
-            "turn the {room} speaker to {value}",
-            "change the volume in the {room} to {value}",
-        ),
-        ("ok, {room} speaker volume {value}.", "done, {room} volume at {value}."),
-        values=tuple(range(0, 101, 10)),
-    ),
-    Intent(
-        "speaker.off",
-        ("turn off the {room} speaker", "stop the music in the {room}", "mute the {room} speaker"),
-        ("ok, the {room} speaker is off.", "done, {room} music stopped."),
-    ),
-    Intent(
-        "door.lock",
-        ("lock the {room} door", "please lock the door to the {room}"),
-        ("ok, the {room} door is locked.", "done, {room} door locked."),
-    ),
-    Intent(
-        "door.unlock",
-        ("unlock the {room} door", "please unlock the door to the {room}"),
-        ("ok, the {room} door is unlocked.", "done, {room} door unlocked."),
-    ),
-)
+def without_room(template: str) -> str | None:
+    """A template's form with its room left out (the second half of "... and dim the
+    lights"); None where dropping the room would not leave a sentence."""
+    short = template.replace(" in the {room}", "").replace("the {room} ", "the ")
+    short = short.replace(" to the {room}", "")
+    bad = "{room}" in short or short.endswith(" the") or "the {value}" in short
+    return None if bad else short
 
 
-def action_string(intent: Intent, room: str, value: int | None) -> str:
-    room_id = room.replace(" ", "_")
-    parts = [intent.name, f"room={room_id}"]
-    if value is not None:
-        parts.append(f"value={value}")
-    return "[" + " ".join(parts) + "]"
+class Turn:
+    """One command of a row: its action, utterance (typed and spoken) and reply clause."""
+
+    def __init__(self, rng, intent: Intent, room: str, value=None, template: str | None = None):
+        self.intent, self.room = intent, room
+        self.value = value if value is not None or not intent.values else rng.choice(intent.values)
+        template = template if template is not None else rng.choice(intent.templates)
+        typed, spoken = _say(self.value, digits=rng.random() < 0.5)
+        self.utterance = template.format(room=room, value=typed)
+        self.spoken = template.format(room=room, value=spoken)
+        self.action = action_string(intent, room, self.value)
+        self.clause = clause(intent, _pick(rng, len(intent.replies)), room, self.value)
 
 
-def _make_example(rng: random.Random, intent: Intent, room: str) -> dict:
-    value = rng.choice(intent.values) if intent.values else None
-    words = number_to_words(value) if value is not None else ""
-    utterance = rng.choice(intent.templates).format(room=room, value=words)
-    reply_text = rng.choice(intent.replies).format(room=room, value=value)
-    reply = f"{action_string(intent, room, value)} {reply_text}"
-    return {
+def _row(rng: random.Random, kind: str, turns: list[Turn], context: list[dict] | None = None):
+    """A data set row for ``turns`` (the commands of the last user message)."""
+    speech = spoken_reply(OPENERS[_pick(rng, len(OPENERS))], [t.clause for t in turns])
+    actions = [t.action for t in turns]
+    reply = " ".join(actions) + " " + speech
+    utterance = " and ".join(t.utterance for t in turns)
+    spoken = " and ".join(t.spoken for t in turns)
+    row = {
         "prompt": format_prompt(utterance),
         "utterance": utterance,
+        "spoken": spoken,
         "reply": reply,
-        "action": action_string(intent, room, value),
-        "intent": intent.name,
-        "room": room,
+        "action": " ".join(actions),
+        "actions": actions,
+        "intent": turns[0].intent.name,
+        "intents": [t.intent.name for t in turns],
+        "room": turns[0].room,
+        "rooms": [t.room for t in turns],
+        "kind": kind,
+        "long": len(speech.split()) >= LONG_WORDS,
     }
+    if context:
+        history = [
+            (m["content"], r["content"]) for m, r in zip(context[::2], context[1::2], strict=True)
+        ]
+        row["prompt"] = format_context(history, utterance)
+        row["messages"] = context + [
+            {"role": "user", "content": utterance},
+            {"role": "assistant", "content": reply},
+        ]
+        row["context_actions"] = [a for r in context[1::2] for a in extract_actions(r["content"])]
+    return row
+
+
+def _compound(rng, first: Intent, room_a: str, second: Intent, room_b: str) -> dict:
+    a = Turn(rng, first, room_a)
+    template = rng.choice(second.templates)
+    short = without_room(template)
+    if room_b == room_a and short is not None and rng.random() < 0.6:
+        template = short
+    return _row(rng, "compound", [a, Turn(rng, second, room_b, template=template)])
+
+
+def _followup(rng, first: Intent, second: Intent, room: str) -> dict | None:
+    """A multi-turn row: ``first`` in ``room``, then a follow-up for ``second`` (same device);
+    None when ``second`` has no follow-up that fits."""
+    a = Turn(rng, first, room)
+    options = [(t, None) for t in second.followups]
+    if first is second and a.value is not None:
+        index = second.values.index(a.value)
+        for template, step in second.relative:
+            if 0 <= index + step < len(second.values):
+                options.append((template, second.values[index + step]))
+    if not options:
+        return None
+    template, value = rng.choice(options)
+    b = Turn(rng, second, room, value=value, template=template)
+    context = _row(rng, "single", [a])
+    messages = [
+        {"role": "user", "content": context["utterance"]},
+        {"role": "assistant", "content": context["reply"]},
+    ]
+    return _row(rng, "multi_turn", [b], messages)
 
 
 def held_out_combinations(seed: int, rooms_per_intent: int = 2) -> set[tuple[str, str]]:
@@ -256,17 +160,80 @@ def held_out_combinations(seed: int, rooms_per_intent: int = 2) -> set[tuple[str
     return held
 
 
+def compound_pairings() -> list[tuple[Intent, Intent]]:
+    """Ordered pairs of intents that make a compound command (two different devices)."""
+    return [(a, b) for a in INTENTS for b in INTENTS if a.device != b.device]
+
+
+def held_out_pairings(seed: int, share: float = 0.2) -> set[tuple[str, str]]:
+    """Compound (first intent, second intent) pairings reserved for evaluation."""
+    pairs = compound_pairings()
+    chosen = random.Random(seed + 1).sample(pairs, round(share * len(pairs)))
+    return {(a.name, b.name) for a, b in chosen}
+
+
+def _kind(rng: random.Random) -> str:
+    return rng.choices(KINDS, weights=MIX)[0]
+
+
 def generate_dataset(
     seed: int = 0, train_size: int = 6000, eval_size: int = 200, rooms_per_intent: int = 2
 ) -> tuple[list[dict], list[dict]]:
-    """Return (train, eval) lists of examples; eval uses only held-out combinations."""
+    """Return (train, eval) lists of rows; eval uses only held-out combinations/pairings."""
     rng = random.Random(seed)
     held = held_out_combinations(seed, rooms_per_intent)
-    seen = [(i, r) for i in INTENTS for r in ROOMS if (i.name, r) not in held]
-    unseen = [(i, r) for i in INTENTS for r in ROOMS if (i.name, r) in held]
-    train = [_make_example(rng, *rng.choice(seen)) for _ in range(train_size)]
-    evaluation = [_make_example(rng, *unseen[n % len(unseen)]) for n in range(eval_size)]
+    held_pairs = held_out_pairings(seed)
+    seen_rooms = {i.name: [r for r in ROOMS if (i.name, r) not in held] for i in INTENTS}
+    held_rooms = {i.name: [r for r in ROOMS if (i.name, r) in held] for i in INTENTS}
+    pairs = compound_pairings()
+    train_pairs = [(a, b) for a, b in pairs if (a.name, b.name) not in held_pairs]
+    eval_pairs = [(a, b) for a, b in pairs if (a.name, b.name) in held_pairs]
+    mates = {i.name: [j for j in INTENTS if j.device == i.device] for i in INTENTS}
+    followers = [i for i in INTENTS if i.followups or i.relative]
+
+    def make(kind: str, rooms: dict[str, list[str]], compound: list) -> dict:
+        while True:
+            if kind == "single":
+                intent = rng.choice(INTENTS)
+                return _row(rng, "single", [Turn(rng, intent, rng.choice(rooms[intent.name]))])
+            if kind == "compound":
+                a, b = rng.choice(compound)
+                room_a = rng.choice(rooms[a.name])
+                same = room_a in rooms[b.name] and rng.random() < 0.5
+                return _compound(rng, a, room_a, b, room_a if same else rng.choice(rooms[b.name]))
+            second = rng.choice(followers)
+            room = rng.choice(rooms[second.name])
+            # another intent of the device in a training combination ("turn it off" after
+            # "turn on the fan"), or the same intent for a relative step ("make it warmer")
+            firsts = [
+                i for i in mates[second.name] if i is not second and room in seen_rooms[i.name]
+            ]
+            firsts = firsts + [second] if second.relative or not firsts else firsts
+            row = _followup(rng, rng.choice(firsts), second, room)
+            if row is not None:
+                return row
+
+    train = [make(_kind(rng), seen_rooms, train_pairs) for _ in range(train_size)]
+    pattern = [k for k, share in zip(KINDS, MIX, strict=True) for _ in range(round(share * 10))]
+    evaluation = [make(pattern[n % len(pattern)], held_rooms, eval_pairs) for n in range(eval_size)]
     return train, evaluation
+
+
+def room_rows(seed: int, rooms: list[str], size: int) -> list[dict]:
+    """``size`` examples of every intent in ``rooms`` only: a new domain for fine-tuning a
+    student trained on the other rooms (``split_by_room``)."""
+    unknown = [r for r in rooms if r not in ROOMS]
+    if unknown:
+        raise ValueError(f"unknown rooms {unknown}; the demo rooms are {ROOMS}")
+    rng = random.Random(seed)
+    pairs = [(i, r) for i in INTENTS for r in rooms]
+    return [_make_example(rng, *rng.choice(pairs)) for _ in range(size)]
+
+
+def split_by_room(rows: list[dict], rooms: list[str]) -> tuple[list[dict], list[dict]]:
+    """(rows in none of ``rooms``, rows in ``rooms``)."""
+    inside = [r for r in rows if r.get("room") in rooms]
+    return [r for r in rows if r.get("room") not in rooms], inside
 
 
 def write_jsonl(rows: list[dict], path: str | Path) -> None:
@@ -274,20 +241,34 @@ def write_jsonl(rows: list[dict], path: str | Path) -> None:
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def _alternatives(forms: list[str]) -> str:
+    return " | ".join(f"( {f} )" for f in dict.fromkeys(forms))
+
+
 def jsgf_grammar(name: str = "moe2edge_commands") -> str:
-    """The command grammar in JSGF, for a grammar-constrained speech recognizer."""
-    numbers = sorted({v for i in INTENTS for v in i.values})
+    """The command grammar in JSGF, for a grammar-constrained speech recognizer: single and
+    compound commands and follow-ups, numbers in words only."""
+    numbers = sorted({v for i in INTENTS for v in i.values if isinstance(v, int)})
+
+    def rule(template: str, intent: Intent) -> str:
+        slot = "<colour>" if intent.values and isinstance(intent.values[0], str) else "<number>"
+        return template.replace("{room}", "<room>").replace("{value}", slot)
+
+    singles = [rule(t, i) for i in INTENTS for t in i.templates]
+    shorts = [rule(s, i) for i in INTENTS for t in i.templates if (s := without_room(t))]
+    follow = sorted({rule(t, i) for i in INTENTS for t in i.followups})
+    follow += sorted({t for i in INTENTS for t, _ in i.relative})
     lines = [
         "#JSGF V1.0;",
         f"grammar {name};",
         "<room> = " + " | ".join(ROOMS) + ";",
         "<number> = " + " | ".join(number_to_words(n) for n in numbers) + ";",
+        "<colour> = " + " | ".join(COLOURS) + ";",
+        "<single> = " + _alternatives(singles) + ";",
+        "<second> = <single> | " + _alternatives(shorts) + ";",
+        "<followup> = " + _alternatives(follow) + ";",
+        "public <command> = ( <single> [ and <second> ] ) | <followup>;",
     ]
-    alternatives = []
-    for intent in INTENTS:
-        for template in intent.templates:
-            alternatives.append(template.replace("{room}", "<room>").replace("{value}", "<number>"))
-    lines.append("public <command> = " + " | ".join(f"( {a} )" for a in alternatives) + ";")
     return "\n".join(lines) + "\n"
 
 

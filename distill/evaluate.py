@@ -1,8 +1,11 @@
 """Evaluation: greedy replies and the task's accuracy; held-out distillation metrics.
 
 The task accuracy is the demo task's: rows with an ``action`` field, scored by exact match
-of the reply's action span (``formats.extract_action``); other data sets have no ``action``
-and get ``task_acc`` None.
+of the reply's sequence of action spans (``formats.extract_actions``; a compound command has
+several); other data sets have no ``action`` and get ``task_acc`` None. Next to it,
+``reply_wellformed``: the share of replies whose spoken part is one the demo domain allows
+for the reply's own actions (``demo_domain.is_wellformed``), i.e. what the user hears is a
+proper confirmation of what was done.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import torch
 from tqdm import tqdm
 
 from moe2edge.distill.data import IGNORE_INDEX, collate, encode_prompt, encode_rows, prompt_part
+from moe2edge.distill.demo_domain import is_wellformed
 from moe2edge.distill.distributed import all_reduce_sum
-from moe2edge.distill.formats import extract_action
+from moe2edge.distill.formats import extract_actions
 from moe2edge.distill.losses import dense_divergence, sparse_divergence
 from moe2edge.distill.modes import sample_replies
 
@@ -48,15 +52,27 @@ def greedy_replies(
 
 
 def task_hits(replies: list[str], rows: list[dict]) -> int:
-    """How many replies' action part equals the row's reference action exactly."""
+    """How many replies' actions equal the row's reference actions exactly, in order."""
     return sum(
-        extract_action(reply) == row["action"] for reply, row in zip(replies, rows, strict=True)
+        extract_actions(reply) == extract_actions(row["action"])
+        for reply, row in zip(replies, rows, strict=True)
     )
 
 
 def task_accuracy(replies: list[str], rows: list[dict]) -> float:
-    """Share of replies whose action part equals the reference action exactly."""
+    """Share of replies whose actions equal the reference actions exactly, in order."""
     return task_hits(replies, rows) / len(rows) if rows else 0.0
+
+
+def wellformed_hits(replies: list[str], rows: list[dict]) -> int:
+    """How many replies are well formed (``demo_domain.is_wellformed``)."""
+    return sum(is_wellformed(reply) for reply, _ in zip(replies, rows, strict=True))
+
+
+def reply_wellformed(replies: list[str], rows: list[dict]) -> float:
+    """Share of replies whose spoken part is one of the domain's reply forms for the reply's
+    own (predicted) actions, with their rooms and values; right or wrong actions alike."""
+    return wellformed_hits(replies, rows) / len(rows) if rows else 0.0
 
 
 def evaluate_model(
@@ -64,7 +80,12 @@ def evaluate_model(
 ) -> dict:
     ids = greedy_replies(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, desc)
     texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-    return {"task_acc": task_accuracy(texts, rows), "token_ids": ids, "texts": texts}
+    return {
+        "task_acc": task_accuracy(texts, rows),
+        "reply_wellformed": reply_wellformed(texts, rows),
+        "token_ids": ids,
+        "texts": texts,
+    }
 
 
 def _head_chunks(model, ids: torch.Tensor, valid: torch.Tensor, chunk_size: int, each) -> None:
@@ -168,7 +189,7 @@ def evaluate_heldout(
     device: torch.device | str = "cpu",
     autocast=nullcontext,
 ) -> dict:
-    """``{heldout_kl, top1_agreement, perplexity, task_acc}`` on held-out ``rows``.
+    """``{heldout_kl, top1_agreement, perplexity, task_acc, reply_wellformed}`` on ``rows``.
 
     All token metrics are over the reply tokens of the reference replies (teacher forcing):
     KL(teacher || student) at T = 1, the share of positions where the student's argmax is
@@ -176,7 +197,8 @@ def evaluate_heldout(
     ``TeacherCache`` made on exactly these rows (``cache_indices`` picks its rows; default
     0..n-1; the KL is then over the top-k + tail buckets), or None (KL and agreement are
     None). ``task_acc``: greedy replies to the first ``task_limit`` rows scored with
-    ``task_accuracy`` (None when the rows have no ``action`` or task_limit is 0).
+    ``task_accuracy`` (None when the rows have no ``action`` or task_limit is 0), and
+    ``reply_wellformed`` on the same replies (None likewise).
     Logits are computed ``chunk_size`` positions at a time (one [chunk, vocab] fp32 tensor,
     never [batch, seq, vocab]). Under FSDP2 every rank must call this with the same rows
     (pass ``info``): each rank evaluates every world_size-th row and the sums are all-reduced.
@@ -186,8 +208,9 @@ def evaluate_heldout(
     examples = encode_rows(tokenizer, rows, max_seq_len)
     indices = list(range(len(rows))) if cache_indices is None else list(cache_indices)
     is_model = isinstance(teacher_or_cache, torch.nn.Module)
-    # kl, agreement, ce, tokens (float64: the sums of many fp32 chunk sums); task hits
-    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    # kl, agreement, ce, tokens (float64: the sums of many fp32 chunk sums); task hits,
+    # well-formed replies
+    sums = torch.zeros(6, dtype=torch.float64, device=device)
     pad = torch.tensor([[tokenizer.pad_token_id]], device=device)
     try:
         for part in _my_batches(len(examples), batch_size, info):
@@ -232,11 +255,12 @@ def evaluate_heldout(
                 ]
                 if part:
                     sums[4] += task_hits(texts, [scored[i] for i in part])
+                    sums[5] += wellformed_hits(texts, [scored[i] for i in part])
     finally:
         student.train(was_training)
     if info is not None:
         all_reduce_sum(sums, info)
-    kl_sum, agree, ce_sum, count, hits = sums.tolist()
+    kl_sum, agree, ce_sum, count, hits, wellformed = sums.tolist()
     n = max(count, 1)
     has_teacher = teacher_or_cache is not None
     return {
@@ -244,5 +268,6 @@ def evaluate_heldout(
         "top1_agreement": agree / n if has_teacher else None,
         "perplexity": float(torch.tensor(ce_sum / n).exp()),
         "task_acc": hits / len(scored) if has_task else None,
+        "reply_wellformed": wellformed / len(scored) if has_task else None,
         "tokens": int(count),
     }

@@ -38,3 +38,15 @@ def extract_action(reply: str) -> str | None:
     """The action part of a reply, e.g. ``[lights.on room=kitchen]``; None if absent."""
     match = _ACTION.search(reply)
     return match.group(0) if match else None
+
+
+def format_context(turns: list[tuple[str, str]], utterance: str) -> str:
+    """The prompt after earlier (utterance, reply) turns: what the demo tokenizer's chat
+    template renders for that conversation with the generation prompt."""
+    history = "".join(f"{format_prompt(u)} {r}{END_OF_TURN}" for u, r in turns)
+    return history + format_prompt(utterance)
+
+
+def extract_actions(reply: str) -> list[str]:
+    """Every action span of a reply, in order (a compound command has several)."""
+    return _ACTION.findall(reply)

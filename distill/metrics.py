@@ -94,7 +94,7 @@ PLOTS = (
     ("train", ("lr",), "learning rate"),
     ("train", ("grad_norm",), "gradient norm"),
     ("eval", ("heldout_kl",), "held-out KL(teacher || student)"),
-    ("eval", ("top1_agreement", "task_acc"), "held-out agreement / task accuracy"),
+    ("eval", ("top1_agreement", "task_acc", "reply_wellformed"), "held-out agreement / task"),
     ("eval", ("perplexity",), "held-out perplexity"),
 )
 

@@ -36,6 +36,7 @@ from moe2edge.distill.data import (
 )
 from moe2edge.distill.distributed import DistInfo, barrier
 from moe2edge.fileio import atomic_write, atomic_write_json, sha256_file
+from moe2edge.rows import row_form
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def generate_teacher_dataset(
             if "messages" in rows[i]:  # a chat stays a chat, encoded on its template again
                 reply_turn = {"role": "assistant", "content": text}
                 extra["messages"] = rows[i]["messages"][:-1] + [reply_turn]
-            else:
+            if row_form(rows[i]) != "messages":  # prompt/reply (and the demo's chats with both)
                 extra.update(prompt=prompt, reply=text)
             results[i] = {**extra, "reference_reply": reference}
     part = out_path.with_name(f".{out_path.name}.rank{info.rank}.part")

@@ -33,6 +33,15 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=2,
         max_position_embeddings=128,
     ),
+    # a one-layer draft for speculative decoding of the demo student (``distill draft``)
+    "draft": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    ),
     "100m": dict(
         hidden_size=768,
         intermediate_size=2048,

@@ -9,7 +9,7 @@ One readable loop in the style of torchtune's recipes, driven by ``TrainConfig``
   FSDP2 (meta-device init, ``MixedPrecisionPolicy``, gradients reduced once per step); the
   global batch ``batch_size`` is split across ranks and ``grad_accum_steps``, and the loss is a
   mean over the reply tokens of the whole global batch, so N ranks x M micro-batches compute
-  the same step as one process; activation checkpointing, bf16 autocast on GPUs, LoRA;
+  the same step as one process; activation checkpointing, bf16 autocast on GPUs, peft adapters;
 - exact resume (distill/checkpoint.py): ``resume=auto`` continues from the latest complete,
   verified, sharded (DCP) checkpoint, bit for bit;
 - evaluation and logging (distill/evaluate.py, distill/metrics.py): held-out KL, top-1
@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -39,6 +37,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from moe2edge.distill.adapters import (
+    adapter_method,
+    add_adapters,
+    make_optimizer,
+    set_stage,
+)
 from moe2edge.distill.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -63,7 +67,6 @@ from moe2edge.distill.distributed import (
     all_reduce_sum,
     barrier,
     cleanup,
-    dtype_named,
     full_tensor,
     gather_objects,
     init_distributed,
@@ -72,144 +75,20 @@ from moe2edge.distill.distributed import (
 )
 from moe2edge.distill.errors import DistillError
 from moe2edge.distill.evaluate import evaluate_heldout
-from moe2edge.distill.losses import LOSS_NAMES, distillation_loss
+from moe2edge.distill.losses import distillation_loss
 from moe2edge.distill.metrics import RunLogger, plot_curves
 from moe2edge.distill.modes import (
-    MODES,
     generate_teacher_dataset,
     on_policy_examples,
     use_on_policy,
 )
 from moe2edge.distill.student import build_student, load_student
-from moe2edge.distill.teacher import DTYPES as TEACHER_DTYPES
 from moe2edge.distill.teacher import is_placed, load_teacher
 from moe2edge.distill.tokenizer import apply_special_ids, check_vocab_matches, load_tokenizer
+from moe2edge.distill.train_config import TrainConfig, check_config, lr_at
 from moe2edge.fileio import sha256_file
 
 log = logging.getLogger(__name__)
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class TrainConfig:
-    run_dir: str = "runs/distill"
-    train_data: str = "runs/demo/data/train.jsonl"
-    tokenizer: str = "runs/demo/tokenizer"
-    teacher: str | None = "runs/demo/teacher"  # None: CE only (teacher pre-training), or a cache
-    teacher_cache: str | None = None  # a `moe2edge distill cache` dir made on train_data
-    # How a live teacher loads (moe2edge.distill.teacher.load_teacher): auto = the checkpoint's
-    # dtype (bf16 for published MoE checkpoints, fp32 for the demo's); device_map None = into
-    # CPU RAM, then moved to the training device; auto/cuda/cpu/... = placed by accelerate,
-    # spilling to teacher_offload_folder on disk (single process only)
-    teacher_dtype: str = "auto"  # auto | bfloat16 | float16 | float32
-    teacher_device_map: str | None = None
-    teacher_offload_folder: str | None = None
-    student_preset: str = "demo"
-    student_init: str | None = None  # an HF checkpoint dir to start from instead of a preset
-    student_overrides: dict = field(default_factory=dict)  # LlamaConfig fields over the preset
-    # where the sequences come from: off_policy | seq_kd | on_policy
-    mode: str = "off_policy"
-    lambda_on_policy: float = 0.5  # on_policy: share of steps on student samples (GKD lambda)
-    sample_temperature: float = 1.0  # on_policy: student sampling temperature
-    seq_kd_data: str | None = None  # seq_kd: where the teacher's replies go (default in run_dir)
-    seq_kd_temperature: float = 0.0  # seq_kd: 0 = greedy teacher replies
-    max_new_tokens: int = 40  # sampled/generated reply length cap (on_policy, seq_kd, eval)
-    loss: str = "fkl"
-    temperature: float = 2.0
-    ce_ratio: float = 0.5
-    beta: float = 0.5  # jsd
-    alpha: float = 0.1  # skl / srkl
-    loss_chunk_size: int = 1024  # tokens per chunk in the loss (memory bound at a big vocab)
-    max_steps: int = 400
-    batch_size: int = 32  # global batch: split across ranks and grad_accum_steps
-    grad_accum_steps: int = 1
-    max_seq_len: int = 64
-    # lay a micro-batch's examples end to end in rows of max_seq_len tokens (fewer pads);
-    # position_ids restart per example, so no token attends across examples
-    packing: bool = False
-    # read and encode the data set as training goes (data sets too large to hold), in file
-    # order: rank r takes rows r, r + world, ...; no shuffling (shuffle when writing the set)
-    streaming: bool = False
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 30
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0  # 0: no clipping
-    activation_checkpointing: bool = False
-    bf16: bool = True  # autocast to bf16 on CUDA only; the CPU always trains in fp32
-    # FSDP2 (torchrun) only: the dtype parameters are gathered in for compute and the one
-    # gradients are reduced in; the sharded master weights and Adam state stay fp32
-    param_dtype: str = "float32"  # float32 | bfloat16 | float16
-    reduce_dtype: str = "float32"
-    # FSDP2: reduce-scatter after every micro-batch instead of once per step (each rank then
-    # holds no unsharded gradient between micro-batches: less memory, more communication)
-    sync_every_micro_batch: bool = False
-    device: str = "auto"  # auto | cpu | cuda
-    lora_r: int = 0  # > 0: train LoRA adapters (peft), merged into the final checkpoint
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    checkpoint_every: int = 200  # 0: no checkpoints
-    keep_checkpoints: int = 2  # 0: keep all
-    resume: str = "auto"  # auto | none | PATH of a checkpoints/step-N dir
-    eval_data: str | None = None  # held-out JSONL; evaluated every eval_every steps and at the end
-    eval_every: int = 0  # 0: only at the end
-    eval_teacher_cache: str | None = None  # a cache made on eval_data (when no live teacher)
-    eval_task_limit: int = 50  # rows whose greedy reply is scored for task accuracy
-    eval_batch_size: int = 16
-    log_every: int = 10
-    tensorboard: bool = True
-    plot: bool = True  # write run_dir/curves.png at the end
-    seed: int = 0
-    threads: int = 0  # 0: torch's default
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup then cosine decay to ``min_lr_ratio * lr`` (as a multiplier of lr)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
-
-
-def check_config(cfg: TrainConfig, has_teacher: bool) -> None:
-    """Stop early, with what to change, on settings that cannot work together."""
-    problems = []
-    if cfg.mode not in MODES:
-        problems.append(f"mode={cfg.mode!r}: use one of {', '.join(MODES)}")
-    if cfg.loss not in LOSS_NAMES:
-        problems.append(f"loss={cfg.loss!r}: use one of {', '.join(LOSS_NAMES)}")
-    if cfg.mode != "off_policy" and not has_teacher:
-        problems.append(f"mode={cfg.mode} needs a live teacher (teacher=PATH) to generate/score")
-    if cfg.mode != "off_policy" and cfg.teacher_cache:
-        problems.append(
-            f"mode={cfg.mode} trains on new sequences a cache made on the data set cannot "
-            "score; drop teacher_cache or use mode=off_policy"
-        )
-    if cfg.teacher_dtype not in ("auto", *TEACHER_DTYPES):
-        problems.append(
-            f"teacher_dtype={cfg.teacher_dtype!r}: use auto or {sorted(TEACHER_DTYPES)}"
-        )
-    if not 0.0 <= cfg.lambda_on_policy <= 1.0:
-        problems.append(f"lambda_on_policy={cfg.lambda_on_policy} must be in [0, 1]")
-    if cfg.grad_accum_steps < 1 or cfg.batch_size < 1 or cfg.max_steps < 0:
-        problems.append("batch_size and grad_accum_steps must be >= 1 and max_steps >= 0")
-    if cfg.max_seq_len < 2:
-        problems.append(f"max_seq_len={cfg.max_seq_len} must be >= 2")
-    if cfg.student_overrides and (cfg.student_init or not isinstance(cfg.student_overrides, dict)):
-        problems.append(
-            "student_overrides must be a mapping of LlamaConfig fields and applies to "
-            "student_preset only; drop it when starting from student_init"
-        )
-    for key in ("param_dtype", "reduce_dtype"):
-        try:
-            dtype_named(getattr(cfg, key), key)
-        except DistillError as exc:
-            problems.append(str(exc))
-    if problems:
-        raise DistillError("bad training config: " + "; ".join(problems))
 
 
 def _autocast(device: torch.device, bf16: bool):
@@ -219,23 +98,12 @@ def _autocast(device: torch.device, bf16: bool):
 
 
 def prepare_model(model: torch.nn.Module, cfg: TrainConfig, info: DistInfo) -> torch.nn.Module:
-    """LoRA adapters, activation checkpointing, device placement and FSDP2 sharding.
+    """Adapters (peft), activation checkpointing, device placement and FSDP2 sharding.
 
     Under torchrun only rank 0's ``model`` needs real weights (the others' may be on the meta
     device): ``shard_model`` broadcasts them into every rank's shards.
     """
-    if cfg.lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        lora = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_target_modules),
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, lora)
+    model = add_adapters(model, cfg)
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if info.enabled:
@@ -271,7 +139,12 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
     parts, pool = step_examples(
         examples, step, cfg.batch_size, cfg.seed, info.rank, info.world_size, cfg.grad_accum_steps
     )
-    on_policy = cfg.mode == "on_policy" and use_on_policy(step, cfg.seed, cfg.lambda_on_policy)
+    warming_up = step < cfg.ce_warmup_steps  # CE only, on the data set's replies
+    on_policy = (
+        cfg.mode == "on_policy"
+        and not warming_up
+        and use_on_policy(step, cfg.seed, cfg.lambda_on_policy)
+    )
     first_row = info.rank * (cfg.batch_size // info.world_size)
     batches = []
     for m, part in enumerate(parts):
@@ -304,7 +177,7 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
     total_tokens = max(float(total.item()), 1.0)
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)
     from_cache = cache is not None and not on_policy
-    ce_ratio = 1.0 if teacher is None and cache is None else cfg.ce_ratio
+    ce_ratio = 1.0 if (teacher is None and cache is None) or warming_up else cfg.ce_ratio
     if on_policy:  # no CE on the student's own samples: it would reinforce them (as TRL's GKD)
         ce_ratio = 0.0
     for m, (part, batch) in enumerate(batches):
@@ -429,9 +302,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
 
     model = prepare_model(model, cfg, info)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95)
-    )
+    optimizer = make_optimizer(model, params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg))
     start = load_checkpoint(resume_from, model, optimizer, scheduler, info)
     logger = RunLogger(run_dir, start, info.is_main, cfg.tensorboard)
@@ -467,6 +338,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     )
     evaluated_last = False
     for step in bar:
+        set_stage(model, step, cfg)  # stage_steps: which adapters train at this step
         result = train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, autocast)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -508,13 +380,15 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     if info.is_main and cfg.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     optimizer.state.clear()  # the Adam moments are done with: free them before the export
-    out = save_final(model, tokenizer, run_dir / out_name, info, lora=cfg.lora_r > 0)
+    adapters = adapter_method(cfg) is not None
+    out = save_final(model, tokenizer, run_dir / out_name, info, adapters, cfg.merge_adapters)
     barrier(info)
     return out
 
 
-def distill_student(cfg: TrainConfig) -> Path:
-    """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``)."""
+def distill_student(cfg: TrainConfig, out_name: str = "student") -> Path:
+    """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``) at
+    ``run_dir/out_name``."""
     if cfg.teacher is None and cfg.teacher_cache is None:
         raise DistillError("distillation needs a teacher: set teacher=PATH or teacher_cache=DIR")
     teacher = None  # None: train from the cache
@@ -549,7 +423,7 @@ def distill_student(cfg: TrainConfig) -> Path:
             f"student vocabulary {student.config.vocab_size} != teacher vocabulary "
             f"{teacher.config.vocab_size}; logit distillation needs the same vocabulary"
         )
-    return train_model(student, teacher, tokenizer, cfg, "student")
+    return train_model(student, teacher, tokenizer, cfg, out_name)
 
 
 def main(argv: list[str]) -> int:

@@ -71,12 +71,13 @@ class PromptEncoder:
         self.eos = self.generator.eos_token_ids
 
     def prompt(self, row: dict[str, Any]) -> list[int]:
-        """The ids the runtime runs for the row: an utterance in the chat format, a chat up
-        to its last assistant turn (with the generation prompt), or the prompt/text as it is."""
-        if row.get("utterance"):
-            return self.generator.encode_prompt(row["utterance"])
+        """The ids the runtime runs for the row: a chat up to its last assistant turn (with
+        the generation prompt; the demo's multi-turn rows also have an utterance, their last
+        user turn), an utterance in the chat format, or the prompt/text as it is."""
         if row.get("messages"):
             return render_chat(self.generator, _chat(_before_reply(row["messages"])))
+        if row.get("utterance"):
+            return self.generator.encode_prompt(row["utterance"])
         text = row["prompt"] if "prompt" in row else row.get("text", "")
         return self.generator.encode_prompt(str(text), template=False)
 

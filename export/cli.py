@@ -37,6 +37,11 @@ def register(subparsers, name: str, help_text: str) -> None:
         "check PyTorch vs ONNX Runtime on them and record it in the manifest",
     )
     onnx.add_argument("--parity-limit", type=int, default=50)
+    onnx.add_argument(
+        "--draft-for",
+        metavar="TARGET_BUNDLE",
+        help="the student is a draft model (`distill draft`): record the bundle it drafts for",
+    )
     onnx.set_defaults(handler=run_onnx)
 
     from moe2edge.export.genai_graph import register_fast  # imports nothing heavy at module level
@@ -134,7 +139,13 @@ def register(subparsers, name: str, help_text: str) -> None:
 def run_onnx(args: argparse.Namespace) -> int:
     from moe2edge.export.onnx_export import export_fp32
 
-    bundle = export_fp32(args.student, args.bundle, args.max_new_tokens, overwrite=args.overwrite)
+    bundle = export_fp32(
+        args.student,
+        args.bundle,
+        args.max_new_tokens,
+        overwrite=args.overwrite,
+        draft_for=args.draft_for,
+    )
     print(f"wrote {bundle}")
     if args.parity_prompts:
         from moe2edge.export.pipeline import parity_for_bundle

@@ -16,6 +16,7 @@ from typing import Any
 
 from moe2edge.export.bundle import describe_io, kv_contract, load_json, model_summary, write_bundle
 from moe2edge.export.errors import ExportError
+from moe2edge.fileio import sha256_file
 from moe2edge.memory import hand_back_freed_memory
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,11 @@ def check_student_dir(student_dir: Path) -> dict[str, Any]:
         )
     if not (student_dir / "config.json").is_file():
         raise ExportError(f"{student_dir} has no config.json: not a Hugging Face checkpoint")
+    if (student_dir / "adapter" / "adapter_config.json").is_file():
+        raise ExportError(
+            f"{student_dir} holds unmerged peft adapters (adapter/); merge them first: "
+            "moe2edge distill merge-adapters DIR OUT (or finetune with merge_adapters=true)"
+        )
     if not (student_dir / "tokenizer.json").is_file():
         raise ExportError(
             f"{student_dir} has no tokenizer.json; save the tokenizer with the "
@@ -112,11 +118,17 @@ def export_fp32(
     max_new_tokens: int = 64,
     overwrite: bool = False,
     opset: int | None = None,
+    draft_for: str | Path | None = None,
 ) -> Path:
-    """Export ``student_dir`` to an FP32 ONNX Runtime bundle at ``bundle_dir``."""
+    """Export ``student_dir`` to an FP32 ONNX Runtime bundle at ``bundle_dir``.
+
+    A draft model (``draft.json`` in ``student_dir``, or ``draft_for`` naming the target
+    bundle) gets the manifest's ``draft`` object (export/draft.py).
+    """
     from optimum.exporters.onnx import onnx_export_from_model
     from transformers import AutoTokenizer
 
+    from moe2edge.export.draft import draft_entry
     from moe2edge.export.low_memory import (
         load_unmapped,
         pretranspose_linears,
@@ -128,6 +140,10 @@ def export_fp32(
     config = check_student_dir(student_dir)
     tokenizer = AutoTokenizer.from_pretrained(student_dir, local_files_only=True)
     summary = model_summary(config)
+    tokenizer_sha256 = sha256_file(student_dir / "tokenizer.json")  # before the long export
+    draft = draft_entry(
+        student_dir, Path(bundle_dir), draft_for, summary["vocab_size"], tokenizer_sha256
+    )
 
     def fill(tmp: Path) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
@@ -158,7 +174,7 @@ def export_fp32(
                 shutil.move(str(Path(work) / name), tmp / name)
         shutil.copy(student_dir / "tokenizer.json", tmp / "tokenizer.json")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        return {
+        manifest = {
             "model": summary,
             "target": "onnxruntime",
             "precision": {
@@ -179,5 +195,8 @@ def export_fp32(
             "source": {"student_dir": str(student_dir.resolve()), "exporter": "optimum-onnx"},
             "files": onnx_files + ["tokenizer.json", "config.json"],
         }
+        if draft is not None:
+            manifest["draft"] = draft
+        return manifest
 
     return write_bundle(bundle_dir, fill, overwrite=overwrite)

@@ -5,16 +5,19 @@ the logits before each choice. Each variant then scores that same FP32 path in o
 
 - ``kl``: mean KL(FP32 || variant) of the next-token distributions along the FP32 path;
 - ``top1_agreement``: share of those steps where the variant's argmax is the FP32 choice;
-- ``task_acc``: the variant's own greedy replies (step by step, until the action is
-  complete), action exact match; ``exact_greedy=False`` reconstructs them from the
-  teacher-forced pass and decodes only from the first disagreement on
-  (``own_greedy_action``): faster, and equal up to prefill-vs-decode near-ties;
+- ``task_acc``: the variant's own greedy replies (step by step, to end of turn), exact match
+  of their action sequence (every ``[...]`` span, in order: a compound command has several);
+  ``exact_greedy=False`` reconstructs them from the teacher-forced pass and decodes only
+  from the first disagreement on (``own_greedy_reply``): faster, and equal up to
+  prefill-vs-decode near-ties;
+- ``reply_wellformed``: the share of those replies that ``reply_check`` accepts (the caller's
+  domain rule, e.g. the demo's ``demo_domain.is_wellformed``; None without one);
 - ``perplexity``: on the reference replies (``" " + reply`` + end-of-turn, as in training);
 - ``weight_bytes``: initializer + constant bytes of the graph (``file_bytes``: the files);
 - ``load_s``: ``Generator.from_bundle`` (sha256 of every file + session creation).
 
-The action of a reply is its first ``[...]`` span, the demo data's format (distill is not
-imported here: export stands apart from it).
+The actions of a reply are its ``[...]`` spans, the demo data's format (distill is not
+imported here: export stands apart from it, hence ``reply_check`` is passed in).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +54,7 @@ JSON_KEYS = (
     "kl",
     "top1_agreement",
     "task_acc",
+    "reply_wellformed",
     "perplexity",
 )
 
@@ -57,6 +62,10 @@ JSON_KEYS = (
 def extract_action(reply: str) -> str | None:
     match = ACTION.search(reply)
     return match.group(0) if match else None
+
+
+def extract_actions(reply: str) -> list[str]:
+    return ACTION.findall(reply)
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -88,37 +97,30 @@ def reference_paths(gen: Generator, rows: list[dict], enc: PromptEncoder, max_ne
     return paths
 
 
-def greedy_action(
+def greedy_reply(
     gen: Generator, prompt_ids: list[int], max_new: int, start: list[int] | None = None
-) -> str | None:
-    """The action of the bundle's own greedy reply (after ``start``, its known first tokens),
-    decoding step by step only until the action is complete.
-
-    Exact: the first ``[...]`` span of any prefix of the reply is that of the whole reply.
-    """
+) -> str:
+    """The bundle's own greedy reply (after ``start``, its known first tokens), decoded step
+    by step to end of turn or ``max_new`` tokens."""
     engine = gen.engine
     tokens = list(start or [])
-    action = extract_action(gen.tokenizer.decode(tokens))
-    if action is not None or len(tokens) >= max_new:
-        return action
-    cache = engine.new_cache()
-    logits = engine.forward(prompt_ids + tokens, cache)
-    while len(tokens) < max_new:
-        token = int(np.argmax(logits))
-        if token in gen.eos_token_ids:
-            break
-        tokens.append(token)
-        action = extract_action(gen.tokenizer.decode(tokens))
-        if action is not None or len(tokens) == max_new:
-            return action
-        logits = engine.forward([token], cache)
-    return extract_action(gen.tokenizer.decode(tokens))
+    if len(tokens) < max_new:
+        cache = engine.new_cache()
+        logits = engine.forward(prompt_ids + tokens, cache)
+        while len(tokens) < max_new:
+            token = int(np.argmax(logits))
+            if token in gen.eos_token_ids:
+                break
+            tokens.append(token)
+            if len(tokens) < max_new:
+                logits = engine.forward([token], cache)
+    return gen.tokenizer.decode(tokens)
 
 
-def own_greedy_action(
+def own_greedy_reply(
     gen: Generator, prompt: list[int], chosen: list[int], argmax: np.ndarray, max_new: int
-) -> str | None:
-    """The action of the variant's greedy reply, reusing the teacher-forced pass.
+) -> str:
+    """The variant's greedy reply, reusing the teacher-forced pass.
 
     Along the FP32 path, the variant's argmax ``argmax[t]`` is its own greedy choice as long
     as every earlier choice agreed (the runtime's logits do not depend on how the tokens are
@@ -127,14 +129,12 @@ def own_greedy_action(
     """
     differ = np.nonzero(argmax != np.asarray(chosen))[0]
     if not len(differ):  # the same reply as FP32, eos included
-        return extract_action(
-            gen.tokenizer.decode([t for t in chosen if t not in gen.eos_token_ids])
-        )
+        return gen.tokenizer.decode([t for t in chosen if t not in gen.eos_token_ids])
     j = int(differ[0])
     own = int(argmax[j])
     if own in gen.eos_token_ids:
-        return extract_action(gen.tokenizer.decode(chosen[:j]))
-    return greedy_action(gen, prompt, max_new, chosen[:j] + [own])
+        return gen.tokenizer.decode(chosen[:j])
+    return greedy_reply(gen, prompt, max_new, chosen[:j] + [own])
 
 
 def evaluate(
@@ -146,9 +146,11 @@ def evaluate(
     desc: str,
     is_reference: bool = False,
     exact_greedy: bool = False,
+    reply_check: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """Metrics of one bundle over ``rows`` (see the module docstring)."""
     kl_sum, agree, steps, nll, reply_tokens, hits, scored = 0.0, 0, 0, 0.0, 0, 0, 0
+    wellformed = 0
     for row, (prompt, chosen, ref_logp) in tqdm(
         list(zip(rows, paths, strict=True)), desc=desc, unit="prompt", mininterval=2.0
     ):
@@ -165,17 +167,19 @@ def evaluate(
         if row.get("action"):
             if is_reference:  # the FP32 greedy reply is the path itself
                 text = gen.tokenizer.decode([t for t in chosen if t not in gen.eos_token_ids])
-                action = extract_action(text)
             elif exact_greedy:
-                action = greedy_action(gen, prompt, max_new)
+                text = greedy_reply(gen, prompt, max_new)
             else:
-                action = own_greedy_action(gen, prompt, chosen, argmax, max_new)
-            hits += action == row["action"]
+                text = own_greedy_reply(gen, prompt, chosen, argmax, max_new)
+            text = text.strip()
+            hits += extract_actions(text) == extract_actions(row["action"])
+            wellformed += bool(reply_check and reply_check(text))
             scored += 1
     return {
         "kl": kl_sum / max(1, steps),
         "top1_agreement": agree / max(1, steps),
         "task_acc": hits / scored if scored else None,
+        "reply_wellformed": wellformed / scored if scored and reply_check else None,
         "perplexity": float(np.exp(nll / reply_tokens)) if reply_tokens else None,
         "steps": steps,
         "prompts": len(rows),
@@ -230,8 +234,10 @@ def report(
     max_new_tokens: int | None = None,
     write: bool = True,
     exact_greedy: bool = True,
+    reply_check: Callable[[str], bool] | None = None,
 ) -> list[dict[str, Any]]:
-    """Evaluate every bundle against the FP32 reference; rows in the order given."""
+    """Evaluate every bundle against the FP32 reference; rows in the order given.
+    ``reply_check``: the domain's well-formed-reply rule (``reply_wellformed``), if any."""
     bundles = [Path(b) for b in bundles]
     ref_dir = find_reference(bundles, reference)
     t0 = time.perf_counter()
@@ -267,7 +273,9 @@ def report(
             manifest = gen.engine.manifest
             check_lineage(b, manifest, ref_dir, ref_manifest)
         is_ref = b.resolve() == ref_dir.resolve()
-        metrics = evaluate(gen, rows, enc, paths, max_new, f"eval {b.name}", is_ref, exact_greedy)
+        metrics = evaluate(
+            gen, rows, enc, paths, max_new, f"eval {b.name}", is_ref, exact_greedy, reply_check
+        )
         weight_bytes, file_bytes = bundle_sizes(b, manifest)
         prec = manifest["precision"]
         row = {
@@ -318,14 +326,15 @@ def _fmt(value: Any, spec: str) -> str:
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| bundle | target | precision | method | block | weight MB | x FP32 | KL | top-1 "
-        "| task acc | perplexity | load s |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| task acc | well-formed | perplexity | load s |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = [
         f"| {Path(r['bundle']).name} | {r['target']} | {r['precision']} | {r['method']} "
         f"| {r.get('block_size') or '-'} | {r['weight_bytes'] / 1e6:.3f} | {r['weight_ratio']:.3f} "
         f"| {_fmt(r['kl'], '.5f')} | {_fmt(r['top1_agreement'], '.4f')} "
-        f"| {_fmt(r['task_acc'], '.3f')} | {_fmt(r['perplexity'], '.4f')} | {r['load_s']:.3f} |"
+        f"| {_fmt(r['task_acc'], '.3f')} | {_fmt(r.get('reply_wellformed'), '.3f')} "
+        f"| {_fmt(r['perplexity'], '.4f')} | {r['load_s']:.3f} |"
         for r in rows
     ]
     return head + "\n".join(lines) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ def build_all_variants(
     calibration_limit: int = 32,
     eval_limit: int | None = None,
     exact_greedy: bool = False,
+    reply_check: Callable[[str], bool] | None = None,
 ) -> list[dict[str, Any]]:
     """Build the ORT and TensorRT variants under ``out_root`` and return the ``--json`` rows.
 
@@ -47,7 +49,8 @@ def build_all_variants(
     prompts and replies, never the expected actions). Also writes ``out_root/report.md``.
     Task accuracy is reconstructed from the teacher-forced pass (``exact_greedy=False``,
     the report's fast mode: on the demo student it gave the same task accuracy as
-    step-by-step decoding for all ten bundles, in half the time).
+    step-by-step decoding for all ten bundles, in half the time). ``reply_check``: the
+    domain's well-formed-reply rule, for ``reply_wellformed`` (``report.report``).
     """
     out_root = Path(out_root)
     calibration = calibration_jsonl or eval_jsonl
@@ -72,7 +75,11 @@ def build_all_variants(
         log.info("built %s in %.1f s", out, seconds[out.name])
         bundles.append(out)
     rows = report(
-        [Path(fp32_bundle_dir)] + bundles, eval_jsonl, limit=eval_limit, exact_greedy=exact_greedy
+        [Path(fp32_bundle_dir)] + bundles,
+        eval_jsonl,
+        limit=eval_limit,
+        exact_greedy=exact_greedy,
+        reply_check=reply_check,
     )
     for row in rows:
         row["build_s"] = seconds.get(Path(row["bundle"]).name, 0.0)

@@ -27,7 +27,7 @@ class DemoConfig:
     seed: int = 0
     train_size: int = 6000
     eval_size: int = 200
-    vocab_size: int = 384
+    vocab_size: int = 768  # the longest demo row (a multi-turn chat) is then ~85 tokens
     batch_size: int = 32
     teacher_steps: int = 400
     teacher_lr: float = 3e-3
@@ -37,7 +37,8 @@ class DemoConfig:
     loss: str = "fkl"
     temperature: float = 2.0
     ce_ratio: float = 0.5
-    max_new_tokens: int = 40
+    max_new_tokens: int = 64
+    max_seq_len: int = 128
 
 
 def register(subparsers, name: str, help_text: str) -> None:
@@ -63,7 +64,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     from transformers import AutoModelForCausalLM
 
     from moe2edge.distill.demo_data import write_demo_data
-    from moe2edge.distill.evaluate import evaluate_model, task_accuracy
+    from moe2edge.distill.demo_domain import is_wellformed
+    from moe2edge.distill.evaluate import evaluate_model, reply_wellformed, task_accuracy
     from moe2edge.distill.pipeline import distill_student, make_tokenizer, pretrain_demo_teacher
     from moe2edge.distill.teacher import active_parameters, count_parameters, load_teacher
     from moe2edge.distill.tokenizer import load_tokenizer
@@ -85,6 +87,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         train_data=str(paths["train"]),
         tokenizer=str(run_dir / "tokenizer"),
         batch_size=cfg.batch_size,
+        max_seq_len=cfg.max_seq_len,
+        max_new_tokens=cfg.max_new_tokens,
         seed=cfg.seed,
         checkpoint_every=0,
     )
@@ -129,13 +133,23 @@ def run_demo(cfg: DemoConfig) -> dict:
         parity = parity_for_bundle(student_dir, bundle_dir, paths["eval"], limit=None)
     with stage("runtime_eval"):
         generator = Generator.from_bundle(bundle_dir)
-        results = [generator.generate(r["utterance"]) for r in eval_rows]
-        onnx_acc = task_accuracy([r.text for r in results], eval_rows)
+        # a multi-turn row's prompt is the whole chat so far, in the demo's chat format
+        results = [
+            generator.generate(r["prompt"], template=False)
+            if "messages" in r
+            else generator.generate(r["utterance"])
+            for r in eval_rows
+        ]
+        onnx_texts = [r.text for r in results]
         decode_ms = sum(r.decode_ms for r in results)
         decode_tokens = sum(max(0, len(r.token_ids) - 1) for r in results)
     with stage("export_variants"):  # every precision, both targets, scored against FP32
         variants = build_all_variants(
-            bundle_dir, paths["eval"], run_dir / "bundles", calibration_jsonl=paths["train"]
+            bundle_dir,
+            paths["eval"],
+            run_dir / "bundles",
+            calibration_jsonl=paths["train"],
+            reply_check=is_wellformed,
         )
         (run_dir / "export-report.json").write_text(json.dumps(variants, indent=2) + "\n")
     report = {
@@ -144,7 +158,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         "student_params": count_parameters(student),
         "teacher_task_acc": teacher_eval["task_acc"],
         "student_task_acc": student_eval["task_acc"],
-        "onnx_task_acc": onnx_acc,
+        "onnx_task_acc": task_accuracy(onnx_texts, eval_rows),
+        "teacher_reply_wellformed": teacher_eval["reply_wellformed"],
+        "student_reply_wellformed": student_eval["reply_wellformed"],
+        "onnx_reply_wellformed": reply_wellformed(onnx_texts, eval_rows),
+        "subsets": eval_subsets(
+            eval_rows,
+            {
+                "teacher": teacher_eval["texts"],
+                "student": student_eval["texts"],
+                "onnx": onnx_texts,
+            },
+        ),
         "parity_max_abs_logit_diff": parity["max_abs_logit_diff"],
         "greedy_match_rate": parity["greedy_match_rate"],
         "ttft_ms_p50": statistics.median(r.ttft_ms for r in results),
@@ -171,7 +196,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                     "weight_bytes",
                     "top1_agreement",
                     "task_acc",
+                    "reply_wellformed",
                 )
+                if k in v
             }
             for v in variants
         ],
@@ -185,12 +212,43 @@ def run_demo(cfg: DemoConfig) -> dict:
     return report
 
 
+def eval_subsets(rows: list[dict], replies: dict[str, list[str]]) -> dict:
+    """Task accuracy and reply well-formedness per model on the eval rows' subsets: every
+    row, each ``kind`` (single, compound, multi_turn) and the long replies."""
+    from moe2edge.distill.evaluate import reply_wellformed, task_accuracy
+
+    tests = {"all": lambda r: True, "long": lambda r: bool(r.get("long"))}
+    for kind in sorted({r["kind"] for r in rows if "kind" in r}):
+        tests[kind] = lambda r, kind=kind: r.get("kind") == kind
+    subsets = {}
+    for name, keep in tests.items():
+        picked = [i for i, r in enumerate(rows) if keep(r)]
+        if not picked:
+            continue
+        sub = [rows[i] for i in picked]
+        models = {}
+        for model, texts in replies.items():
+            chosen = [texts[i] for i in picked]
+            models[model] = {
+                "task_acc": task_accuracy(chosen, sub),
+                "reply_wellformed": reply_wellformed(chosen, sub),
+            }
+        subsets[name] = {"rows": len(picked), "models": models}
+    return subsets
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def render_markdown(report: dict) -> str:
     lines = [
         "# moe2edge demo report",
         "",
         "The teacher is a tiny DeepSeek-V3 pre-trained on the built-in demo data (DEMO ONLY); "
-        "accuracies are on held-out (intent, room) combinations never seen in training.",
+        "accuracies are on held-out (intent, room) combinations and compound pairings never "
+        "seen in training. task_acc: the whole action sequence exact; reply_wellformed: the "
+        "spoken reply is a proper confirmation of the reply's own actions.",
         "",
         "| metric | value |",
         "|---|---|",
@@ -200,18 +258,29 @@ def render_markdown(report: dict) -> str:
             lines.append(
                 f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value:,} |"
             )
+    lines += [
+        "",
+        "| subset | rows | model | task acc | reply well-formed |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {name} | {s['rows']} | {model} | {m['task_acc']:.3f} | {m['reply_wellformed']:.3f} |"
+        for name, s in report["subsets"].items()
+        for model, m in s["models"].items()
+    ]
     lines += ["", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report["stage_seconds"].items()]
     lines += [
         "",
         "Bundles (scored against FP32 on the held-out prompts; full table in export-report.json):",
         "",
-        "| bundle | target | precision | method | weight bytes | top-1 | task acc |",
-        "|---|---|---|---|---|---|---|",
+        "| bundle | target | precision | method | weight bytes | top-1 | task acc | well-formed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {v['bundle']} | {v['target']} | {v['precision']} | {v['method']} | "
-        f"{v['weight_bytes']:,} | {v['top1_agreement']:.4f} | {v['task_acc']:.3f} |"
+        f"{v['weight_bytes']:,} | {v['top1_agreement']:.4f} | {v['task_acc']:.3f} | "
+        f"{_fmt(v.get('reply_wellformed'))} |"
         for v in report["variants"]
     ]
     lines += ["", "Examples (ONNX Runtime, greedy):", ""]
@@ -233,6 +302,8 @@ def run(args: argparse.Namespace) -> int:
         "teacher_task_acc",
         "student_task_acc",
         "onnx_task_acc",
+        "student_reply_wellformed",
+        "onnx_reply_wellformed",
         "parity_max_abs_logit_diff",
         "greedy_match_rate",
         "ttft_ms_p50",

@@ -77,7 +77,7 @@ def tiny_run(tmp_path_factory) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny_run")
     paths = write_demo_data(root / "data", seed=1, train_size=400, eval_size=12)
-    make_tokenizer(paths["train"], root / "tokenizer", vocab_size=320)
+    make_tokenizer(paths["train"], root / "tokenizer", vocab_size=448)  # rows fit 128 tokens
     tokenizer = load_tokenizer(root / "tokenizer")
     common = dict(
         train_data=str(paths["train"]),

@@ -200,7 +200,8 @@ def test_packed_training_steps_are_the_unpacked_ones(tiny_run, tmp_path):
     from moe2edge.distill.train import distill_student
     from tests._train_common import train_config, train_records, weights
 
-    data = write_jsonl(read_rows(tiny_run["train"])[:64], tmp_path / "train64.jsonl")
+    singles = [r for r in read_rows(tiny_run["train"]) if r["kind"] == "single"]
+    data = write_jsonl(singles[:64], tmp_path / "train64.jsonl")
     cache = tmp_path / "cache"
     build_cache(data=data, tokenizer=tiny_run["tokenizer"], out=cache, teacher=tiny_run["teacher"], k=8, max_seq_len=160)  # fmt: skip
     lengths = [len(ids) for ids, _ in encode_rows(load_tokenizer(tiny_run["tokenizer"]), read_data(data), 160)]  # fmt: skip

@@ -1,11 +1,30 @@
+import re
+from collections import Counter
+
+import pytest
+
 from moe2edge.distill.demo_data import (
     INTENTS,
+    MIX,
     ROOMS,
     generate_dataset,
+    held_out_pairings,
     jsgf_grammar,
     number_to_words,
+    write_jsonl,
 )
-from moe2edge.distill.formats import extract_action
+from moe2edge.distill.demo_domain import OPENERS, is_wellformed, reply_forms, zipf_weights
+from moe2edge.distill.evaluate import reply_wellformed, task_accuracy
+from moe2edge.distill.formats import extract_action, extract_actions
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate_dataset(seed=0, train_size=3000, eval_size=200)
+
+
+def _targets(rows):
+    return {(i, r) for row in rows for i, r in zip(row["intents"], row["rooms"], strict=True)}
 
 
 def test_generation_is_seeded_and_deterministic():
@@ -15,37 +34,125 @@ def test_generation_is_seeded_and_deterministic():
     assert generate_dataset(seed=3, train_size=50)[0] != generate_dataset(seed=4, train_size=50)[0]
 
 
-def test_eval_split_holds_only_unseen_combinations():
-    train, evaluation = generate_dataset(seed=0, train_size=3000, eval_size=200)
-    seen = {(r["intent"], r["room"]) for r in train}
-    assert evaluation and all((r["intent"], r["room"]) not in seen for r in evaluation)
+def test_eval_split_holds_only_unseen_combinations_and_pairings(data):
+    train, evaluation = data
+    seen = _targets(train) | {
+        (a.split()[0][1:], a.split()[1].removeprefix("room=").rstrip("]").replace("_", " "))
+        for row in train
+        for a in row.get("context_actions", [])
+    }
+    assert evaluation and not _targets(evaluation) & seen
+    compound = lambda rows: {tuple(r["intents"]) for r in rows if r["kind"] == "compound"}  # noqa: E731
+    assert compound(evaluation) and not compound(evaluation) & compound(train)
+    assert compound(evaluation) <= held_out_pairings(0)
     # yet every room and every intent occurs in training, so composition is learnable
     assert {r["room"] for r in train} == set(ROOMS)
-    assert {r["intent"] for r in train} == {i.name for i in INTENTS}
+    assert {i for r in train for i in r["intents"]} == {i.name for i in INTENTS}
 
 
-def test_reply_starts_with_its_action_and_utterances_are_spoken_words():
-    train, _ = generate_dataset(seed=0, train_size=300)
-    for row in train:
+def test_kinds_come_in_the_expected_proportions(data):
+    train, evaluation = data
+    for rows in (train, evaluation):
+        counts = Counter(r["kind"] for r in rows)
+        for kind, share in zip(("single", "compound", "multi_turn"), MIX, strict=True):
+            assert abs(counts[kind] / len(rows) - share) < 0.04, (kind, counts)
+    assert all(len(r["actions"]) == 2 for r in train if r["kind"] == "compound")
+    assert any(r["long"] for r in evaluation) and not all(r["long"] for r in evaluation)
+
+
+def test_reply_starts_with_its_actions_and_gold_replies_are_wellformed(data):
+    train, evaluation = data
+    rows = train + evaluation
+    for row in rows:
         assert row["reply"].startswith(row["action"])
-        assert extract_action(row["reply"]) == row["action"]
+        assert extract_actions(row["reply"]) == row["actions"] == extract_actions(row["action"])
         assert row["utterance"] == row["utterance"].lower()
-        assert all(ch.isalpha() or ch == " " for ch in row["utterance"]), row["utterance"]
+    replies = [r["reply"] for r in rows]
+    assert reply_wellformed(replies, rows) == 1.0 and task_accuracy(replies, rows) == 1.0
 
 
-def test_paraphrases_give_several_replies_per_action():
-    train, _ = generate_dataset(seed=0, train_size=3000)
-    replies = {}
+def test_garbled_or_mismatched_replies_are_not_wellformed():
+    action = "[lights.dim room=dining_room value=30]"
+    assert is_wellformed(f"{action} ok, dining room lights at 30 percent.")
+    for spoken in (
+        "sure, dimming the dimmmpercent.",
+        "ok, dining room lights at 40 percent.",  # not the predicted value
+        "ok, kitchen lights at 30 percent.",  # not the predicted room
+        "ok, dining room lights at 30 percent",  # no full stop
+        "ok, the dining room fan is off.",  # another intent's reply
+    ):
+        assert not is_wellformed(f"{action} {spoken}"), spoken
+    assert not is_wellformed("ok, dining room lights at 30 percent.")  # no action
+    assert not is_wellformed("[lights.dim room=moon value=30] ok, moon lights at 30 percent.")
+    two = "[fan.off room=kitchen] [lights.dim room=kitchen value=20]"
+    assert is_wellformed(f"{two} ok, the kitchen fan is off and kitchen lights at 20 percent.")
+    assert not is_wellformed(f"{two} ok, the kitchen fan is off.")  # one action left out
+    assert reply_wellformed([f"{action} sure, dimming the dimmmpercent."], [{}]) == 0.0
+
+
+def test_task_accuracy_compares_the_whole_action_sequence():
+    row = {"action": "[fan.off room=kitchen] [lights.off room=kitchen]"}
+    assert task_accuracy(["[fan.off room=kitchen] [lights.off room=kitchen] ok."], [row]) == 1.0
+    assert task_accuracy(["[fan.off room=kitchen] ok, the kitchen fan is off."], [row]) == 0.0
+    assert task_accuracy(["[lights.off room=kitchen] [fan.off room=kitchen] ok."], [row]) == 0.0
+
+
+def test_numbers_appear_as_digits_and_words_but_speech_is_words_only(data):
+    train, _ = data
+    with_value = [r for r in train if re.search(r"value=\d", r["action"])]
+    digits = [r for r in with_value if re.search(r"\d", r["utterance"])]
+    assert digits and len(digits) < len(with_value)  # some in words, some in digits
     for row in train:
-        replies.setdefault(row["action"], set()).add(row["reply"])
-    assert max(len(v) for v in replies.values()) >= 2
+        assert all(ch.isalpha() or ch == " " for ch in row["spoken"]), row["spoken"]
+
+
+def test_reply_form_weights_are_not_uniform(data):
+    train, _ = data
+    weights = zipf_weights(4)
+    assert abs(sum(weights) - 1) < 1e-9 and weights[0] > 2 * weights[-1]
+    openers = Counter(r["reply"].removeprefix(r["action"] + " ").split(",")[0] for r in train)
+    assert set(openers) == set(OPENERS)
+    assert openers.most_common()[0][1] > 3 * openers.most_common()[-1][1]
+    assert len(reply_forms(["[fan.off room=kitchen]"])) == len(OPENERS) * 4
+
+
+def test_multi_turn_rows_carry_the_chat_and_train_on_the_last_reply(tmp_path, data):
+    from moe2edge.distill.data import IGNORE_INDEX, encode_chat, encode_row
+    from moe2edge.distill.pipeline import make_tokenizer
+    from moe2edge.distill.tokenizer import load_tokenizer
+    from moe2edge.rows import row_form
+
+    train, _ = data
+    write_jsonl(train[:400], tmp_path / "train.jsonl")
+    tokenizer = load_tokenizer(make_tokenizer(tmp_path / "train.jsonl", tmp_path / "tok", 320))
+    multi = [r for r in train if r["kind"] == "multi_turn"][:20]
+    for row in multi:
+        assert row_form(row) == "prompt+reply" and row_form({"messages": row["messages"]})
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 2
+        assert row["messages"][-1]["content"] == row["reply"]
+        assert row["messages"][-2]["content"] == row["utterance"]
+        ids, labels = encode_row(tokenizer, row, 256)
+        chat_ids, chat_labels = encode_chat(tokenizer, row["messages"], 256)
+        assert ids == chat_ids  # the prompt is the chat template's rendering
+        last = [i for i, x in enumerate(labels) if x != IGNORE_INDEX]
+        assert labels[last[0] :] == chat_labels[last[0] :]  # the last reply is learnt
+        assert tokenizer.decode(ids[last[0] :], skip_special_tokens=True).strip() == row["reply"]
 
 
 def test_number_words_and_grammar():
     assert number_to_words(21) == "twenty one"
     assert number_to_words(100) == "one hundred"
+    assert number_to_words(180) == "one hundred eighty"
     assert number_to_words(40) == "forty"
     grammar = jsgf_grammar()
     assert grammar.startswith("#JSGF V1.0;")
     assert "public <command>" in grammar and "living room" in grammar and "twenty one" in grammar
+    assert not re.search(r"\d", grammar.split("\n", 2)[2])  # no digits past the name
     assert extract_action("no action here") is None
+
+
+def test_grammar_loads_in_pocketsphinx():
+    pytest.importorskip("pocketsphinx")
+    from moe2edge.runtime.voice.asr import PocketsphinxRecognizer
+
+    PocketsphinxRecognizer(grammar=jsgf_grammar())

@@ -12,6 +12,10 @@ REQUIRED = {
     "teacher_task_acc",
     "student_task_acc",
     "onnx_task_acc",
+    "teacher_reply_wellformed",
+    "student_reply_wellformed",
+    "onnx_reply_wellformed",
+    "subsets",
     "parity_max_abs_logit_diff",
     "greedy_match_rate",
     "ttft_ms_p50",
@@ -56,8 +60,12 @@ def test_demo_writes_reports(tmp_path):
     assert all(
         0.0 <= report[k] <= 1.0 for k in ("teacher_task_acc", "student_task_acc", "onnx_task_acc")
     )
+    assert all(0.0 <= report[f"{m}_reply_wellformed"] <= 1.0 for m in ("teacher", "onnx"))
     # the bundle's greedy replies are the PyTorch student's, so their accuracy agrees
     assert report["onnx_task_acc"] == report["student_task_acc"]
+    assert report["onnx_reply_wellformed"] == report["student_reply_wellformed"]
+    assert report["subsets"]["all"]["rows"] == 6
+    assert {"task_acc", "reply_wellformed"} <= set(report["subsets"]["single"]["models"]["onnx"])
     assert set(report["stage_seconds"]) >= {
         "data",
         "tokenizer",
@@ -83,4 +91,8 @@ def test_demo_writes_reports(tmp_path):
         ("tensorrt", "int8", "rtn"),
         ("tensorrt", "int4", "rtn"),
     }
-    assert all({"kl", "top1_agreement", "task_acc", "weight_bytes"} <= set(v) for v in variants)
+    assert all(
+        {"kl", "top1_agreement", "task_acc", "reply_wellformed", "weight_bytes"} <= set(v)
+        for v in variants
+    )
+    assert all(v["reply_wellformed"] is not None for v in variants)  # the demo passes its rule

@@ -117,7 +117,7 @@ def test_export_verify_cli(tiny_run):
 
 
 def test_tokenizer_that_does_not_match_the_teacher(tiny_run, tmp_path):
-    make_tokenizer(tiny_run["train"], tmp_path / "big_tok", vocab_size=400)
+    make_tokenizer(tiny_run["train"], tmp_path / "big_tok", vocab_size=600)
     cfg = TrainConfig(
         run_dir=str(tmp_path / "run"),
         train_data=str(tiny_run["train"]),

@@ -24,6 +24,18 @@ def test_training_recipes_are_valid(name):
     assert cfg.teacher or cfg.teacher_cache
 
 
+def test_draft_and_finetune_recipes_are_valid():
+    from moe2edge.distill.draft import DraftConfig
+    from moe2edge.distill.finetune import FinetuneConfig
+
+    draft = load_config(DraftConfig, RECIPES / "draft-demo.yaml")
+    check_config(draft, has_teacher=draft.teacher is not None)
+    assert draft.draft_for and build_student(draft.student_preset, device="meta").config
+    tune = load_config(FinetuneConfig, RECIPES / "finetune-demo.yaml")
+    check_config(tune, has_teacher=False)
+    assert tune.student_init and sum(tune.stage_steps) == tune.max_steps
+
+
 def test_production_recipe_describes_the_13b_job():
     cfg = load_config(TrainConfig, RECIPES / "deepseek-v3-to-dense13b-8gpu.yaml", ["max_steps=10"])
     assert cfg.max_steps == 10  # overrides apply on top of the YAML

@@ -97,6 +97,18 @@ def test_mixed_on_policy_drops_ce_only_on_sampled_steps(tiny_run, tmp_path):
         assert r["loss"] == pytest.approx(ce_ratio * r["ce"] + (1 - ce_ratio) * r["kd"])
 
 
+def test_ce_warmup_trains_ce_only_then_the_mix_and_samples_after_it(tiny_run, tmp_path):
+    cfg = train_config(
+        tiny_run, tmp_path, max_steps=6, mode="on_policy", lambda_on_policy=1.0, ce_warmup_steps=3
+    )
+    distill_student(cfg)
+    records = train_records(tmp_path)
+    warm, after = records[:3], records[3:]
+    assert [r["step"] for r in warm] == [0, 1, 2]
+    assert all(not r["on_policy"] and r["loss"] == pytest.approx(r["ce"]) for r in warm)
+    assert all(r["on_policy"] and r["loss"] == pytest.approx(r["kd"]) for r in after)
+
+
 def test_teacher_dtype_and_device_map_options(tiny_run, tmp_path):
     """teacher_dtype / teacher_device_map reach load_teacher; a placed teacher trains alike."""
     plain = distill_student(train_config(tiny_run, tmp_path / "plain", max_steps=2))
@@ -168,9 +180,11 @@ def test_cached_teacher_at_full_k_trains_like_the_live_teacher(tiny_run, tmp_pat
         assert a["kd"] > 0
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * a["loss"], (a, b)
         assert abs(a["kd"] - b["kd"]) <= 1e-3 * a["kd"], (a, b)  # fp16 log-probs in the cache
-    for name, tensor in weights(live).items():  # fp16 log-probs: Adam may amplify tiny grads
+    # fp16 log-probs: Adam amplifies tiny gradients (an element whose gradient is near 0 moves
+    # by up to ~lr a step either way), so single elements may differ; the mean may not
+    for name, tensor in weights(live).items():
         diff = (weights(cached)[name] - tensor).abs()
-        assert diff.max() < 1e-3 and diff.mean() < 1e-5, name
+        assert diff.max() < 5e-3 and diff.mean() < 1e-5, name
 
     # A cache made on other data is refused with what to do.
     with pytest.raises(DistillError, match="made on another data set"):
