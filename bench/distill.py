@@ -451,7 +451,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draft-prompts", type=int, default=60)
     parser.add_argument("--only", default="", help="comma list of sections to run")
     parser.add_argument("--json", default=str(ROOT / "bench/results/distill.json"))
-    return parser.parse_known_args()[0]
+    return parser.parse_args()
 
 
 def main() -> int:
