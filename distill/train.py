@@ -193,7 +193,9 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
                 input_ids=batch["input_ids"], position_ids=positions, use_cache=False
             ).logits
         targets = {}
-        if from_cache:  # the teacher's top-k, scored once by `moe2edge distill cache`
+        if ce_ratio >= 1.0:  # a CE-only step (ce_ratio 1, the CE warm-up) asks no teacher
+            pass
+        elif from_cache:  # the teacher's top-k, scored once by `moe2edge distill cache`
             width = batch["input_ids"].shape[1]
             lengths = [len(pool[i][0]) for i in part]
             ids, lps, tail = cache.batch(part, pad_to=max(lengths) if cfg.packing else width)

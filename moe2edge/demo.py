@@ -1,7 +1,9 @@
 """``moe2edge demo``: the whole pipeline on the built-in tiny models, with a report.
 
 data -> tokenizer -> teacher (DEMO ONLY: a tiny DeepSeek-V3 pre-trained here) ->
-distillation -> FP32 ONNX bundle -> parity -> runtime evaluation. Writes
+distillation (and, beside it, a CE-only student: the same student, steps and data, learning
+from the reference replies alone, so the report shows what the teacher adds) -> FP32 ONNX
+bundle -> parity -> runtime evaluation. Writes
 ``RUN_DIR/report.json`` and ``RUN_DIR/report.md``. Settings: recipes/demo.yaml.
 """
 
@@ -37,6 +39,7 @@ class DemoConfig:
     loss: str = "fkl"
     temperature: float = 2.0
     ce_ratio: float = 0.5
+    ce_baseline: bool = True  # also train the CE-only student (fine-tuning) for comparison
     max_new_tokens: int = 64
     max_seq_len: int = 128
 
@@ -116,6 +119,20 @@ def run_demo(cfg: DemoConfig) -> dict:
                 **common,
             )
         )
+    ce_dir = None
+    if cfg.ce_baseline:
+        with stage("ce_baseline"):
+            ce_dir = distill_student(
+                TrainConfig(
+                    run_dir=str(run_dir / "ce_student_run"),
+                    teacher=str(teacher_dir),  # loaded, never asked: ce_ratio 1 is CE only
+                    student_preset=cfg.student_preset,
+                    max_steps=cfg.student_steps,
+                    lr=cfg.student_lr,
+                    ce_ratio=1.0,
+                    **common,
+                )
+            )
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     with stage("evaluate_pytorch"):
         teacher = load_teacher(teacher_dir)
@@ -126,6 +143,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         student_eval = evaluate_model(
             student, tokenizer, eval_rows, cfg.max_new_tokens, "student eval"
         )
+        ce_eval = None
+        if ce_dir is not None:
+            ce_student = AutoModelForCausalLM.from_pretrained(ce_dir, local_files_only=True)
+            ce_eval = evaluate_model(
+                ce_student, tokenizer, eval_rows, cfg.max_new_tokens, "CE-only student eval"
+            )
     bundle_dir = run_dir / "bundles" / "fp32"
     with stage("export"):
         export_fp32(student_dir, bundle_dir, cfg.max_new_tokens, overwrite=True)
@@ -158,15 +181,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         "student_params": count_parameters(student),
         "teacher_task_acc": teacher_eval["task_acc"],
         "student_task_acc": student_eval["task_acc"],
+        "ce_student_task_acc": ce_eval["task_acc"] if ce_eval else None,
         "onnx_task_acc": task_accuracy(onnx_texts, eval_rows),
         "teacher_reply_wellformed": teacher_eval["reply_wellformed"],
         "student_reply_wellformed": student_eval["reply_wellformed"],
+        "ce_student_reply_wellformed": ce_eval["reply_wellformed"] if ce_eval else None,
         "onnx_reply_wellformed": reply_wellformed(onnx_texts, eval_rows),
         "subsets": eval_subsets(
             eval_rows,
             {
                 "teacher": teacher_eval["texts"],
                 "student": student_eval["texts"],
+                **({"ce_student": ce_eval["texts"]} if ce_eval else {}),
                 "onnx": onnx_texts,
             },
         ),
@@ -181,6 +207,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "artifacts": {
             "teacher": str(teacher_dir),
             "student": str(student_dir),
+            "ce_student": str(ce_dir) if ce_dir else None,
             "bundle_fp32": str(bundle_dir),
             "grammar": str(paths["grammar"]),
             "export_report": str(run_dir / "export-report.json"),
@@ -249,6 +276,19 @@ def render_markdown(report: dict) -> str:
         "accuracies are on held-out (intent, room) combinations and compound pairings never "
         "seen in training. task_acc: the whole action sequence exact; reply_wellformed: the "
         "spoken reply is a proper confirmation of the reply's own actions.",
+        "",
+        "| model | parameters | task acc | reply well-formed |",
+        "|---|---|---|---|",
+        f"| teacher (MoE) | {report['teacher_params']:,} ({report['teacher_active_params']:,} "
+        f"active) | {_fmt(report['teacher_task_acc'])} | "
+        f"{_fmt(report['teacher_reply_wellformed'])} |",
+        f"| KD student | {report['student_params']:,} | {_fmt(report['student_task_acc'])} | "
+        f"{_fmt(report['student_reply_wellformed'])} |",
+        f"| CE-only student | {report['student_params']:,} | "
+        f"{_fmt(report.get('ce_student_task_acc'))} | "
+        f"{_fmt(report.get('ce_student_reply_wellformed'))} |",
+        f"| KD student, ONNX Runtime | | {_fmt(report['onnx_task_acc'])} | "
+        f"{_fmt(report['onnx_reply_wellformed'])} |",
         "",
         "| metric | value |",
         "|---|---|",

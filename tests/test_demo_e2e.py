@@ -61,6 +61,10 @@ def test_demo_writes_reports(tmp_path):
         0.0 <= report[k] <= 1.0 for k in ("teacher_task_acc", "student_task_acc", "onnx_task_acc")
     )
     assert all(0.0 <= report[f"{m}_reply_wellformed"] <= 1.0 for m in ("teacher", "onnx"))
+    # the CE-only student trains beside the KD one, and the report shows all three
+    assert 0.0 <= report["ce_student_task_acc"] <= 1.0
+    assert "ce_student" in report["subsets"]["all"]["models"]
+    assert "| CE-only student |" in (run_dir / "report.md").read_text()
     # the bundle's greedy replies are the PyTorch student's, so their accuracy agrees
     assert report["onnx_task_acc"] == report["student_task_acc"]
     assert report["onnx_reply_wellformed"] == report["student_reply_wellformed"]
@@ -71,6 +75,7 @@ def test_demo_writes_reports(tmp_path):
         "tokenizer",
         "teacher",
         "distill",
+        "ce_baseline",
         "export",
         "parity",
         "runtime_eval",
