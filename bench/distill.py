@@ -16,7 +16,7 @@ DeepSeek-V3-architecture MoE teacher, at equal steps and tokens for every row:
                     4 drafted tokens against the best student
   curves            bench/results/distill_curves.png: held-out KL per method over steps
 
-    python bench/distill.py [--seeds 3] [--steps 150] [--quick]
+    python bench/distill.py [--seeds 3] [--steps 300] [--only loss_table,trl,...]
 
 Prints the JSON and writes bench/results/distill.json. CPU only; timings are noisy, so
 compare ratios measured within one run.
@@ -437,8 +437,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="runs/bench-distill")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--teacher-steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--teacher-steps", type=int, default=2000)
     parser.add_argument("--train-size", type=int, default=6000)
     parser.add_argument("--eval-rows", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
