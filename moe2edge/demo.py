@@ -31,13 +31,13 @@ class DemoConfig:
     eval_size: int = 200
     vocab_size: int = 768  # the longest demo row (a multi-turn chat) is then ~85 tokens
     batch_size: int = 32
-    teacher_steps: int = 400
+    teacher_steps: int = 1500
     teacher_lr: float = 3e-3
     student_preset: str = "demo"
-    student_steps: int = 400
+    student_steps: int = 300
     student_lr: float = 3e-3
     loss: str = "fkl"
-    temperature: float = 2.0
+    temperature: float = 1.0
     ce_ratio: float = 0.5
     ce_baseline: bool = True  # also train the CE-only student (fine-tuning) for comparison
     max_new_tokens: int = 64
