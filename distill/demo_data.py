@@ -220,14 +220,14 @@ def generate_dataset(
 
 
 def room_rows(seed: int, rooms: list[str], size: int) -> list[dict]:
-    """``size`` examples of every intent in ``rooms`` only: a new domain for fine-tuning a
-    student trained on the other rooms (``split_by_room``)."""
+    """``size`` single-command rows of every intent in ``rooms`` only: a new domain for
+    fine-tuning a student trained on the other rooms (``split_by_room``)."""
     unknown = [r for r in rooms if r not in ROOMS]
     if unknown:
         raise ValueError(f"unknown rooms {unknown}; the demo rooms are {ROOMS}")
     rng = random.Random(seed)
     pairs = [(i, r) for i in INTENTS for r in rooms]
-    return [_make_example(rng, *rng.choice(pairs)) for _ in range(size)]
+    return [_row(rng, "single", [Turn(rng, *rng.choice(pairs))]) for _ in range(size)]
 
 
 def split_by_room(rows: list[dict], rooms: list[str]) -> tuple[list[dict], list[dict]]:

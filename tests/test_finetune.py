@@ -64,7 +64,7 @@ def finetune_overrides(domain, run_dir, **extra) -> list[str]:
         student_init=domain["student"],
         train_data=domain["train"],
         batch_size=8,
-        max_steps=24,
+        max_steps=40,
         warmup_steps=2,
         lr=0.01,
         lora_r=4,
@@ -80,7 +80,7 @@ def finetune_overrides(domain, run_dir, **extra) -> list[str]:
 @pytest.mark.parametrize("method", PEFT_METHODS)
 def test_each_method_learns_the_new_rooms_and_merges_exactly(domain, tmp_path, method):
     # vectors only: a larger step; LoRA+: B learns lora_plus_lr_ratio (16) times faster
-    extra = {"ia3": {"lr": 0.1}, "vera": {"lr": 0.1}, "lora_plus": {"lr": 0.002}}.get(method, {})
+    extra = {"ia3": {"lr": 0.3}, "vera": {"lr": 0.1}, "lora_plus": {"lr": 0.002}}.get(method, {})
     cfg = load_config(
         FinetuneConfig,
         None,
@@ -144,7 +144,7 @@ def test_cli_merges_and_stage_one_trains_attention_adapters_only(tiny_run, domai
     "override, match",
     [
         ("peft_method=adalora", "peft_method='adalora'"),
-        ("stage_steps=[4, 4]", "stage_steps=\\[4, 4\\] sums to 8 but max_steps=24"),
+        ("stage_steps=[4, 4]", "stage_steps=\\[4, 4\\] sums to 8 but max_steps=40"),
         ("lora_r=0", "peft_method=lora needs lora_r >= 1"),
         ("lora_plus_lr_ratio=0.5", "lora_plus_lr_ratio=0.5 must be >= 1"),
         ("lora_target_modules=[lm_head]", "lora_target_modules"),
