@@ -133,6 +133,20 @@ def test_on_policy_and_seq_kd_need_a_live_teacher(tiny_run, tmp_path):
         distill_student(replace(cfg, mode="bogus", teacher_cache=None))
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"ce_warmup_steps": 7}, r"ce_warmup_steps=7 must be in \[0, max_steps\]"),
+        ({"ce_warmup_steps": -1}, r"ce_warmup_steps=-1 must be in"),
+        ({"ce_ratio": 1.5}, r"ce_ratio=1.5 must be in \[0, 1\]"),
+    ],
+)
+def test_warmup_and_ce_ratio_out_of_range_are_named(tiny_run, tmp_path, bad, message):
+    cfg = train_config(tiny_run, tmp_path / "x", max_steps=6, **bad)
+    with pytest.raises(DistillError, match=message):
+        check_config(cfg, has_teacher=True)
+
+
 def test_seq_kd_trains_on_the_teachers_replies(tiny_run, models, tmp_path):
     tokenizer, teacher, _ = models
     out = tmp_path / "teacher_replies.jsonl"
