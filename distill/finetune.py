@@ -20,9 +20,8 @@ from pathlib import Path
 from moe2edge.distill.adapters import ADAPTER_DIR, PEFT_METHODS, adapter_method, merge_adapters
 from moe2edge.distill.errors import DistillError
 from moe2edge.distill.student import load_student
-from moe2edge.distill.teacher import load_teacher
 from moe2edge.distill.tokenizer import apply_special_ids, check_vocab_matches, load_tokenizer
-from moe2edge.distill.train import TrainConfig, train_model
+from moe2edge.distill.train import TrainConfig, teacher_of, train_model
 from moe2edge.fileio import atomic_dir
 
 
@@ -52,14 +51,7 @@ def finetune_student(cfg: TrainConfig) -> Path:
         raise DistillError(f"finetune trains adapters: set peft_method to one of {PEFT_METHODS}")
     if not cfg.tokenizer:
         cfg = replace(cfg, tokenizer=str(cfg.student_init))
-    teacher = None
-    if cfg.teacher:
-        teacher = load_teacher(
-            cfg.teacher,
-            cfg.teacher_dtype,
-            device_map=cfg.teacher_device_map,
-            offload_folder=cfg.teacher_offload_folder,
-        )
+    teacher = teacher_of(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     student = load_student(cfg.student_init)
     apply_special_ids(student, tokenizer)

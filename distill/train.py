@@ -388,19 +388,24 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     return out
 
 
+def teacher_of(cfg: TrainConfig):
+    """The live teacher ``cfg.teacher`` loaded as configured, or None."""
+    if not cfg.teacher:
+        return None
+    return load_teacher(
+        cfg.teacher,
+        cfg.teacher_dtype,
+        device_map=cfg.teacher_device_map,
+        offload_folder=cfg.teacher_offload_folder,
+    )
+
+
 def distill_student(cfg: TrainConfig, out_name: str = "student") -> Path:
     """Distil ``cfg.teacher`` into a student (preset or ``cfg.student_init``) at
     ``run_dir/out_name``."""
     if cfg.teacher is None and cfg.teacher_cache is None:
         raise DistillError("distillation needs a teacher: set teacher=PATH or teacher_cache=DIR")
-    teacher = None  # None: train from the cache
-    if cfg.teacher:
-        teacher = load_teacher(
-            cfg.teacher,
-            cfg.teacher_dtype,
-            device_map=cfg.teacher_device_map,
-            offload_folder=cfg.teacher_offload_folder,
-        )
+    teacher = teacher_of(cfg)  # None: train from the cache
     tokenizer = load_tokenizer(cfg.tokenizer)
     vocab_size = teacher.config.vocab_size if teacher is not None else len(tokenizer)
     check_vocab_matches(tokenizer, vocab_size, "teacher")
