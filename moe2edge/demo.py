@@ -31,7 +31,7 @@ class DemoConfig:
     eval_size: int = 200
     vocab_size: int = 768  # the longest demo row (a multi-turn chat) is then ~85 tokens
     batch_size: int = 32
-    teacher_steps: int = 1500
+    teacher_steps: int = 2000
     teacher_lr: float = 3e-3
     student_preset: str = "demo"
     student_steps: int = 300
