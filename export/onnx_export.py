@@ -161,6 +161,8 @@ def export_fp32(
                         do_validation=False,
                     )
                 del model
+            except ExportError:  # our own checks (missing or truncated weight files) as they are
+                raise
             except Exception as exc:  # optimum raises many types; name the model and the fix
                 raise ExportError(
                     f"optimum could not export {student_dir} ({type(exc).__name__}: {exc})"
