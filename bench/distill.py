@@ -25,6 +25,7 @@ compare ratios measured within one run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -39,11 +40,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moe2edge.distill.cache import build_cache  # noqa: E402
 from moe2edge.distill.demo_data import write_demo_data  # noqa: E402
 from moe2edge.distill.evaluate import evaluate_heldout  # noqa: E402
+from moe2edge.distill.metrics import read_metrics  # noqa: E402
 from moe2edge.distill.pipeline import (  # noqa: E402
     distill_student,
     make_tokenizer,
@@ -75,19 +78,16 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def eval_curve(run_dir: Path) -> list[tuple[int, float]]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(x) for x in lines]
-    return [
+def run_record(run_dir: Path) -> dict:
+    """A finished run's held-out KL curve and training tokens/s, from its metrics.jsonl."""
+    records = read_metrics(run_dir / "metrics.jsonl")
+    curve = [
         (r["step"] + 1, r["heldout_kl"])
         for r in records
         if r.get("split") == "eval" and r.get("heldout_kl") is not None
     ]
-
-
-def train_tok_s(run_dir: Path) -> float:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(x) for x in lines if '"tok_s"' in x][-1]["tok_s"]
+    tok_s = [r["tok_s"] for r in records if "tok_s" in r][-1]
+    return {"curve": curve, "tok_s": round(tok_s, 1)}
 
 
 class Bench:
@@ -194,15 +194,19 @@ class Bench:
         student_dir = distill_student(cfg)
         seconds = time.perf_counter() - started
         record = {"name": name, **self.score(student_dir), "seconds": round(seconds, 1)}
-        record["curve"] = eval_curve(Path(cfg.run_dir))
-        record["tok_s"] = round(train_tok_s(Path(cfg.run_dir)), 1)
+        record.update(run_record(Path(cfg.run_dir)))
         record["student_dir"] = str(student_dir)
         log.warning("%s: %s", name, {k: record[k] for k in METRICS + ("seconds",)})
         return record
 
 
+@functools.cache
+def _recipes() -> dict:
+    return yaml.safe_load(RECIPES.read_text())
+
+
 def recipe_overrides(loss: str) -> dict:
-    recipes = yaml.safe_load(RECIPES.read_text())
+    recipes = _recipes()
     if loss not in recipes:
         raise SystemExit(f"{RECIPES} has no recipe for {loss}")
     return dict(recipes[loss])
@@ -509,13 +513,6 @@ def main() -> int:
     save(complete=True)
     print(json.dumps(result, indent=2))
     return 0
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

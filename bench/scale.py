@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 from moe2edge.distill.checkpoint import complete_checkpoints  # noqa: E402
 from moe2edge.distill.demo_data import generate_dataset, write_jsonl  # noqa: E402
@@ -339,13 +340,6 @@ def step_record(m, fp32_bytes: int) -> dict:
         "peak_rss_mb": round(m.peak_rss_bytes / MIB),
         "peak_rss_ratio": m.ratio(fp32_bytes),
     }
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 if __name__ == "__main__":

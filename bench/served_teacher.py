@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -23,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 from moe2edge.distill.cache import TeacherCache, build_cache  # noqa: E402
 from moe2edge.distill.demo_data import write_demo_data, write_jsonl  # noqa: E402
@@ -36,13 +37,6 @@ from tests.vllm_helpers import (  # noqa: E402
     vllm_python,
     vllm_server,
 )
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def compare(a: TeacherCache, b: TeacherCache) -> dict:

@@ -30,7 +30,6 @@ from moe2edge.distill.errors import DistillError
 ADAPTER_DIR = "adapter"  # merge_adapters=false: the peft adapter dir inside the checkpoint
 PEFT_METHODS = ("lora", "lora_plus", "dora", "ia3", "vera", "loha")
 RANKED = ("lora", "lora_plus", "dora", "vera", "loha")
-MERGEABLE = PEFT_METHODS  # all of them merge into the base weights
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 

@@ -42,6 +42,7 @@ from moe2edge.distill.adapters import (
     add_adapters,
     make_optimizer,
     set_stage,
+    stage_at,
 )
 from moe2edge.distill.checkpoint import (
     load_checkpoint,
@@ -193,9 +194,10 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
                 input_ids=batch["input_ids"], position_ids=positions, use_cache=False
             ).logits
         targets = {}
-        if ce_ratio >= 1.0:  # a CE-only step (ce_ratio 1, the CE warm-up) asks no teacher
-            pass
-        elif from_cache:  # the teacher's top-k, scored once by `moe2edge distill cache`
+        asks_teacher = ce_ratio < 1.0  # a CE-only step (ce_ratio 1, the CE warm-up) asks none
+        if (
+            asks_teacher and from_cache
+        ):  # the teacher's top-k, scored once by `moe2edge distill cache`
             width = batch["input_ids"].shape[1]
             lengths = [len(pool[i][0]) for i in part]
             ids, lps, tail = cache.batch(part, pad_to=max(lengths) if cfg.packing else width)
@@ -205,7 +207,7 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
             targets["teacher_topk_ids"] = ids.to(info.device)
             targets["teacher_topk_logprobs"] = lps.to(info.device)
             targets["teacher_topk_tail"] = tail.to(info.device)
-        elif teacher is not None:
+        elif asks_teacher and teacher is not None:
             with torch.no_grad(), autocast():
                 ids = batch["input_ids"]
                 targets["teacher_logits"] = teacher(
@@ -338,9 +340,11 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
         mininterval=2.0,
         disable=not info.is_main,
     )
-    evaluated_last = False
+    evaluated_last, stage = False, None
     for step in bar:
-        set_stage(model, step, cfg)  # stage_steps: which adapters train at this step
+        if stage_at(step, cfg) != stage:  # stage_steps: which adapters train from here
+            set_stage(model, step, cfg)
+            stage = stage_at(step, cfg)
         result = train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, autocast)
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = full_tensor(torch.nn.utils.clip_grad_norm_(params, clip))

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from moe2edge.export.errors import ExportError
+from moe2edge.export.gguf import safetensors_index
 
 SAFETENSORS_DTYPES = {
     "F32": torch.float32,
@@ -39,21 +40,6 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64,
     "I32": torch.int32,
 }
-
-
-def safetensors_files(student_dir: Path) -> list[Path]:
-    """The checkpoint's weight files: ``model.safetensors`` or the shards its index names."""
-    index = student_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [student_dir / name for name in shards]
-    single = student_dir / "model.safetensors"
-    if not single.is_file():
-        raise ExportError(
-            f"{student_dir} has no model.safetensors (or model.safetensors.index.json); "
-            "save the student with safe_serialization=True"
-        )
-    return [single]
 
 
 def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -89,7 +75,7 @@ def load_unmapped(student_dir: str | Path, dtype: torch.dtype = torch.float32):
     with init_empty_weights(include_buffers=False):  # rotary inv_freq and the like: computed
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     expected = {name for name, _ in model.named_parameters()}
-    for path in safetensors_files(student_dir):
+    for path in sorted(set(safetensors_index(student_dir).values())):
         for name, tensor in read_safetensors(path):
             if name not in expected:
                 continue  # e.g. lm_head.weight of a tied checkpoint

@@ -8,6 +8,7 @@ here makes the build happen once. The FP32 bundle is copied first: reports write
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +16,24 @@ import numpy as np
 from moe2edge.export.quantize import quantize_bundle
 from moe2edge.export.tensorrt_flavor import tensorrt_bundle
 from moe2edge.runtime.generate import Generator
+from tests.conftest import PYTHON, ROOT, subprocess_env
 
 TINY_INT4 = (("rtn", 16), ("rtn", 32), ("hqq", 32), ("gptq", 16), ("gptq", 32))
 
 
 _CACHE: dict[str, dict[str, Path]] = {}
+
+
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    """``moe2edge export ARGS`` in a subprocess of this checkout."""
+    return subprocess.run(
+        [PYTHON, "-m", "moe2edge.cli", "export", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(),
+        timeout=timeout,
+    )
 
 
 def build_tiny_variants(tiny_run, tmp_path_factory) -> dict[str, Path]:

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 
 import pytest
 
-from tests._export_common import build_tiny_variants
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests._export_common import build_tiny_variants, run_cli
 
 
 @pytest.fixture(scope="module")
 def tiny_variants(tiny_run, tmp_path_factory):
     return build_tiny_variants(tiny_run, tmp_path_factory)
-
-
-def run_cli(*args, timeout=300):
-    return subprocess.run(
-        [PYTHON, "-m", "moe2edge.cli", "export", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=timeout,
-    )
 
 
 def test_quantize_then_verify(tiny_variants, tiny_run, tmp_path):

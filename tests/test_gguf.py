@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 
 import numpy as np
 import pytest
 
-from tests.conftest import PYTHON, ROOT, require_module, subprocess_env
+from tests._export_common import run_cli
+from tests.conftest import require_module
 
 pytestmark = require_module("gguf", install="pip install 'moe2edge[export]'")
 
@@ -29,17 +29,6 @@ BLOCK_TENSORS = (
     "ffn_up",
     "ffn_down",
 )
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [PYTHON, "-m", "moe2edge.cli", "export", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=subprocess_env(),
-        timeout=300,
-    )
 
 
 def read_back(path):
