@@ -1,17 +1,25 @@
 """A native TensorRT runner for plans built by ``moe2edge.runtime.tensorrt.build`` (``build-engine``).
 
 Same API as ``OnnxEngine`` (``manifest``, ``max_length``, ``new_cache``, ``forward``), so
-``Generator`` and ``Conversation`` run on it unchanged. The plan comes from a bundle with
-standard ONNX ops (optimum's graph: the past comes in, a present one position longer goes
-out), so every cache keeps two device buffers per layer and side, each big enough for
-``max_length`` positions, and alternates between them: the step reads the past from one and
-TensorRT writes the present into the other. Nothing crosses to the host but the token ids,
-positions and the last position's logits.
+``Generator`` and ``Conversation`` run on it unchanged, plus ``forward_batch`` for several
+sequences of different lengths in one step. The plan comes from optimum's graph (the past
+comes in, a present ``new`` positions longer goes out), so a step reads the past from one
+device buffer and TensorRT writes the present into another.
 
-Device memory goes through the CUDA runtime (``libcudart``) with ctypes: no torch, no
-pycuda. ``tensorrt`` is imported only when an engine is opened. The plan must have been
-built on this GPU with this TensorRT (``check_engine_matches_device``) from this bundle's
-model (``check_engine_matches_bundle``).
+Device KV buffers are immutable once written and shared by reference count: ``copy()``
+of a cache costs nothing, ``truncate`` only masks the positions it forgets, and a step
+always writes a fresh buffer (recycled from a small pool). When the rows of a step are
+not laid out as the last step wrote them (a cache joins or leaves a batch, or holes must
+be squeezed out to fit the context), their real positions are gathered into one buffer,
+left-padded to the longest row; otherwise nothing is copied. The layout logic, the
+binding plan and the profile choice are in ``moe2edge.runtime.tensorrt.binding``.
+
+Each optimization profile (prefill, decode) has its own execution context, CUDA stream
+and scratch buffers, selected once when the engine is opened. The ``trt.Runtime`` is kept
+for as long as the engine. Device memory goes through the CUDA runtime (``libcudart``)
+with ctypes: no torch, no pycuda. ``tensorrt`` is imported only when an engine is opened.
+The plan must have been built on this GPU with this TensorRT
+(``check_engine_matches_device``) from this bundle's model (``check_engine_matches_bundle``).
 """
 
 from __future__ import annotations
@@ -30,6 +38,15 @@ import numpy as np
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
 from moe2edge.runtime.kv_cache import KVCache
 from moe2edge.runtime.manifest import read_manifest, verify_bundle
+from moe2edge.runtime.tensorrt.binding import (
+    StepPlan,
+    binding_plan,
+    check_call,
+    next_chunk,
+    plan_step,
+    ranges_from_shapes,
+    valid_runs,
+)
 from moe2edge.runtime.tensorrt.device import TensorRTUnavailable, device_info, import_tensorrt
 from moe2edge.runtime.tensorrt.plan import (
     ENGINE_MANIFEST,
@@ -40,6 +57,7 @@ from moe2edge.runtime.tensorrt.plan import (
 log = logging.getLogger(__name__)
 
 H2D, D2H, D2D = 1, 2, 3  # cudaMemcpyKind
+POOL_SIZE = 4  # free KV buffers kept for reuse
 
 
 class Cuda:
@@ -59,13 +77,15 @@ class Cuda:
                 "the CUDA runtime (libcudart) is not installed: the native TensorRT runner needs "
                 "a CUDA GPU (on a Jetson it ships with JetPack)"
             )
-        stream = ctypes.c_void_p()
-        self.check(self.lib.cudaStreamCreate(ctypes.byref(stream)), "cudaStreamCreate")
-        self.stream = stream.value or 0
 
     def check(self, rc: int, what: str) -> None:
         if rc != 0:
             raise BundleError(f"CUDA call {what} failed with error {rc}")
+
+    def new_stream(self) -> int:
+        stream = ctypes.c_void_p()
+        self.check(self.lib.cudaStreamCreate(ctypes.byref(stream)), "cudaStreamCreate")
+        return stream.value or 0
 
     def malloc(self, nbytes: int) -> int:
         ptr = ctypes.c_void_p()
@@ -77,59 +97,105 @@ class Cuda:
     def free(self, ptr: int) -> None:
         self.lib.cudaFree(ctypes.c_void_p(ptr))
 
-    def copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+    def copy(self, dst: int, src: int, nbytes: int, kind: int, stream: int) -> None:
         if nbytes:
             rc = self.lib.cudaMemcpyAsync(
                 ctypes.c_void_p(dst), ctypes.c_void_p(src), ctypes.c_size_t(nbytes), kind,
-                ctypes.c_void_p(self.stream),
+                ctypes.c_void_p(stream),
             )  # fmt: skip
             self.check(rc, "cudaMemcpyAsync")
 
-    def copy_2d(self, dst: int, dpitch: int, src: int, spitch: int, width: int, rows: int) -> None:
-        rc = self.lib.cudaMemcpy2DAsync(
-            ctypes.c_void_p(dst), ctypes.c_size_t(dpitch), ctypes.c_void_p(src),
-            ctypes.c_size_t(spitch), ctypes.c_size_t(width), ctypes.c_size_t(rows), D2D,
-            ctypes.c_void_p(self.stream),
-        )  # fmt: skip
-        self.check(rc, "cudaMemcpy2DAsync")
+    def copy_2d(
+        self, dst: int, dpitch: int, src: int, spitch: int, width: int, rows: int, kind: int,
+        stream: int,
+    ) -> None:  # fmt: skip
+        if width and rows:
+            rc = self.lib.cudaMemcpy2DAsync(
+                ctypes.c_void_p(dst), ctypes.c_size_t(dpitch), ctypes.c_void_p(src),
+                ctypes.c_size_t(spitch), ctypes.c_size_t(width), ctypes.c_size_t(rows), kind,
+                ctypes.c_void_p(stream),
+            )  # fmt: skip
+            self.check(rc, "cudaMemcpy2DAsync")
 
-    def sync(self) -> None:
-        self.check(self.lib.cudaStreamSynchronize(ctypes.c_void_p(self.stream)), "sync")
+    def sync(self, stream: int) -> None:
+        self.check(self.lib.cudaStreamSynchronize(ctypes.c_void_p(stream)), "sync")
 
 
 class DeviceKV:
-    """Per-layer key and value buffers of ``capacity`` positions on the GPU (freed on GC)."""
+    """Keys and values of up to ``capacity`` rows of ``max_length`` positions per layer,
+    laid out (rows, kv heads, slots, head dim) as the step that wrote them left them.
+    Never written again while a cache points at it (``users``)."""
 
-    def __init__(self, runner: TensorRTEngine):
-        self.cuda, nbytes = runner.cuda, runner.kv_bytes(runner.max_length)
+    def __init__(self, runner: TensorRTEngine, capacity: int):
+        self.cuda, self.capacity = runner.cuda, capacity
+        nbytes = runner.kv_bytes(runner.max_length) * capacity
         self.keys = [self.cuda.malloc(nbytes) for _ in range(runner.num_layers)]
         self.values = [self.cuda.malloc(nbytes) for _ in range(runner.num_layers)]
-        self.shared = False  # read by more than one cache: never written again
+        self.rows, self.slots, self.users = 0, 0, 0
 
-    def __del__(self) -> None:
-        for ptr in getattr(self, "keys", []) + getattr(self, "values", []):
+    def free(self) -> None:
+        for ptr in self.keys + self.values:
             self.cuda.free(ptr)
+        self.keys, self.values = [], []
 
 
 class TrtCacheState:
-    """A cache's device KV: ``current`` holds ``length`` positions contiguously, ``spare``
-    is the private buffer the next step writes."""
+    """Where a cache's KV lives: row ``row`` of ``kv``; ``valid`` marks which of the
+    ``len(valid)`` stored positions are real (truncation and padding leave holes)."""
 
-    def __init__(self, runner: TensorRTEngine, current: DeviceKV | None = None):
-        self.runner, self.current, self.spare = runner, current, None
+    def __init__(self, runner: TensorRTEngine):
+        self.runner, self.kv, self.row = runner, None, 0
+        self.valid = np.zeros(0, dtype=bool)
+
+    def point(self, kv: DeviceKV | None, row: int, valid: np.ndarray) -> None:
+        with self.runner._pool_lock:
+            if kv is not None:
+                kv.users += 1
+            old, self.kv, self.row, self.valid = self.kv, kv, row, valid
+            if old is not None:
+                self.runner._release(old)
 
     def share(self, clone: KVCache) -> TrtCacheState:
-        if self.current is not None:
-            self.current.shared = True
-        return TrtCacheState(self.runner, self.current)
+        state = TrtCacheState(self.runner)
+        state.point(self.kv, self.row, self.valid.copy())
+        return state
 
     def truncate(self, cache: KVCache, length: int) -> None:
-        if self.current is not None:
-            self.runner._relayout(self, cache.length, length)
+        valid = self.valid.copy()
+        valid[np.flatnonzero(valid)[length:]] = False
+        self.valid = valid
+
+    def __del__(self) -> None:
+        if getattr(self, "kv", None) is not None:
+            try:
+                self.point(None, 0, np.zeros(0, dtype=bool))
+            except Exception:  # interpreter shutdown: the process frees the GPU anyway
+                pass
+
+
+class ProfileContext:
+    """One execution context with its optimization profile, stream and scratch buffers."""
+
+    def __init__(self, runner: TensorRTEngine, index: int, ranges: dict[str, tuple[int, ...]]):
+        cuda, self.index, self.ranges = runner.cuda, index, ranges
+        self.context = runner.engine.create_execution_context()
+        if self.context is None:
+            raise BundleError("TensorRT could not create an execution context (GPU memory?)")
+        self.stream = cuda.new_stream()
+        check_call(
+            self.context.set_optimization_profile_async(index, self.stream),
+            f"set_optimization_profile_async({index})",
+        )
+        tokens = ranges["batch"][2] * ranges["new"][2]
+        self.ids = cuda.malloc(tokens * 8)
+        self.positions = cuda.malloc(tokens * 8)
+        self.mask = cuda.malloc(ranges["batch"][2] * runner.max_length * 8)
+        self.logits = cuda.malloc(tokens * runner.vocab_size * runner.logits_dtype.itemsize)
+        self.lock = threading.Lock()
 
 
 class TensorRTEngine:
-    """Runs a TensorRT plan of a bundle's decoder with a KV cache on the GPU."""
+    """Runs a TensorRT plan of a bundle's decoder with KV caches on the GPU."""
 
     def __init__(
         self,
@@ -137,6 +203,7 @@ class TensorRTEngine:
         engine_dir: str | Path | None = None,
         verify: bool = True,
         max_length: int | None = None,
+        cuda: Any = None,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = verify_bundle(bundle_dir) if verify else read_manifest(bundle_dir)
@@ -150,10 +217,8 @@ class TensorRTEngine:
         self.engine_meta = json.loads(meta_path.read_text(encoding="utf-8"))
         check_engine_matches_bundle(self.engine_meta, self.manifest)
         check_engine_matches_device(self.engine_meta, device_info())
-        trt = import_tensorrt()
-        self.trt = trt
-        io = self.manifest["io"]
-        self.kv = io["kv_cache"]
+        trt = self.trt = import_tensorrt()
+        self.kv = self.manifest["io"]["kv_cache"]
         if self.kv.get("shared_buffer"):
             raise BundleError(
                 "this bundle's graph uses ONNX Runtime's in-place KV cache (com.microsoft ops); "
@@ -161,39 +226,49 @@ class TensorRTEngine:
             )
         self.num_layers = int(self.kv["num_layers"])
         self.kv_heads, self.head_dim = int(self.kv["num_kv_heads"]), int(self.kv["head_dim"])
-        self.cuda = Cuda()
+        self.vocab_size = int(self.manifest["model"]["vocab_size"])
+        self.cuda = cuda or Cuda()
         self.logger = trt.Logger(trt.Logger.WARNING)
+        # The runtime must outlive every engine it deserializes: keep it as long as the engine.
+        self.runtime = trt.Runtime(self.logger)
         plan = (engine_dir / self.engine_meta["plan"]).read_bytes()
-        self.engine = trt.Runtime(self.logger).deserialize_cuda_engine(plan)
+        self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BundleError(f"TensorRT could not load {engine_dir}: rebuild the engine here")
-        self.context = self.engine.create_execution_context()
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = {
-            n for n in self.names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if n not in inputs]
+        self.plan = binding_plan(inputs, outputs, self.kv, self.num_layers)
+        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self.logits_dtype = self.dtypes[self.plan.logits]
+        self.kv_itemsize = self.dtypes[self.plan.past[0][0]].itemsize
+        self.ranges = self._profile_ranges()
+        built = max(r["past"][2] + r["new"][2] for r in self.ranges.values())
+        self.max_length = min(int(max_length or built), built)
+        self.max_batch = max(r["batch"][2] for r in self.ranges.values())
+        self.max_prefill = max(r["new"][2] for r in self.ranges.values())
+        self._pool_lock = threading.Lock()
+        self._pool: list[DeviceKV] = []
+        self.contexts = {
+            name: ProfileContext(self, i, r)
+            for i, (name, r) in enumerate(self.ranges.items())  # dicts keep profile order
         }
-        self.dtypes = {n: np.dtype(trt.nptype(self.engine.get_tensor_dtype(n))) for n in self.names}
-        self.profiles = {p["name"]: i for i, p in enumerate(self.engine_meta.get("profiles", []))}
-        self.profile = -1
-        past0 = self._name("past_key", 0)
-        limit = self.engine.get_tensor_profile_shape(past0, self.profiles.get("prefill", 0))[2][2]
-        self.max_length = min(int(max_length or limit + 1), int(limit) + 1)
-        self.max_prefill = int(
-            self.engine.get_tensor_profile_shape("input_ids", self.profiles.get("prefill", 0))[2][1]
-        )
-        self.kv_itemsize = self.dtypes[past0].itemsize
-        self.vocab_size = int(self.manifest["model"]["vocab_size"])
-        self._lock = threading.Lock()
-        self._ids = self.cuda.malloc(self.max_prefill * 8)
-        self._positions = self.cuda.malloc(self.max_prefill * 8)
-        self._mask = self.cuda.malloc(self.max_length * 8)
-        ones = np.ones(self.max_length, dtype=self.dtypes.get("attention_mask", np.int64))
-        self.cuda.copy(self._mask, ones.ctypes.data, ones.nbytes, H2D)
-        self._logits = self.cuda.malloc(self.max_prefill * self.vocab_size * 4)
-        self.cuda.sync()
 
-    def _name(self, kind: str, layer: int) -> str:
-        return self.kv[kind].format(layer=layer)
+    def _profile_ranges(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        """Each profile's batch/new/past ranges, read from the engine itself."""
+        metas = self.engine_meta.get("profiles") or [{"name": "prefill"}]
+        count = int(getattr(self.engine, "num_optimization_profiles", len(metas)))
+        if count != len(metas):
+            raise BundleError(
+                f"engine.json lists {len(metas)} profiles, the plan has {count}: rebuild the engine"
+            )
+        return {
+            meta["name"]: ranges_from_shapes(
+                self.engine.get_tensor_profile_shape(self.plan.input_ids, i),
+                self.engine.get_tensor_profile_shape(self.plan.past[0][0], i),
+            )
+            for i, meta in enumerate(metas)
+        }
 
     def kv_bytes(self, positions: int) -> int:
         return self.kv_heads * positions * self.head_dim * self.kv_itemsize
@@ -203,88 +278,194 @@ class TensorRTEngine:
         cache.storage = TrtCacheState(self)
         return cache
 
-    def _relayout(self, state: TrtCacheState, old: int, new: int) -> None:
-        """Keep the first ``new`` of ``old`` positions: per-head rows get a shorter pitch."""
-        dst = DeviceKV(self)
-        src = state.current
-        row, width = old * self.head_dim * self.kv_itemsize, new * self.head_dim * self.kv_itemsize
-        with self._lock:
-            for s, d in zip(src.keys + src.values, dst.keys + dst.values, strict=True):
-                self.cuda.copy_2d(d, width, s, row, width, self.kv_heads)
-            self.cuda.sync()
-        state.current, state.spare = dst, None if src.shared else src
+    # --- device buffers -------------------------------------------------------------
 
-    def _set_profile(self, index: int) -> None:
-        if index != self.profile:
-            self.context.set_optimization_profile_async(index, self.cuda.stream)
-            self.profile = index
+    def _take(self, rows: int) -> DeviceKV:
+        with self._pool_lock:
+            for i, kv in enumerate(self._pool):
+                if kv.capacity >= rows:
+                    return self._pool.pop(i)
+        return DeviceKV(self, max(rows, 1))
+
+    def _release(self, kv: DeviceKV) -> None:
+        """Called under ``_pool_lock`` when a cache stops pointing at ``kv``."""
+        kv.users -= 1
+        if kv.users == 0:
+            self._pool.append(kv)
+            if len(self._pool) > POOL_SIZE:
+                self._pool.pop(0).free()
+
+    def _gather(self, states: list[TrtCacheState], stream: int) -> None:
+        """Copy each row's real positions into one new buffer, left-padded to the longest."""
+        lengths = [int(np.count_nonzero(s.valid)) for s in states]
+        width = max(lengths)
+        dst = self._take(len(states))
+        dst.rows, dst.slots = len(states), width
+        pos = self.head_dim * self.kv_itemsize  # bytes per position of one head
+        for i, state in enumerate(states):
+            src = state.kv
+            if src is not None:
+                at = width - lengths[i]
+                for start, stop in valid_runs(state.valid):
+                    for s_buf, d_buf in zip(
+                        src.keys + src.values, dst.keys + dst.values, strict=True
+                    ):
+                        self.cuda.copy_2d(
+                            d_buf + (i * self.kv_heads * width + at) * pos, width * pos,
+                            s_buf + (state.row * self.kv_heads * src.slots + start) * pos,
+                            src.slots * pos, (stop - start) * pos, self.kv_heads, D2D, stream,
+                        )  # fmt: skip
+                    at += stop - start
+            valid = np.zeros(width, dtype=bool)
+            valid[width - lengths[i] :] = True
+            state.point(dst, i, valid)
+
+    def _in_place(self, states: list[TrtCacheState]) -> bool:
+        """True when the rows are already row 0..B-1 of one buffer, as the last step wrote it."""
+        kv = states[0].kv
+        if kv is None:
+            return all(s.kv is None for s in states)
+        return all(s.kv is kv and s.row == i for i, s in enumerate(states)) and (
+            len(states) <= kv.rows
+        )
+
+    # --- steps ------------------------------------------------------------------------
 
     def forward(
         self, token_ids: Sequence[int], cache: KVCache, all_logits: bool = False
     ) -> np.ndarray:
-        """Run ``token_ids`` after what ``cache`` holds (prefill in chunks of the plan's
-        largest profile); returns the last position's logits or all new ones."""
-        ids = [int(t) for t in token_ids]
-        if not ids:
-            raise ValueError("forward() needs at least one token")
-        if cache.length + len(ids) > self.max_length:
-            raise ContextOverflowError(
-                f"{cache.length} cached + {len(ids)} new tokens exceed the engine's context of "
-                f"{self.max_length} tokens; start a new conversation or shorten the prompt"
-            )
-        outs = []
-        for at in range(0, len(ids), self.max_prefill):
-            outs.append(self._step(ids[at : at + self.max_prefill], cache, all_logits))
-        return np.concatenate(outs) if all_logits else outs[-1]
+        """Run ``token_ids`` after what ``cache`` holds (prefill in chunks the profiles
+        allow); returns the last position's logits or all new ones."""
+        out = self.forward_batch([token_ids], [cache], all_logits)
+        return out[0]
 
-    def _step(self, ids: list[int], cache: KVCache, all_logits: bool) -> np.ndarray:
-        state: TrtCacheState = cache.storage
-        n, past = len(ids), cache.length
-        if state.spare is None or state.spare.shared:
-            state.spare = DeviceKV(self)
-        src, dst = state.current, state.spare
-        ctx, trt_names = self.context, self.inputs
-        with self._lock:
-            decode = n == 1 and past >= 1 and "decode" in self.profiles
-            self._set_profile(
-                self.profiles["decode"] if decode else self.profiles.get("prefill", 0)
+    def forward_batch(
+        self,
+        rows: Sequence[Sequence[int]],
+        caches: Sequence[KVCache],
+        all_logits: bool = False,
+    ) -> np.ndarray:
+        """Run the same number of new tokens for each of several caches of any lengths.
+
+        Returns (rows, vocab) last-position logits, or (rows, new, vocab) with ``all_logits``.
+        """
+        ids = [[int(t) for t in r] for r in rows]
+        if len(ids) != len(caches) or not ids:
+            raise ValueError(f"{len(ids)} token rows for {len(caches)} caches")
+        n = len(ids[0])
+        if n == 0 or any(len(r) != n for r in ids):
+            raise ValueError("forward_batch() needs the same number (>= 1) of tokens per row")
+        if len(caches) > self.max_batch:
+            raise BundleError(
+                f"{len(caches)} rows exceed the engine's batch of {self.max_batch}; rebuild it "
+                "with a larger --max-batch"
             )
-            host_ids = np.asarray(ids, dtype=self.dtypes["input_ids"])
-            self.cuda.copy(self._ids, host_ids.ctypes.data, host_ids.nbytes, H2D)
-            ctx.set_input_shape("input_ids", (1, n))
-            ctx.set_tensor_address("input_ids", self._ids)
-            if "attention_mask" in trt_names:
-                ctx.set_input_shape("attention_mask", (1, past + n))
-                ctx.set_tensor_address("attention_mask", self._mask)
-            if "position_ids" in trt_names:
-                pos = np.arange(past, past + n, dtype=self.dtypes["position_ids"])
-                self.cuda.copy(self._positions, pos.ctypes.data, pos.nbytes, H2D)
-                ctx.set_input_shape("position_ids", (1, n))
-                ctx.set_tensor_address("position_ids", self._positions)
-            shape = (1, self.kv_heads, past, self.head_dim)
-            for layer in range(self.num_layers):
-                for kind, i in (("key", 0), ("value", 1)):
-                    read = (src.keys, src.values)[i][layer] if src is not None else dst.keys[0]
-                    ctx.set_input_shape(self._name(f"past_{kind}", layer), shape)
-                    ctx.set_tensor_address(self._name(f"past_{kind}", layer), read)
-                    ctx.set_tensor_address(
-                        self._name(f"present_{kind}", layer), (dst.keys, dst.values)[i][layer]
-                    )
-            ctx.set_tensor_address("logits", self._logits)
-            if not ctx.execute_async_v3(self.cuda.stream):
-                raise BundleError("TensorRT failed to run the engine (see its log above)")
-            itemsize = self.dtypes["logits"].itemsize
-            rows = n if all_logits else 1
-            host = np.empty((rows, self.vocab_size), dtype=self.dtypes["logits"])
-            offset = 0 if all_logits else (n - 1) * self.vocab_size * itemsize
-            self.cuda.copy(host.ctypes.data, self._logits + offset, host.nbytes, D2H)
-            self.cuda.sync()
-        state.current = dst
-        state.spare = None if (src is None or src.shared) else src
-        cache.length += n
-        cache.tokens.extend(ids)
-        out = host.astype(np.float32, copy=False)
-        return out if all_logits else out[0]
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one batch")
+        for cache in caches:
+            if cache.length + n > self.max_length:
+                raise ContextOverflowError(
+                    f"{cache.length} cached + {n} new tokens exceed the engine's context of "
+                    f"{self.max_length} tokens; start a new conversation or shorten the prompt"
+                )
+        outs, at = [], 0
+        while at < n:
+            logits, size = self._step([r[at:] for r in ids], caches, all_logits)
+            outs.append(logits)
+            at += size
+        return np.concatenate(outs, axis=1) if all_logits else outs[-1]
+
+    def _step(
+        self, rows: list[list[int]], caches: Sequence[KVCache], all_logits: bool
+    ) -> tuple[np.ndarray, int]:
+        """One engine run over as many of ``rows``' tokens as a profile takes."""
+        states: list[TrtCacheState] = [c.storage for c in caches]
+        batch, remaining = len(rows), len(rows[0])
+        slots = max(len(s.valid) for s in states)
+        in_place = self._in_place(states) and all(len(s.valid) == slots for s in states)
+        try:
+            name, size = next_chunk(self.ranges, batch, slots, remaining, self.max_length)
+        except BundleError:
+            in_place = False  # squeezing out the holes may bring the past into a profile
+        if not in_place or slots + size > self.max_length:
+            length = max(int(np.count_nonzero(s.valid)) for s in states)
+            name, size = next_chunk(self.ranges, batch, length, remaining, self.max_length)
+            in_place = False
+        ctx = self.contexts[name]
+        with ctx.lock:
+            if not in_place:
+                self._gather(states, ctx.stream)
+            step = plan_step(
+                [s.valid for s in states], size, self.plan, self.kv_heads, self.head_dim
+            )
+            host = self._run(ctx, step, [r[:size] for r in rows], states, all_logits)
+        for cache, row in zip(caches, rows, strict=True):
+            cache.length += size
+            cache.tokens.extend(row[:size])
+        return host.astype(np.float32, copy=False), size
+
+    def _run(
+        self, ctx: ProfileContext, step: StepPlan, ids: list[list[int]],
+        states: list[TrtCacheState], all_logits: bool,
+    ) -> np.ndarray:  # fmt: skip
+        dst = self._take(step.batch)
+        dst.rows, dst.slots = step.batch, step.past + step.new
+        try:
+            host = self._execute(ctx, step, ids, states[0].kv, dst, all_logits)
+        except BaseException:
+            with self._pool_lock:
+                dst.users += 1
+                self._release(dst)  # back to the pool: nothing points at it
+            raise
+        for i, state in enumerate(states):
+            state.point(dst, i, step.mask[i].astype(bool))
+        return host
+
+    def _execute(
+        self, ctx: ProfileContext, step: StepPlan, ids: list[list[int]], src: DeviceKV | None,
+        dst: DeviceKV, all_logits: bool,
+    ) -> np.ndarray:  # fmt: skip
+        """Bind every input and output (each call checked), run, copy the logits back."""
+        context, plan, cuda, stream = ctx.context, self.plan, self.cuda, ctx.stream
+
+        def bind(name: str, address: int) -> None:
+            if name in step.shapes:
+                shape = step.shapes[name]
+                check_call(context.set_input_shape(name, shape), f"set_input_shape({name}, {shape})",
+                           "outside the optimization profile")  # fmt: skip
+            check_call(context.set_tensor_address(name, address), f"set_tensor_address({name})")
+
+        def upload(name: str, array: np.ndarray, address: int) -> np.ndarray:
+            host = np.ascontiguousarray(array, dtype=self.dtypes[name])
+            cuda.copy(address, host.ctypes.data, host.nbytes, H2D, stream)
+            bind(name, address)
+            return host  # kept alive until the stream syncs
+
+        keep = [upload(plan.input_ids, np.asarray(ids), ctx.ids)]
+        if plan.attention_mask:
+            keep.append(upload(plan.attention_mask, step.mask, ctx.mask))
+        if plan.position_ids:
+            keep.append(upload(plan.position_ids, step.positions, ctx.positions))
+        for layer, ((pk, pv), (ok, ov)) in enumerate(zip(plan.past, plan.present, strict=True)):
+            read = src if src is not None and step.past else dst  # an empty past: any address
+            bind(pk, read.keys[layer])
+            bind(pv, read.values[layer])
+            bind(ok, dst.keys[layer])
+            bind(ov, dst.values[layer])
+        bind(plan.logits, ctx.logits)
+        check_call(context.execute_async_v3(stream), "execute_async_v3")
+        itemsize = self.logits_dtype.itemsize
+        row_bytes = self.vocab_size * itemsize
+        if all_logits:
+            host = np.empty((step.batch, step.new, self.vocab_size), dtype=self.logits_dtype)
+            cuda.copy(host.ctypes.data, ctx.logits, host.nbytes, D2H, stream)
+        else:
+            host = np.empty((step.batch, self.vocab_size), dtype=self.logits_dtype)
+            cuda.copy_2d(host.ctypes.data, row_bytes, ctx.logits + (step.new - 1) * row_bytes,
+                         step.new * row_bytes, row_bytes, step.batch, D2H, stream)  # fmt: skip
+        cuda.sync(stream)
+        del keep
+        return host
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -293,4 +474,15 @@ class TensorRTEngine:
             "tensorrt": self.trt.__version__,
             "max_length": self.max_length,
             "max_prefill": self.max_prefill,
+            "max_batch": self.max_batch,
+            "profiles": self.ranges,
         }
+
+    def close(self) -> None:
+        """Free the device buffers, then the contexts, the engine and last the runtime."""
+        for kv in getattr(self, "_pool", []):
+            kv.free()
+        self._pool = []
+        self.contexts = {}
+        self.engine = None
+        self.runtime = None

@@ -175,7 +175,10 @@ def test_engine_logic_from_our_manifests(tiny_variants):
         dynamic = {e["name"] for e in manifest["io"]["inputs"]}
         assert set(prefill.shapes) == set(decode.shapes) == dynamic
         assert decode.shapes["input_ids"] == ((1, 1), (1, 1), (1, 1))
-        assert prefill.shapes["past_key_values.0.key"][2][2] == 127
+        # the max corner is consistent: past 64 + new 64 == total 128 (default prefill ctx // 2)
+        assert prefill.shapes["past_key_values.0.key"][2][2] == 64
+        assert prefill.shapes["input_ids"][2][1] == 64
+        assert decode.shapes["past_key_values.0.key"][2][2] == 127
         assert check_onnx_for_tensorrt(tiny_variants[name] / "model.onnx") == []
     with pytest.raises(BundleError, match="TensorRT"):
         check_onnx_for_tensorrt(tiny_variants["int4-rtn-16"] / "model.onnx")

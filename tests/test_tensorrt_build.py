@@ -15,6 +15,7 @@ import pytest
 
 from moe2edge.runtime.errors import BundleError, RuntimeUserError
 from moe2edge.runtime.manifest import write_manifest
+from moe2edge.runtime.tensorrt import binding as trt_binding
 from moe2edge.runtime.tensorrt import build as trt_build
 from moe2edge.runtime.tensorrt import device as trt_device
 from moe2edge.runtime.tensorrt import plan as trt_plan
@@ -149,7 +150,9 @@ def test_profiles_cover_prefill_and_decode():
     assert prefill.name == "prefill" and decode.name == "decode"
     assert prefill.shapes["input_ids"] == ((1, 1), (1, 128), (4, 512))
     assert decode.shapes["input_ids"] == ((1, 1), (4, 1), (4, 1))
-    assert prefill.shapes["past_key_values.0.key"] == ((1, 2, 0, 4), (1, 2, 0, 4), (4, 2, 1023, 4))
+    # past + new == total at the max corner: 512 + 512 == 1024
+    assert prefill.shapes["past_key_values.0.key"] == ((1, 2, 0, 4), (1, 2, 0, 4), (4, 2, 512, 4))
+    assert prefill.shapes["attention_mask"] == ((1, 1), (1, 128), (4, 1024))
     assert decode.shapes["past_key_values.1.value"] == (
         (1, 2, 1, 4),
         (4, 2, 512, 4),
@@ -163,7 +166,8 @@ def test_profiles_default_to_manifest_length_and_accept_mapping_io():
     m = manifest()
     m["io"]["inputs"] = {i["name"]: {"shape": i["shape"]} for i in io_inputs()}
     prefill, _ = trt_profiles.profiles_from_manifest(m)
-    assert prefill.shapes["input_ids"][2] == (1, 1024)  # io.max_sequence_length
+    assert prefill.shapes["attention_mask"][2] == (1, 1024)  # io.max_sequence_length
+    assert prefill.shapes["input_ids"][2] == (1, 512)  # default prefill: min(512, ctx // 2)
     del m["io"]["max_sequence_length"]
     assert trt_profiles.max_context(m) == 2048  # model.max_position_embeddings
 
@@ -338,6 +342,7 @@ def fake_tensorrt(calls: dict, net_inputs: dict[str, tuple[int, ...]], version: 
 
         def add_optimization_profile(self, p):
             self.profiles.append(p)
+            return len(self.profiles) - 1
 
     class Network:
         num_inputs = len(net_inputs)
@@ -477,3 +482,103 @@ def test_real_build_on_gpu(tmp_path):
     path = trt_build.build_engine(d, max_seq_len=64, workspace_bytes=256 << 20)
     trt_plan.check_engine_matches_device(path, device)
     assert (d / "engine" / "model.plan").stat().st_size > 0
+
+
+# --- profile corners and the runner's binding logic (no GPU) ------------------------------
+
+
+@pytest.mark.parametrize("ctx", [2, 3, 64, 128, 1024, 4096])
+@pytest.mark.parametrize("max_prefill", [None, 1, 16, 64, 4096])
+@pytest.mark.parametrize("max_batch", [1, 4])
+def test_every_profile_corner_is_consistent(ctx, max_prefill, max_batch):
+    ranges = trt_profiles.profile_ranges(ctx, max_batch, max_prefill)
+    for name, r in ranges.items():
+        for i in range(3):  # min, opt, max corners
+            assert r["past"][i] + r["new"][i] == r["total"][i], (name, i)
+            assert r["total"][i] <= ctx
+        for kind in r:
+            assert r[kind][0] <= r[kind][1] <= r[kind][2]
+        assert r["batch"][0] == 1 and r["batch"][2] == max_batch
+    prefill, decode = ranges["prefill"], ranges["decode"]
+    assert decode["new"] == (1, 1, 1) and decode["past"][2] == ctx - 1  # decode to the end
+    assert prefill["past"][0] == 0 and prefill["past"][2] == ctx - prefill["new"][2]
+    # every consistent (past, new) with past + new <= ctx is covered by one profile, in chunks
+    for past in {0, 1, ctx // 2, ctx - 2, ctx - 1} - {-1}:
+        if 0 <= past < ctx:
+            profile, size = trt_binding.next_chunk(ranges, max_batch, past, ctx - past, ctx)
+            assert size >= 1 and past + size <= ctx
+            r = ranges[profile]
+            assert r["past"][0] <= past <= r["past"][2] and size <= r["new"][2]
+
+
+def test_inconsistent_corner_is_refused():
+    bad = {"batch": (1, 1, 1), "new": (1, 8, 64), "past": (0, 0, 1023), "total": (1, 8, 1024)}
+    with pytest.raises(BundleError, match=r"max corner: past 1023 \+ new 64 != total 1024"):
+        trt_profiles.check_corners("prefill", bad)
+    with pytest.raises(BundleError, match="not ordered"):
+        trt_profiles.check_corners("x", {**bad, "new": (2, 1, 1), "past": (0, 0, 1023)})
+
+
+def test_next_chunk_prefers_big_chunks_then_decode_near_the_end():
+    ranges = trt_profiles.profile_ranges(128, 4, 32)
+    assert trt_binding.next_chunk(ranges, 1, 0, 100, 128) == ("prefill", 32)
+    assert trt_binding.next_chunk(ranges, 1, 96, 20, 128) == ("prefill", 20)
+    assert trt_binding.next_chunk(ranges, 1, 97, 20, 128) == ("decode", 1)  # tail: one at a time
+    assert trt_binding.next_chunk(ranges, 3, 50, 1, 128) == ("decode", 1)
+    with pytest.raises(BundleError, match="batch of 5"):
+        trt_binding.next_chunk(ranges, 5, 10, 1, 128)
+
+
+KV = {
+    "past_key": "past_key_values.{layer}.key",
+    "past_value": "past_key_values.{layer}.value",
+    "present_key": "present.{layer}.key",
+    "present_value": "present.{layer}.value",
+}
+NET_IN = ["input_ids", "attention_mask", "position_ids"] + [
+    f"past_key_values.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")
+]
+NET_OUT = ["logits"] + [f"present.{i}.{k}" for i in range(LAYERS) for k in ("key", "value")]
+
+
+def test_binding_plan_binds_everything_or_names_what_it_cannot():
+    plan = trt_binding.binding_plan(NET_IN, NET_OUT, KV, LAYERS)
+    assert plan.attention_mask == "attention_mask" and plan.position_ids == "position_ids"
+    assert plan.past[1] == ("past_key_values.1.key", "past_key_values.1.value")
+    with pytest.raises(BundleError, match=r"cannot feed: \['cache_position'\]"):
+        trt_binding.binding_plan([*NET_IN, "cache_position"], NET_OUT, KV, LAYERS)
+    with pytest.raises(BundleError, match=r"does not read: \['hidden_states'\]"):
+        trt_binding.binding_plan(NET_IN, [*NET_OUT, "hidden_states"], KV, LAYERS)
+    with pytest.raises(BundleError, match="engine lacks"):
+        trt_binding.binding_plan(NET_IN, NET_OUT, KV, LAYERS + 1)
+    no_mask = trt_binding.binding_plan(
+        [n for n in NET_IN if n != "attention_mask"], NET_OUT, KV, LAYERS
+    )
+    assert no_mask.attention_mask is None
+
+
+def test_plan_step_pads_rows_and_keeps_their_positions():
+    plan = trt_binding.binding_plan(NET_IN, NET_OUT, KV, LAYERS)
+    rows = [np.array([1, 1, 1, 0, 1], bool), np.array([1, 1], bool), np.zeros(0, bool)]
+    step = trt_binding.plan_step(rows, 2, plan, KV_HEADS, HEAD_DIM)
+    assert (step.batch, step.new, step.past, step.pads) == (3, 2, 5, [0, 3, 5])
+    assert step.mask.tolist() == [
+        [1, 1, 1, 0, 1, 1, 1],
+        [0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 0, 0, 1, 1],
+    ]
+    assert step.positions.tolist() == [[4, 5], [2, 3], [0, 1]]  # real lengths onwards
+    assert step.shapes["attention_mask"] == (3, 7)
+    assert step.shapes["past_key_values.0.value"] == (3, KV_HEADS, 5, HEAD_DIM)
+    assert trt_binding.valid_runs(rows[0]) == [(0, 3), (4, 5)]
+    without_positions = trt_binding.binding_plan(
+        [n for n in NET_IN if n != "position_ids"], NET_OUT, KV, LAYERS
+    )
+    with pytest.raises(BundleError, match="no position_ids"):
+        trt_binding.plan_step(rows, 1, without_positions, KV_HEADS, HEAD_DIM)
+
+
+def test_check_call_turns_false_into_an_error():
+    trt_binding.check_call(True, "set_input_shape(x)")
+    with pytest.raises(BundleError, match=r"TensorRT refused set_tensor_address\(logits\)"):
+        trt_binding.check_call(False, "set_tensor_address(logits)")

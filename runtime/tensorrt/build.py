@@ -151,7 +151,8 @@ def build_engine(
         for tensor, (mn, opt, mx) in prof.shapes.items():
             if tensor in inputs:
                 p.set_shape(tensor, mn, opt, mx)
-        config.add_optimization_profile(p)
+        if config.add_optimization_profile(p) < 0:  # -1: TensorRT found the profile invalid
+            raise BundleError(f"TensorRT rejected the {prof.name} optimization profile")
 
     start = time.monotonic()
     serialized = builder.build_serialized_network(network, config)

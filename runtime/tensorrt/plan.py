@@ -45,7 +45,11 @@ def engine_manifest(
         **build,
         "precision": asdict(precision),
         "profiles": [
-            {"name": p.name, "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()}}
+            {
+                "name": p.name,
+                "ranges": {k: list(v) for k, v in p.ranges.items()},
+                "shapes": {k: [list(s) for s in v] for k, v in p.shapes.items()},
+            }
             for p in profiles
         ],
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -1,8 +1,9 @@
 """TensorRT optimization profiles from a bundle manifest's ``io`` inputs.
 
 Symbolic dims (``batch_size``, ``sequence_length``, ``past_sequence_length``,
-``total_sequence_length``...) are mapped to ranges: one profile for prefill (many new
-tokens) and one for decode (one new token, long past). The manifest fields read here
+``total_sequence_length``...) are mapped to ranges (``profile_ranges``): one profile for
+prefill (many new tokens) and one for decode (one new token, long past), both with a batch
+dimension. The manifest fields read here
 (export owns the format; others are ignored)::
 
     "io": {"model_file": "model.onnx", "max_sequence_length": 4096,
@@ -27,6 +28,7 @@ class Profile:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(
         default_factory=dict
     )
+    ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)  # per dimension kind
 
 
 def _dim_kind(dim: str) -> str:
@@ -84,28 +86,36 @@ def max_context(manifest: dict[str, Any]) -> int:
     return 4096
 
 
-def profiles_from_manifest(
-    manifest: dict[str, Any],
-    max_batch: int = 1,
-    max_seq_len: int | None = None,
-    max_prefill: int | None = None,
-    opt_prefill: int | None = None,
-) -> list[Profile]:
-    """A prefill and a decode optimization profile covering every dynamic input.
+Ranges = dict[str, tuple[int, int, int]]  # kind (batch, new, past, total) -> (min, opt, max)
 
-    prefill: 1..max_prefill new tokens over a past of 0..max_seq_len-1 (a cached system
-    prompt); decode: exactly one new token over a past of 1..max_seq_len-1.
+
+def profile_ranges(
+    ctx: int, max_batch: int = 1, max_prefill: int | None = None, opt_prefill: int | None = None
+) -> dict[str, Ranges]:
+    """The (min, opt, max) of every dimension kind in the prefill and decode profiles.
+
+    TensorRT builds and checks the network at each corner (all mins, all opts, all maxes),
+    so at every corner ``past + new == total`` must hold, or the attention mask and the
+    concatenated KV disagree. Each profile covers a box of (past, new), so:
+
+    * prefill: 1..P new tokens over a past of 0..ctx-P (P = max_prefill, default
+      min(512, ctx // 2)): a long prompt or a later chat turn, in chunks of up to P;
+    * decode: one new token over a past of 1..ctx-1, up to ``max_batch`` rows at once.
+
+    A chunk of more than one token over a past above ctx-P is not covered by either: the
+    runner feeds those last positions one at a time through the decode profile.
     """
-    ctx = max_seq_len or max_context(manifest)
-    prefill = min(max_prefill or ctx, ctx)
-    opt_p = min(opt_prefill or min(128, prefill), prefill)
     if ctx < 2 or max_batch < 1:
         raise BundleError(f"need max_seq_len >= 2 and max_batch >= 1 (got {ctx}, {max_batch})")
+    prefill = min(max_prefill or min(512, ctx // 2), ctx)
+    if prefill < 1:
+        raise BundleError(f"max_prefill must be >= 1 (got {max_prefill})")
+    opt_p = max(1, min(opt_prefill or min(128, prefill), prefill))
     ranges = {
         "prefill": {
             "batch": (1, 1, max_batch),
             "new": (1, opt_p, prefill),
-            "past": (0, 0, ctx - 1),
+            "past": (0, 0, ctx - prefill),
             "total": (1, opt_p, ctx),
         },
         "decode": {
@@ -115,9 +125,41 @@ def profiles_from_manifest(
             "total": (2, ctx // 2 + 1, ctx),
         },
     }
+    for name, kinds in ranges.items():
+        check_corners(name, kinds)
+    return ranges
+
+
+def check_corners(name: str, kinds: Ranges) -> None:
+    """min <= opt <= max for every kind, batch >= 1, and past + new == total at every corner."""
+    problems = []
+    for kind, (lo, opt, hi) in kinds.items():
+        if not lo <= opt <= hi:
+            problems.append(f"{kind} range ({lo}, {opt}, {hi}) is not ordered")
+    if kinds["batch"][0] < 1:
+        problems.append(f"batch starts at {kinds['batch'][0]}")
+    for i, corner in enumerate(("min", "opt", "max")):
+        past, new, total = kinds["past"][i], kinds["new"][i], kinds["total"][i]
+        if past + new != total:
+            problems.append(f"{corner} corner: past {past} + new {new} != total {total}")
+    if problems:
+        raise BundleError(f"profile {name}: " + "; ".join(problems))
+
+
+def profiles_from_manifest(
+    manifest: dict[str, Any],
+    max_batch: int = 1,
+    max_seq_len: int | None = None,
+    max_prefill: int | None = None,
+    opt_prefill: int | None = None,
+) -> list[Profile]:
+    """A prefill and a decode optimization profile covering every dynamic input
+    (ranges from ``profile_ranges``)."""
+    ctx = max_seq_len or max_context(manifest)
+    ranges = profile_ranges(ctx, max_batch, max_prefill, opt_prefill)
     profiles = []
     for pname, kinds in ranges.items():
-        prof = Profile(pname)
+        prof = Profile(pname, ranges=dict(kinds))
         for name, shape in manifest_inputs(manifest).items():
             if any(isinstance(d, int) and d <= 0 for d in shape) or any(d is None for d in shape):
                 raise BundleError(
