@@ -86,7 +86,9 @@ class EmulatedContext:
             return False
         lo, _, hi = self.engine.get_tensor_profile_shape(name, self.profile)
         shape = tuple(int(d) for d in shape)
-        if len(shape) != len(lo) or any(not a <= d <= b for a, d, b in zip(lo, shape, hi)):
+        if len(shape) != len(lo) or any(
+            not a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)
+        ):
             return False
         self.shapes[name] = shape
         return True
