@@ -14,7 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moe2edge.jetson import deploy, doctor, planner, power_modes, published, telemetry
+from moe2edge.jetson import (
+    deploy,
+    doctor,
+    planner,
+    power_modes,
+    published,
+    telemetry,
+    throughput,
+)
 from moe2edge.jetson.board import is_jetson, read_board, require_jetson
 from moe2edge.jetson.errors import JetsonError
 from moe2edge.jetson.serve import register_serve
@@ -79,10 +87,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         voice_tokens=args.voice_tokens,
     )
     result = planner.plan(inputs)
+    teacher = args.teacher or ("deepseek-v3" if args.model == "dense-13b" else None)
+    streams = tuple(int(s) for s in args.streams.split(","))
+    serving = throughput.serving_plan(result, args.draft, args.acceptance, teacher, streams)
     if args.json:
-        _print_json(result)
+        _print_json({**result, "serving": serving})
     else:
         print(planner.format_plan(result))
+        print(throughput.format_serving(serving))
     return 0 if result["fits"] else 1
 
 
@@ -256,6 +268,20 @@ def register(subparsers: Any, name: str, help_text: str) -> None:
     p.add_argument(
         "--voice-tokens", type=int, default=16, help="tokens prefilled after the end of speech"
     )
+    p.add_argument("--streams", default="1,2,4,8", help="batch sizes for the batching table")
+    p.add_argument(
+        "--draft", default="dense-draft-0.6b", help="draft model for speculative decoding"
+    )
+    p.add_argument(
+        "--acceptance",
+        type=float,
+        default=None,
+        help="draft acceptance rate per token (0-1) for the speculative estimate (none: skip)",
+    )
+    p.add_argument(
+        "--teacher", default=None, help="a (MoE) teacher to plan on the same module (default "
+        "for dense-13b: deepseek-v3)",
+    )  # fmt: skip
     p.add_argument(
         "--compare-published", action="store_true", help="planned vs published AGX Orin figures"
     )

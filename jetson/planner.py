@@ -6,10 +6,11 @@ at a power mode; the two efficiency factors below are the only calibrated number
 Decode (batch 1) streams every weight once per token: time >= weight bytes / bandwidth.
 It is also bounded by compute: a batch-1 GEMV uses at most 1/8 of the FP16 tensor-core
 peak (the token pads the MMA tile's 8-wide side). The roofline is max of the two; the
-estimate divides the memory time by ``decode_bw_eff``: the share of peak bandwidth that
-decode reaches in practice (calibrated on published AGX Orin figures, see
-``moe2edge.jetson.published`` and docs/jetson.md). The embedding table is read one row per token,
-so it is counted in memory but not in bytes per token.
+estimate is a fixed ``step_overhead_ms`` plus the memory time divided by
+``decode_bw_eff``, the share of peak bandwidth that decode reaches in practice (both fitted
+on published AGX Orin figures, see ``moe2edge.jetson.published`` and docs/jetson.md). The
+embedding table is read one row per token, so it is counted in memory but not in bytes per
+token. Batches and speculative decoding: ``moe2edge.jetson.throughput``.
 
 Prefill of N tokens: 2 FLOP per weight per token (+ attention) at the mode's FP16 peak
 (SMs x 2048 FLOP/clk x GPU clock, ~10 TFLOPS at 30 W), divided by ``prefill_compute_eff``
@@ -108,6 +109,42 @@ PRESETS: dict[str, ModelShape] = {
     "qwen3-8b": ModelShape(
         "qwen3-8b", 4096, 36, 32, 8, 12288, 151936, head_dim=128, max_context=40960
     ),
+    # A draft for the 13B student (a planning assumption, not a trained model): Qwen3-0.6B's
+    # shape with the student's vocabulary, so it can propose the student's tokens.
+    "dense-draft-0.6b": ModelShape(
+        "dense-draft-0.6b", 1024, 28, 16, 8, 3072, 129280, head_dim=128, tie_embeddings=True
+    ),
+    # MoE teachers, from their published config.json (attention counted as GQA: DeepSeek's
+    # MLA has ~1.1B fewer attention weights and a far smaller KV cache than counted here).
+    "deepseek-v3": ModelShape(
+        "deepseek-v3",
+        7168,
+        61,
+        128,
+        128,
+        18432,
+        129280,
+        experts=256,
+        experts_per_token=8,
+        moe_intermediate=2048,
+        shared_experts=1,
+        dense_layers=3,
+        max_context=163840,
+    ),  # fmt: skip
+    "qwen3-30b-a3b": ModelShape(
+        "qwen3-30b-a3b",
+        2048,
+        48,
+        32,
+        4,
+        6144,
+        151936,
+        head_dim=128,
+        experts=128,
+        experts_per_token=8,
+        moe_intermediate=768,
+        max_context=40960,
+    ),  # fmt: skip
 }
 
 
@@ -284,15 +321,18 @@ def mode_from_conf(module: ModuleSpec, conf_mode: Any) -> ModeSpec:
 
 # --- runtimes (the calibrated part) -----------------------------------------------------
 
-# Share of the roofline reached in practice. Decode: geometric mean of published/roofline
-# over the TensorRT(-LLM, Edge-LLM) and MLC cases (0.67-0.88, see moe2edge.jetson.published);
-# llama.cpp's CUDA path reaches 0.43-0.49 of it on Orin. llama.cpp's prefill factor is
-# a guess (no published figure here). Prefill: TensorRT Edge-LLM's
-# 2048-token prefill of Qwen3-4B and -8B both come out at 0.50 of the FP16 peak.
+# A decode step takes step_overhead_ms (kernel launches, sampling, the host loop: what makes
+# small models slower than their bytes say) plus the bytes it reads at decode_bw_eff of the
+# roofline bandwidth. Fitted on every published AGX Orin case by
+# ``moe2edge.jetson.published.fit_decode`` (one overhead for all runtimes, one bandwidth share
+# for the GPU runtimes and one for llama.cpp); the out-of-sample check refits without the case
+# it predicts. llama.cpp's prefill factor is a guess (no published figure here). Prefill:
+# TensorRT Edge-LLM's 2048-token prefill of Qwen3-4B and -8B both come out at 0.50 of the
+# FP16 peak.
 RUNTIMES: dict[str, dict[str, float]] = {
-    "tensorrt": {"decode_bw_eff": 0.77, "prefill_compute_eff": 0.50},
-    "mlc": {"decode_bw_eff": 0.77, "prefill_compute_eff": 0.50},
-    "llama.cpp": {"decode_bw_eff": 0.46, "prefill_compute_eff": 0.25},
+    "tensorrt": {"decode_bw_eff": 0.876, "step_overhead_ms": 3.06, "prefill_compute_eff": 0.50},
+    "mlc": {"decode_bw_eff": 0.876, "step_overhead_ms": 3.06, "prefill_compute_eff": 0.50},
+    "llama.cpp": {"decode_bw_eff": 0.484, "step_overhead_ms": 3.06, "prefill_compute_eff": 0.25},
 }
 FP16_FLOP_PER_CLK_PER_SM = 2048  # Ampere (GA10B) tensor cores, dense FP16
 SMS_PER_TPC = 2
@@ -358,7 +398,8 @@ def plan(inp: PlanInputs) -> dict[str, Any]:
     t_mem = step_bytes / eff_bw
     t_cmp = 2 * streamed_params / (peak_flops * GEMV_TENSOR_SHARE)
     decode_roof_s = max(t_mem, t_cmp)
-    decode_s = max(t_mem / eff["decode_bw_eff"], t_cmp / eff["prefill_compute_eff"])
+    overhead_s = eff["step_overhead_ms"] / 1e3
+    decode_s = max(overhead_s + t_mem / eff["decode_bw_eff"], t_cmp / eff["prefill_compute_eff"])
 
     def prefill_s(n: int, calibrated: bool = True) -> float:
         attn = 4 * m.layers * m.heads * m.hd * n * (n / 2)
@@ -398,6 +439,16 @@ def plan(inp: PlanInputs) -> dict[str, Any]:
         "bytes_per_token_gb": step_bytes / GB,
         "decode_bound": "memory" if t_mem >= t_cmp else "compute",
         "decode_tok_s_roofline": 1 / decode_roof_s,
+        "decode_memory_ms": t_mem * 1e3,  # the step's bytes at the roofline bandwidth
+        "step": {  # what moe2edge.jetson.throughput needs for batches and speculation
+            "weight_bytes": step_bytes - kv_per_token * inp.decode_at,
+            "kv_bytes_per_row": kv_per_token * inp.decode_at,
+            "kv_cache_bytes_per_row": kv_per_token * inp.context,
+            "flops_per_token": 2 * streamed_params,
+            "bandwidth": eff_bw,
+            "peak_flops": peak_flops,
+            "free_bytes": usable - weights - RUNTIME_OVERHEAD_GB * GB,
+        },
         "decode_tok_s": decode_tok_s,
         "decode_ms": decode_s * 1e3,
         "prompt_tokens": inp.prompt_tokens,
