@@ -17,6 +17,7 @@ DeepSeek-V3-architecture MoE teacher, at equal steps and tokens for every row:
   curves            bench/results/distill_curves.png: held-out KL per method over steps
 
     python bench/distill.py [--seeds 3] [--steps 300] [--only loss_table,trl,...]
+        [--losses ce,fkl] [--transfer-rows 6000] [--label-noise 0.3]
 
 Prints the JSON and writes bench/results/distill.json. CPU only; timings are noisy, so
 compare ratios measured within one run.
@@ -44,7 +45,12 @@ from machine import cpu_name  # noqa: E402  (bench/machine.py)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moe2edge.distill.cache import build_cache  # noqa: E402
-from moe2edge.distill.demo_data import write_demo_data  # noqa: E402
+from moe2edge.distill.demo_data import (  # noqa: E402
+    corrupt_labels,
+    generate_dataset,
+    write_demo_data,
+    write_jsonl,
+)
 from moe2edge.distill.evaluate import evaluate_heldout  # noqa: E402
 from moe2edge.distill.metrics import read_metrics  # noqa: E402
 from moe2edge.distill.pipeline import (  # noqa: E402
@@ -99,12 +105,13 @@ class Bench:
         self.work.mkdir(parents=True, exist_ok=True)
         self.data = write_demo_data(self.work / "data", seed=0, train_size=args.train_size)
         self.tokenizer_dir = make_tokenizer(self.data["train"], self.work / "tokenizer", 768)
+        self.student_data = self._transfer_set()
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
         self.eval_rows = read_rows(self.data["eval"])[: args.eval_rows]
         self.teacher_dir = self._teacher()
         self.teacher = load_teacher(self.teacher_dir)
         self.base = TrainConfig(
-            train_data=str(self.data["train"]),
+            train_data=str(self.student_data),
             tokenizer=str(self.tokenizer_dir),
             teacher=str(self.teacher_dir),
             student_preset=args.student_preset,
@@ -125,13 +132,28 @@ class Bench:
             max_new_tokens=args.max_new_tokens,
             threads=args.threads,
         )
-        self.cache = self._cache(32)
+        self.cache = self._cache(32, self.student_data)
         # held-out curves of every run (live or cached teacher) from one full-vocabulary
         # cache of the eval rows: the exact dense KL, scored the same way for all
         self.base = replace(
             self.base,
-            eval_teacher_cache=str(self._cache(len(self.tokenizer), self.data["eval"], "eval")),
+            eval_teacher_cache=str(self._cache(len(self.tokenizer), self.data["eval"])),
         )
+
+    def _transfer_set(self) -> Path:
+        """The rows the students learn from: the teacher's own training rows (default), or
+        ``--transfer-rows`` more rows of the same draw that the teacher never saw, with
+        ``--label-noise`` of them mislabelled (``demo_data.corrupt_labels``)."""
+        args = self.args
+        if not args.transfer_rows and not args.label_noise:
+            return self.data["train"]
+        rows = read_rows(self.data["train"])
+        if args.transfer_rows:
+            train, _ = generate_dataset(0, args.train_size + args.transfer_rows)
+            rows = train[args.train_size :]
+        out = self.work / "data" / f"transfer-{args.transfer_rows}-noise{args.label_noise}.jsonl"
+        write_jsonl(corrupt_labels(rows, args.label_noise, seed=1), out)
+        return out
 
     def _teacher(self) -> Path:
         out = self.work / "teacher_run" / "teacher"
@@ -155,11 +177,11 @@ class Bench:
         )
         return pretrain_demo_teacher(cfg)
 
-    def _cache(self, k: int, data: Path | None = None, name: str = "train") -> Path:
-        out = self.work / f"cache-{name}-k{k}"
+    def _cache(self, k: int, data: Path) -> Path:
+        out = self.work / f"cache-{data.stem}-k{k}"
         if not (out / "index.json").is_file():
             build_cache(
-                data=data or self.data["train"],
+                data=data,
                 tokenizer=self.tokenizer_dir,
                 out=out,
                 teacher=self.teacher_dir,
@@ -214,7 +236,7 @@ def recipe_overrides(loss: str) -> dict:
 
 def loss_table(bench: Bench, seeds: list[int]) -> tuple[list[dict], dict]:
     rows, runs = [], {}
-    for loss in LOSSES:
+    for loss in bench.args.losses.split(","):
         per_seed = []
         for seed in seeds:
             per_seed.append(
@@ -445,6 +467,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--teacher-steps", type=int, default=2000)
     parser.add_argument("--train-size", type=int, default=6000)
     parser.add_argument("--eval-rows", type=int, default=200)
+    parser.add_argument(
+        "--transfer-rows",
+        type=int,
+        default=0,
+        help="students learn from this many rows the teacher never saw (0: the teacher's rows)",
+    )
+    parser.add_argument(
+        "--label-noise", type=float, default=0.0, help="share of student rows mislabelled"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -454,6 +485,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draft-steps", type=int, default=300)
     parser.add_argument("--draft-prompts", type=int, default=60)
     parser.add_argument("--only", default="", help="comma list of sections to run")
+    parser.add_argument("--losses", default=",".join(LOSSES), help="loss_table rows to train")
     parser.add_argument("--json", default=str(ROOT / "bench/results/distill.json"))
     return parser.parse_args()
 

@@ -272,6 +272,38 @@ def jsgf_grammar(name: str = "moe2edge_commands") -> str:
     return "\n".join(lines) + "\n"
 
 
+def corrupt_labels(rows: list[dict], share: float, seed: int) -> list[dict]:
+    """``rows`` with ``share`` of their replies mislabelled, as logged or hand-labelled data is:
+    one action of the row gets another value (or, without values, another room) and the
+    spoken part is rewritten to match it, so the wrong label is a well-formed reply. The
+    utterance and prompt stay as they were. Returns new rows (tagged ``label_noise``)."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"label noise share must be in [0, 1], got {share}")
+    rng = random.Random(seed)
+    out = []
+    for row in rows:
+        if rng.random() >= share:
+            out.append(row)
+            continue
+        parsed = [parse_action(a) for a in row["actions"]]
+        which = rng.randrange(len(parsed))
+        intent, room, value = parsed[which]
+        if intent.values:
+            value = rng.choice([v for v in intent.values if v != value])
+        else:
+            room = rng.choice([r for r in ROOMS if r != room])
+        parsed[which] = (intent, room, value)
+        actions = [action_string(i, r, v) for i, r, v in parsed]
+        clauses = [clause(i, _pick(rng, len(i.replies)), r, v) for i, r, v in parsed]
+        reply = " ".join(actions) + " " + spoken_reply(rng.choice(OPENERS), clauses)
+        new = {**row, "reply": reply, "action": " ".join(actions), "actions": actions}
+        new["label_noise"] = True
+        if "messages" in row:
+            new["messages"] = row["messages"][:-1] + [{"role": "assistant", "content": reply}]
+        out.append(new)
+    return out
+
+
 def write_demo_data(
     out_dir: str | Path, seed: int = 0, train_size: int = 6000, eval_size: int = 200
 ) -> dict[str, Path]:

@@ -7,6 +7,7 @@ from moe2edge.distill.demo_data import (
     INTENTS,
     MIX,
     ROOMS,
+    corrupt_labels,
     generate_dataset,
     held_out_pairings,
     jsgf_grammar,
@@ -156,3 +157,25 @@ def test_grammar_loads_in_pocketsphinx():
     from moe2edge.runtime.voice.asr import PocketsphinxRecognizer
 
     PocketsphinxRecognizer(grammar=jsgf_grammar())
+
+
+def test_label_noise_mislabels_a_share_of_rows_with_wellformed_wrong_replies(data):
+    train, _ = data
+    noisy = corrupt_labels(train, 0.3, seed=1)
+    assert noisy == corrupt_labels(train, 0.3, seed=1)
+    changed = [(a, b) for a, b in zip(train, noisy, strict=True) if b.get("label_noise")]
+    assert abs(len(changed) / len(train) - 0.3) < 0.03
+    for clean, wrong in changed:
+        assert wrong["prompt"] == clean["prompt"] and wrong["utterance"] == clean["utterance"]
+        assert extract_actions(wrong["reply"]) != extract_actions(clean["reply"])
+        assert extract_actions(wrong["reply"]) == wrong["actions"]
+        assert len(wrong["actions"]) == len(clean["actions"])
+        assert is_wellformed(wrong["reply"])
+        if "messages" in clean:
+            assert wrong["messages"][:-1] == clean["messages"][:-1]
+            assert wrong["messages"][-1]["content"] == wrong["reply"]
+    untouched = [b for b in noisy if not b.get("label_noise")]
+    assert all(row in train for row in untouched[:50])
+    assert corrupt_labels(train, 0.0, seed=1) == train
+    with pytest.raises(ValueError, match="label noise share"):
+        corrupt_labels(train, 1.5, seed=1)
