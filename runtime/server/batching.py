@@ -198,6 +198,12 @@ class BatchLoop:
         """Jobs holding a row."""
         return len(self._jobs)
 
+    @property
+    def unfinished(self) -> int:
+        """Jobs submitted and not yet ended (waiting for a row, or holding one)."""
+        with self._wake:
+            return len(self._inbox) + len(self._jobs)
+
     def close(self) -> None:
         with self._wake:
             self._closed = True
@@ -289,12 +295,13 @@ class BatchLoop:
             self._choose(job, row)
 
     def _choose(self, job: Job, logits: np.ndarray) -> None:
+        chosen = len(job.result.token_ids)
         piece, job.next_token = job.reply.push(logits, job.cache, job.admitted)
         now = time.perf_counter()
         if self.metrics is not None:
             if job.last_token_at is None:
                 self.metrics.ttft.observe(now - job.admitted)
-            else:
+            elif len(job.result.token_ids) > chosen:  # (an end token is not a token out)
                 self.metrics.inter_token.observe(now - job.last_token_at)
         job.last_token_at = now
         if piece:
