@@ -556,3 +556,33 @@ def test_metrics_expose_latency_histograms_occupancy_and_speculation(fast_genera
     assert _sample(metrics, "moe2edge_spec_accepted_tokens_total") == 3
     with pytest.raises(ValueError, match="accepted"):
         app.state.service.metrics.count_speculation(proposed=1, accepted=2)
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(generator) -> None:
+    """One slot, 30 ms per decode step: the 100-token reply would hold it for 3 s."""
+    with text_server(generator, slots=1, queue=0, _hook=lambda: time.sleep(0.03)) as srv:
+        body = {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 100,
+            "temperature": 1.0,
+            "seed": 1,
+        }
+        payload = json.dumps(body).encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+                sock.sendall(head + payload)
+                started = time.perf_counter()
+                while c.get("/health").json()["active"] == 0:  # the request got its slot
+                    assert time.perf_counter() - started < 5
+                    time.sleep(0.005)
+                time.sleep(0.1)  # mid-reply
+            closed = time.perf_counter()
+            while c.get("/health").json()["active"] != 0:
+                assert time.perf_counter() - closed < 1.0, "slot still held 1 s after hang-up"
+                time.sleep(0.01)
+            metrics = c.get("/metrics").text
+        assert 'moe2edge_cancelled_generations_total{reason="client_disconnected"} 1.0' in metrics

@@ -261,7 +261,7 @@ async def chat_completions(req: ChatCompletionRequest, state: State, request: Re
     params = sampling_params(
         state, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens
     )
-    return await _complete(state, req, prompt_ids, params, chat=True)
+    return await _complete(state, req, prompt_ids, params, request, chat=True)
 
 
 @router.post("/completions")
@@ -275,11 +275,25 @@ async def completions(req: CompletionRequest, state: State, request: Request):
         raise APIError(400, "echo is not supported", param="echo")
     prompt_ids = encode(state, prompts[0], template=False)
     params = sampling_params(state, req, len(prompt_ids), req.max_tokens)
-    return await _complete(state, req, prompt_ids, params, chat=False)
+    return await _complete(state, req, prompt_ids, params, request, chat=False)
+
+
+async def _hang_up(request: Request, job: Job) -> None:
+    """Cancel ``job`` when the client of a non-streaming request goes away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+    job.abandon()
+    state = get_state(request)
+    state.metrics.cancelled.labels("client_disconnected").inc()
 
 
 async def _complete(
-    state: ServiceState, req: _Sampling, prompt_ids: list[int], params: SamplingParams, chat: bool
+    state: ServiceState,
+    req: _Sampling,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    request: Request,
+    chat: bool,
 ):
     arrived = time.perf_counter()
     slot = await acquire(state)
@@ -290,9 +304,11 @@ async def _complete(
     kind = "chat.completion" if chat else "text_completion"
     base = {"id": rid, "created": created, "model": state.model_id}
     if not req.stream:
+        watcher = asyncio.create_task(_hang_up(request, job))
         try:
             text = "".join([p async for p in pieces(state, job, queue)])
         finally:
+            watcher.cancel()
             job.abandon()  # (nothing left to stop once it ended)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(result)}
         if chat:
