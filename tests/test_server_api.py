@@ -383,7 +383,7 @@ def test_batched_service_gives_the_tokens_of_one_request_at_a_time(fast_generato
     app = create_app(
         ServerConfig(voice_enabled=False, slots=3, queue=8, prefill_chunk=4),
         generator=gen,
-        step_hook=lambda: time.sleep(0.004),
+        step_hook=lambda: time.sleep(0.01),  # replies of 50-120 ms: the first three overlap
     )
     with ServerThread(app) as srv:
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
