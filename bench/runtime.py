@@ -25,6 +25,10 @@ reported. All ORT-based runtimes get the same intra-op thread count (``--threads
 the same number of threads. The machine's memory bandwidth is measured in the same run and
 ``floor_ms_per_token`` = weight bytes read per token / bandwidth (per precision).
 
+``concurrency``: aggregate tokens/s and p95 inter-token latency of 1, 2, 4, 8 concurrent
+streaming chat completions through the real HTTP server (``moe2edge serve``, its batching
+loop), per precision (``bench/concurrency.py``; ``--concurrency ''`` skips it).
+
     python bench/runtime.py                      # a few minutes on 2 cores
     python bench/runtime.py --new-tokens 32 --repeats 1   # quick look
 """
@@ -445,6 +449,12 @@ def main() -> None:
     parser.add_argument(
         "--hf-stepped", action="store_true", help="step transformers in the lockstep too"
     )
+    parser.add_argument(
+        "--concurrency", default="1,2,4,8", help="concurrent HTTP streams to measure ('': none)"
+    )
+    parser.add_argument(
+        "--concurrency-rounds", type=int, default=2, help="replies per stream, in a row"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -500,6 +510,20 @@ def main() -> None:
     result = summarize(samples, names, lengths, bandwidth, paths, args, started)
     result["peak_rss_mb"] = {n: round(v, 1) for n, v in peak_rss.items()}
     result["moe2edge_torch_free"] = not torch_in_ours
+    if args.concurrency:
+        from concurrency import measure  # bench/concurrency.py
+
+        streams = [int(n) for n in args.concurrency.split(",")]
+        result["concurrency"] = {
+            p: measure(
+                paths[f"moe2edge_{p}"],
+                streams,
+                args.new_tokens,
+                args.concurrency_rounds,
+                args.threads,
+            )
+            for p in ("fp32", "int4")
+        }
     print(json.dumps(result))
 
 

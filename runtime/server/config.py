@@ -57,7 +57,8 @@ class ServerConfig(BaseModel):
     max_body_bytes: int = Field(256 * 1024, ge=1024, le=1 << 30)  # larger bodies get 413
     max_prompt_tokens: int | None = Field(None, ge=1, le=1 << 20)  # None: the context minus one
     max_new_tokens_limit: int = Field(512, ge=1, le=1 << 20)  # the most any request may ask for
-    slots: int = Field(2, ge=1, le=1024)  # generations running at once
+    slots: int = Field(2, ge=1, le=1024)  # generations running at once (rows of the batch)
+    prefill_chunk: int = Field(64, ge=1, le=1 << 16)  # prompt tokens per batching-loop step
     queue: int = Field(8, ge=0, le=1 << 16)  # waiting for a slot; beyond that 429 + Retry-After
     retry_after_s: float = Field(1.0, ge=0, le=3600)  # the smallest Retry-After given
     # voice
