@@ -27,6 +27,7 @@ from moe2edge.runtime.detokenize import StreamDecoder
 from moe2edge.runtime.engine import KVCache, open_engine
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
 from moe2edge.runtime.sampling import Sampler, SamplingParams
+from moe2edge.runtime.speculative import SpeculationConfig, Speculator, check_draft
 
 
 @dataclass
@@ -38,6 +39,13 @@ class GenerationResult:
     stop_token: int | None = None  # the end token that stopped it (not in token_ids)
     ttft_ms: float = 0.0  # prompt in -> first token chosen
     decode_ms: float = 0.0  # first token -> last token
+    proposed_tokens: int = 0  # speculative decoding: tokens drafted for verification
+    accepted_tokens: int = 0  # ... and accepted by the target
+    cached_tokens: int = 0  # prompt tokens whose KV came from a cache (set by the caller)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -75,11 +83,26 @@ class _StopMatcher:
 
 
 class Generator:
-    """A bundle's tokenizer, prompt format and engine, ready to generate."""
+    """A bundle's tokenizer, prompt format and engine, ready to generate.
 
-    def __init__(self, engine: Any, tokenizer: Tokenizer):
+    ``speculation``: speculative decoding (runtime/speculative.py; default off);
+    ``draft_engine``: the opened draft bundle when its method is ``draft``.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        tokenizer: Tokenizer,
+        speculation: SpeculationConfig | None = None,
+        draft_engine: Any = None,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.speculation = speculation or SpeculationConfig()
+        self.speculation.validate()
+        if self.speculation.method == "draft" and draft_engine is None:
+            raise BundleError("speculation method 'draft' needs an opened draft engine")
+        self.draft_engine = draft_engine
         gen = engine.manifest["generation"]
         self.prompt_template: str = gen.get("prompt_template", "{prompt}")
         self.bos_token_id: int | None = gen.get("bos_token_id") if gen.get("add_bos") else None
@@ -101,15 +124,41 @@ class Generator:
         verify: bool = True,
         max_length: int | None = None,
         spinning: str | bool | None = "run",
+        speculation: SpeculationConfig | None = None,
     ) -> Generator:
-        """``device``: cpu, cuda, tensorrt (ORT providers), tensorrt-native, or None (manifest)."""
+        """``device``: cpu, cuda, tensorrt (ORT providers), tensorrt-native, or None (manifest).
+
+        ``speculation`` with method ``draft`` opens its draft bundle on the same device."""
         engine = open_engine(bundle_dir, device, threads, verify, max_length, spinning)
         tokenizer_file = Path(bundle_dir) / engine.manifest["io"].get(
             "tokenizer_file", "tokenizer.json"
         )
         if not tokenizer_file.is_file():
             raise BundleError(f"bundle {bundle_dir} has no {tokenizer_file.name}; re-export it")
-        return cls(engine, Tokenizer.from_file(str(tokenizer_file)))
+        draft = None
+        if speculation is not None and speculation.method == "draft":
+            speculation.validate()
+            draft_dir = Path(speculation.draft_bundle)
+            if not (draft_dir / "manifest.json").is_file():
+                raise BundleError(f"draft bundle {draft_dir} has no manifest.json")
+            draft = open_engine(draft_dir, device, threads, verify, None, spinning)
+            check_draft(engine.manifest, draft.manifest, draft_dir)
+        return cls(engine, Tokenizer.from_file(str(tokenizer_file)), speculation, draft)
+
+    def with_speculation(
+        self, speculation: SpeculationConfig | None, draft_engine: Any = None
+    ) -> Generator:
+        """This generator (same engine and tokenizer) with other speculation settings."""
+        if draft_engine is not None:
+            check_draft(self.engine.manifest, draft_engine.manifest, draft_engine.bundle_dir)
+        return Generator(self.engine, self.tokenizer, speculation, draft_engine)
+
+    def new_speculator(self) -> Speculator | None:
+        """Per-sequence speculation state (None: off). A conversation keeps one across turns,
+        so the draft model prefills only what is new."""
+        if not self.speculation.enabled:
+            return None
+        return Speculator(self.speculation, self.draft_engine)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens, no template)."""
@@ -147,6 +196,7 @@ class Generator:
         result: GenerationResult | None = None,
         step_hook: Callable[[], None] | None = None,
         cancel: threading.Event | None = None,
+        speculator: Speculator | None = None,
     ) -> Iterator[str]:
         """Yield reply text pieces. ``cache`` may hold earlier turns (continued in place)."""
         cache = cache if cache is not None else self.engine.new_cache()
@@ -157,7 +207,9 @@ class Generator:
         result.prompt_tokens = len(prompt_ids)
         started = time.perf_counter()
         logits = self.engine.forward(prompt_ids, cache)
-        yield from self.decode(logits, cache, params, result, step_hook, cancel, started)
+        yield from self.decode(
+            logits, cache, params, result, step_hook, cancel, started, speculator
+        )
 
     def decode(
         self,
@@ -168,14 +220,18 @@ class Generator:
         step_hook: Callable[[], None] | None = None,
         cancel: threading.Event | None = None,
         started: float | None = None,
+        speculator: Speculator | None = None,
     ) -> Iterator[str]:
         """The decode loop from the logits of the cache's last position.
 
         Every chosen token but the last one is run into ``cache``; the last (an end token
-        included) is in ``result.token_ids`` / ``result.finish_reason`` only.
+        included) is in ``result.token_ids`` / ``result.finish_reason`` only. With
+        speculation on (``self.speculation``; ``speculator``: a sequence's own state, else a
+        fresh one) a step may choose several tokens; the cache ends the same way.
         """
         params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
         sampler = Sampler(params)
+        speculator = speculator if speculator is not None else self.new_speculator()
         result = result if result is not None else GenerationResult()
         started = started if started is not None else time.perf_counter()
         stop_ids = set(params.stop_token_ids) | (
@@ -183,35 +239,53 @@ class Generator:
         )
         decoder, stops = StreamDecoder(self.tokenizer), _StopMatcher(params.stop)
         first_token_at, stopped_by_string, decoding = None, False, True
+        base, chosen = cache.length, 0  # the cache's length at the start, tokens chosen since
+        tokens = [sampler(logits, cache.tokens)]
         try:
             while True:
-                token = sampler(logits, cache.tokens)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    result.ttft_ms = (first_token_at - started) * 1000
-                if token in stop_ids:
-                    result.finish_reason, result.stop_token = "stop", token
-                    break
-                result.token_ids.append(token)
-                piece, stopped = stops.push(decoder.push(token))
-                if piece:
-                    result.text += piece
-                    yield piece
-                if stopped:
-                    result.finish_reason, stopped_by_string = "stop", True
-                    break
-                if cancel is not None and cancel.is_set():
-                    result.finish_reason = "cancelled"
-                    break
-                if (
-                    len(result.token_ids) >= params.max_new_tokens
-                    or cache.length >= self.engine.max_length
-                ):
-                    result.finish_reason = "length"
+                done = False
+                for token in tokens:
+                    chosen += 1
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                        result.ttft_ms = (first_token_at - started) * 1000
+                    if token in stop_ids:
+                        result.finish_reason, result.stop_token, done = "stop", token, True
+                        break
+                    result.token_ids.append(token)
+                    piece, stopped = stops.push(decoder.push(token))
+                    if piece:
+                        result.text += piece
+                        yield piece
+                    if stopped:
+                        result.finish_reason, stopped_by_string, done = "stop", True, True
+                        break
+                    if cancel is not None and cancel.is_set():
+                        result.finish_reason, done = "cancelled", True
+                        break
+                    if (
+                        len(result.token_ids) >= params.max_new_tokens
+                        or base + chosen - 1 >= self.engine.max_length
+                    ):
+                        result.finish_reason, done = "length", True
+                        break
+                if done:
                     break
                 if step_hook is not None:
                     step_hook()
-                logits = self.engine.forward([token], cache)
+                if speculator is None:
+                    logits = self.engine.forward([token], cache)
+                    tokens = [sampler(logits, cache.tokens)]
+                    continue
+                limit = min(  # proposals that can still be used and fit the context
+                    params.max_new_tokens - len(result.token_ids) - 1,
+                    self.engine.max_length - cache.length - 1,
+                )
+                tokens, proposed, accepted = speculator.step(
+                    self.engine, cache, token, sampler, limit
+                )
+                result.proposed_tokens += proposed
+                result.accepted_tokens += accepted
             decoding = False
             result.decode_ms = (time.perf_counter() - first_token_at) * 1000
             if not stopped_by_string:
@@ -225,6 +299,9 @@ class Generator:
                 if first_token_at is not None:
                     result.decode_ms = (time.perf_counter() - first_token_at) * 1000
             raise
+        finally:  # a speculative step may have run tokens past the last one chosen
+            if cache.length > base + max(chosen - 1, 0):
+                cache.truncate(base + max(chosen - 1, 0))
 
     def generate(
         self, prompt: str, params: SamplingParams | None = None, template: bool = True, **kwargs

@@ -195,11 +195,13 @@ async def pieces(
     def work() -> None:
         try:
             conversation = state.conversation_for(prompt_ids)
+            result.cached_tokens = conversation.length  # prompt tokens whose KV is reused
             conversation.sync(prompt_ids)
             for piece in conversation.stream(
                 params, result, cancel=cancel, step_hook=state.step_hook
             ):
                 put(piece)
+            state.keep_conversation(conversation)  # prefix reuse by later requests
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             put(exc)
         finally:
@@ -231,12 +233,13 @@ async def pieces(
         state.refresh_gauges()
 
 
-def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, int]:
+def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
     n = len(result.token_ids)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": n,
         "total_tokens": prompt_tokens + n,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
     }
 
 

@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.prefix_cache import PrefixCache, conversation_for
 from moe2edge.runtime.server.config import ServerConfig
 from moe2edge.runtime.server.metrics import Metrics
 from moe2edge.runtime.server.scheduler import Scheduler
@@ -72,12 +73,22 @@ class ServiceState:
     step_hook: Callable[[], None] | None = None
     voice: Any = None  # moe2edge.runtime.server.voice_ws.VoiceResources, when voice is enabled
     created: int = field(default_factory=lambda: int(time.time()))
+    prefix_cache: PrefixCache | None = None  # earlier requests' KV (config.prefix_cache_mb)
+
+    def __post_init__(self) -> None:
+        if self.prefix_cache is None and self.config.prefix_cache_mb > 0:
+            self.prefix_cache = PrefixCache(int(self.config.prefix_cache_mb * 2**20))
 
     def conversation_for(self, prompt_ids: Sequence[int]) -> Conversation:
-        """The conversation a request's ``prompt_ids`` run in: a fresh one from the BOS
-        prefix (the engine's shared ``PrefixStore``). Reusing the cache of an earlier
-        request that shares a prefix with ``prompt_ids`` would go here."""
-        return Conversation(self.generator)
+        """The conversation a request's ``prompt_ids`` run in: from the cache of an earlier
+        request sharing the longest prefix with them (``prefix_cache``), else a fresh one
+        from the BOS prefix (the engine's shared ``PrefixStore``)."""
+        return conversation_for(self.generator, self.prefix_cache, prompt_ids)
+
+    def keep_conversation(self, conversation: Conversation) -> None:
+        """Offer a finished request's cache to later requests (prefix reuse)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(conversation.cache)
 
     def refresh_gauges(self) -> None:
         self.metrics.active.set(self.scheduler.active)
