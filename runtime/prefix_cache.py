@@ -74,6 +74,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, tokens: Sequence[int]) -> bool:
+        """Is there an entry of exactly ``tokens``? (No use recorded.)"""
+        with self._lock:
+            return tuple(int(t) for t in tokens) in self._entries
+
     def lookup(self, tokens: Sequence[int], min_tokens: int = 1) -> KVCache | None:
         """A private cache holding the longest cached prefix of ``tokens`` (all but the last
         at most), or None when fewer than ``min_tokens`` would be reused."""
