@@ -25,6 +25,11 @@ reported. All ORT-based runtimes get the same intra-op thread count (``--threads
 the same number of threads. The machine's memory bandwidth is measured in the same run and
 ``floor_ms_per_token`` = weight bytes read per token / bandwidth (per precision).
 
+Then (unless ``--skip-spec``) bench/speculative.py adds ``speculative`` (plain vs prompt
+lookup vs ``--spec-draft``, per precision, on ``--spec-fp32``/``--spec-int4``: by default the
+100M student's bundles, prompt lookup only) and ``prefix_reuse`` (TTFT of the turn after a
+``--history-tokens`` history, with and without reuse).
+
     python bench/runtime.py                      # a few minutes on 2 cores
     python bench/runtime.py --new-tokens 32 --repeats 1   # quick look
 """
@@ -446,6 +451,12 @@ def main() -> None:
         "--hf-stepped", action="store_true", help="step transformers in the lockstep too"
     )
     parser.add_argument("--seed", type=int, default=0)
+    # the speculative / prefix_reuse sections (bench/speculative.py)
+    parser.add_argument("--spec-fp32", help="fp32 bundle of the student (default: the 100M one)")
+    parser.add_argument("--spec-int4", help="its int4 bundle (default: the 100M student's)")
+    parser.add_argument("--spec-draft", help="the student's draft bundle (omit: prompt lookup)")
+    parser.add_argument("--history-tokens", type=int, default=256, help="prefix_reuse history")
+    parser.add_argument("--skip-spec", action="store_true", help="no speculative/prefix_reuse")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -500,6 +511,16 @@ def main() -> None:
     result = summarize(samples, names, lengths, bandwidth, paths, args, started)
     result["peak_rss_mb"] = {n: round(v, 1) for n, v in peak_rss.items()}
     result["moe2edge_torch_free"] = not torch_in_ours
+    if not args.skip_spec:
+        from speculative import measure  # bench/speculative.py
+
+        student = {"fp32": args.spec_fp32, "int4": args.spec_int4}
+        bundles = {p: b or paths[f"moe2edge_{p}"] for p, b in student.items()}
+        random_student = not (args.spec_fp32 or args.spec_int4)  # it never ends a reply
+        result.update(
+            measure(bundles, args.spec_draft, args.threads, args.repeats, args.new_tokens,
+                    args.history_tokens, ignore_eos=random_student)
+        )  # fmt: skip
     print(json.dumps(result))
 
 
