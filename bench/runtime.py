@@ -28,6 +28,10 @@ the same number of threads. The machine's memory bandwidth is measured in the sa
 ``concurrency``: aggregate tokens/s and p95 inter-token latency of 1, 2, 4, 8 concurrent
 streaming chat completions through the real HTTP server (``moe2edge serve``, its batching
 loop), per precision (``bench/concurrency.py``; ``--concurrency ''`` skips it).
+Then (unless ``--skip-spec``) bench/speculative.py adds ``speculative`` (plain vs prompt
+lookup vs ``--spec-draft``, per precision, on ``--spec-fp32``/``--spec-int4``: by default the
+100M student's bundles, prompt lookup only) and ``prefix_reuse`` (TTFT of the turn after a
+``--history-tokens`` history, with and without reuse).
 
     python bench/runtime.py                      # a few minutes on 2 cores
     python bench/runtime.py --new-tokens 32 --repeats 1   # quick look
@@ -456,6 +460,12 @@ def main() -> None:
         "--concurrency-rounds", type=int, default=2, help="replies per stream, in a row"
     )
     parser.add_argument("--seed", type=int, default=0)
+    # the speculative / prefix_reuse sections (bench/speculative.py)
+    parser.add_argument("--spec-fp32", help="fp32 bundle of the student (default: the 100M one)")
+    parser.add_argument("--spec-int4", help="its int4 bundle (default: the 100M student's)")
+    parser.add_argument("--spec-draft", help="the student's draft bundle (omit: prompt lookup)")
+    parser.add_argument("--history-tokens", type=int, default=256, help="prefix_reuse history")
+    parser.add_argument("--skip-spec", action="store_true", help="no speculative/prefix_reuse")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -511,11 +521,11 @@ def main() -> None:
     result["peak_rss_mb"] = {n: round(v, 1) for n, v in peak_rss.items()}
     result["moe2edge_torch_free"] = not torch_in_ours
     if args.concurrency:
-        from concurrency import measure  # bench/concurrency.py
+        from concurrency import measure as measure_concurrency  # bench/concurrency.py
 
         streams = [int(n) for n in args.concurrency.split(",")]
         result["concurrency"] = {
-            p: measure(
+            p: measure_concurrency(
                 paths[f"moe2edge_{p}"],
                 streams,
                 args.new_tokens,
@@ -524,6 +534,16 @@ def main() -> None:
             )
             for p in ("fp32", "int4")
         }
+    if not args.skip_spec:
+        from speculative import measure as measure_speculative  # bench/speculative.py
+
+        student = {"fp32": args.spec_fp32, "int4": args.spec_int4}
+        bundles = {p: b or paths[f"moe2edge_{p}"] for p, b in student.items()}
+        random_student = not (args.spec_fp32 or args.spec_int4)  # it never ends a reply
+        result.update(
+            measure_speculative(bundles, args.spec_draft, args.threads, args.repeats, args.new_tokens,
+                    args.history_tokens, ignore_eos=random_student)
+        )  # fmt: skip
     print(json.dumps(result))
 
 

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.prefix_cache import PrefixCache
 from moe2edge.runtime.server import openai_api, voice_ws
 from moe2edge.runtime.server.batching import BatchLoop
 from moe2edge.runtime.server.config import ServerConfig
@@ -112,7 +113,8 @@ def create_app(
     metrics = Metrics()
     model_id = config.model_name or generator.engine.bundle_dir.resolve().name
     paced = paced_hook(step_hook, scheduler)
-    batching = BatchLoop(generator, config.slots, config.prefill_chunk, paced, metrics)
+    prefixes = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb else None
+    batching = BatchLoop(generator, config.slots, config.prefill_chunk, paced, metrics, prefixes)
     metrics.rows.set(config.slots)
     state = ServiceState(
         config=config,

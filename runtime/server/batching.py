@@ -3,19 +3,25 @@
 Each HTTP generation is a ``Job`` handed to the ``BatchLoop``. The loop's thread, the only
 one that runs the engine, repeats one iteration at a time:
 
-1. jobs that arrived take a free row of its ``KVBatch`` (``runtime/batch.py``);
+1. jobs that arrived take a free row of its ``KVBatch`` (``runtime/batch.py``), seeded with
+   the longest prefix of their prompt an earlier request left in the ``PrefixCache``
+   (``runtime/prefix_cache.py``; its positions are copied into the row);
 2. cancelled jobs (client gone) leave: row and slot are given back;
 3. engine calls of other users (voice, through ``LoopEngine``) run, one chunk each;
-4. prompts are prefilled, at most ``prefill_chunk`` tokens in all (oldest job first), so a
-   long prompt costs the others one chunk per step, not its whole prefill;
+4. the rest of the prompts is prefilled, at most ``prefill_chunk`` tokens in all (oldest
+   job first), so a long prompt costs the others one chunk per step, not its whole prefill;
 5. one decode step runs every job whose prompt is in: one batched engine run, then each
-   job's next token (``Reply``: sampling, stop tokens and strings, detokenization, the
-   same as ``Generator.decode``).
+   job's next tokens go through its ``Decoding`` (``runtime/generate.py``: sampling, end
+   tokens, stop strings, limits, detokenization; the same object ``Generator.decode``
+   drives). With speculative decoding on (the generator's ``speculation``), each row
+   proposes up to k tokens (prompt lookup or the draft model) and the step verifies every
+   row's proposals in the same run (``_decode``).
 
-A job joins at the next iteration and leaves at the one after it ends. The rows are the
-service's slots (``config.slots``): the scheduler admits a request only with a slot, and
-the loop gives the slot back when the job's row is free, never earlier, so a slot bounds
-real work. A cancel is seen at the next chunk or step.
+A job joins at the next iteration and leaves at the one after it ends; its cache (prompt
+and reply) then goes into the prefix cache for later requests. The rows are the service's
+slots (``config.slots``): the scheduler admits a request only with a slot, and the loop
+gives the slot back when the job's row is free, never earlier, so a slot bounds real work.
+A cancel is seen at the next chunk or step.
 """
 
 from __future__ import annotations
@@ -31,65 +37,15 @@ from typing import Any
 import numpy as np
 
 from moe2edge.runtime.batch import KVBatch
-from moe2edge.runtime.detokenize import StreamDecoder
-from moe2edge.runtime.generate import GenerationResult, Generator, _StopMatcher
+from moe2edge.runtime.generate import Decoding, GenerationResult, Generator
 from moe2edge.runtime.kv_cache import KVCache
-from moe2edge.runtime.sampling import Sampler, SamplingParams
+from moe2edge.runtime.prefix_cache import PrefixCache
+from moe2edge.runtime.sampling import SamplingParams
+from moe2edge.runtime.speculative import Speculator
 
 log = logging.getLogger(__name__)
 END = object()  # what a job emits last
-
-
-class Reply:
-    """One reply decoded a step at a time: ``Generator.decode``'s loop, turned inside out so
-    that many replies share one engine step. Feed it the logits of its last position."""
-
-    def __init__(self, generator: Generator, params: SamplingParams, result: GenerationResult):
-        self.params, self.result = params, result
-        self.max_length = generator.engine.max_length
-        self.sampler = Sampler(params)
-        self.stop_ids = set(params.stop_token_ids) | (
-            set() if params.ignore_eos else set(generator.eos_token_ids)
-        )
-        self.decoder, self.stops = StreamDecoder(generator.tokenizer), _StopMatcher(params.stop)
-        self.first_token_at: float | None = None
-        self.done = False
-
-    def push(self, logits: np.ndarray, cache: KVCache, started: float) -> tuple[str, int | None]:
-        """Choose the next token: (text now final, token to run next or None at the end)."""
-        result = self.result
-        token = self.sampler(logits, cache.tokens)
-        now = time.perf_counter()
-        if self.first_token_at is None:
-            self.first_token_at = now
-            result.ttft_ms = (now - started) * 1000
-        if token in self.stop_ids:
-            result.finish_reason, result.stop_token = "stop", token
-            return self._end(""), None
-        result.token_ids.append(token)
-        piece, stopped = self.stops.push(self.decoder.push(token))
-        if stopped:
-            result.finish_reason = "stop"
-            return self._end(piece, flush=False), None
-        if len(result.token_ids) >= self.params.max_new_tokens or cache.length >= self.max_length:
-            result.finish_reason = "length"
-            return self._end(piece), None
-        result.text += piece
-        return piece, token
-
-    def cancel(self) -> None:
-        if not self.done:
-            self.result.finish_reason = "cancelled"
-            self._end("", flush=False)
-
-    def _end(self, piece: str, flush: bool = True) -> str:
-        self.done = True
-        if flush:
-            piece += self.stops.push(self.decoder.flush())[0] + self.stops.flush()
-        self.result.text += piece
-        if self.first_token_at is not None:
-            self.result.decode_ms = (time.perf_counter() - self.first_token_at) * 1000
-        return piece
+PAD = 0  # fills a row's shorter draft up to the step's width; its logits are not read
 
 
 class Job:
@@ -113,9 +69,10 @@ class Job:
         self.started: float | None = None  # has a row
         self.last_token_at: float | None = None
         self.cache: KVCache | None = None
-        self.prefilled = 0
-        self.reply: Reply | None = None
-        self.next_token: int | None = None
+        self.prefilled = 0  # prompt tokens in the cache (reused from the prefix cache or run)
+        self.decoding: Decoding | None = None  # once the prompt is in
+        self.speculator: Speculator | None = None
+        self.next_token: int | None = None  # chosen, to run at the next decode step
         self._lock = threading.Lock()
         self._submitted = self._finished = False
 
@@ -142,6 +99,7 @@ class BatchLoop:
 
     ``rows``: sequences decoding together (the service's slots). ``step_hook()`` runs before
     every decode step (the power governor). ``metrics``: ``server.metrics.Metrics`` or None.
+    ``prefix_cache``: earlier requests' KV to start from, and where finished ones go.
     """
 
     def __init__(
@@ -151,10 +109,12 @@ class BatchLoop:
         prefill_chunk: int = 64,
         step_hook: Callable[[], None] | None = None,
         metrics: Any = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         self.generator, self.engine = generator, generator.engine
         self.batch = KVBatch(self.engine, rows)
         self.prefill_chunk, self.step_hook, self.metrics = prefill_chunk, step_hook, metrics
+        self.prefix_cache = prefix_cache
         self._wake = threading.Condition()
         self._inbox: deque[Job] = deque()
         self._calls: deque[tuple[Callable[[], Any], list, threading.Event]] = deque()
@@ -233,17 +193,16 @@ class BatchLoop:
 
     def _iteration(self) -> None:
         with self._wake:
+            admitted = []
             while self._inbox and self.batch.free_rows:
-                job = self._inbox.popleft()
-                job.cache, job.started = self.batch.take(), time.perf_counter()
-                self._jobs.append(job)
-                if self.metrics is not None:
-                    self.metrics.queue_wait.observe(job.started - job.arrived)
+                admitted.append(self._inbox.popleft())
             calls = list(self._calls)
             self._calls.clear()
+        for job in admitted:
+            self._admit(job)
         for job in [j for j in self._jobs if j.cancel.is_set()]:
-            if job.reply is not None:
-                job.reply.cancel()
+            if job.decoding is not None:
+                job.decoding.cancel(flush=False)
             else:
                 job.result.finish_reason = "cancelled"
             self._finish(job)
@@ -258,9 +217,22 @@ class BatchLoop:
         if self.metrics is not None:
             self.metrics.rows_in_use.set(self.batch.in_use)
 
+    def _admit(self, job: Job) -> None:
+        """A row for ``job``, holding the longest prefix of its prompt that is cached."""
+        prefix = None
+        if self.prefix_cache is not None:  # (BOS alone is not worth a lookup hit)
+            bos = 1 if self.generator.bos_token_id is not None else 0
+            prefix = self.prefix_cache.lookup(job.prompt_ids, min_tokens=bos + 1)
+        job.cache, job.started = self.batch.take(prefix), time.perf_counter()
+        job.prefilled = job.result.cached_tokens = job.cache.length
+        job.result.prompt_tokens = len(job.prompt_ids) - job.prefilled
+        self._jobs.append(job)
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(job.started - job.arrived)
+
     def _prefill(self) -> None:
         budget = self.prefill_chunk
-        for job in [j for j in self._jobs if j.reply is None]:
+        for job in [j for j in self._jobs if j.decoding is None]:
             if budget <= 0:
                 break
             chunk = job.prompt_ids[job.prefilled : job.prefilled + budget]
@@ -272,17 +244,40 @@ class BatchLoop:
             budget -= len(chunk)
             job.prefilled += len(chunk)
             if job.prefilled == len(job.prompt_ids):
-                job.reply = Reply(self.generator, job.params, job.result)
-                self._choose(job, logits)
+                job.speculator = self.generator.new_speculator()
+                job.decoding = Decoding(
+                    self.generator, job.params, job.result, job.cache.length, job.admitted
+                )
+                self._choose(job, [job.decoding.sampler(logits, job.cache.tokens)])
 
     def _decode(self) -> None:
+        """One step for every job with a token to run.
+
+        Speculation inside the batch: GroupQueryAttention takes one new-token count per run,
+        so every row runs ``width`` = 1 + the longest draft of the step, shorter drafts
+        padded (``PAD``; the logits after a row's own proposals are not read and its cache
+        is truncated past what it accepts). One run for all rows is the fast choice: decode
+        is bound by reading the weights, which one run does once for every row and every
+        proposal, where a verify per row would read them once per row and give up the
+        batching. Padding costs compute only, and a step runs at most ``prefill_chunk``
+        positions in all (the width shrinks with more rows), so it costs no more than a
+        prefill chunk. The width also fits the row with the least room in its context.
+        """
         jobs = [j for j in self._jobs if j.next_token is not None]
         if not jobs:
             return
         if self.step_hook is not None:
             self.step_hook()
+        drafts = [self._propose(job) for job in jobs]
+        width = 1 + max(len(draft) for draft, _ in drafts)
+        room = min(self.engine.max_length - job.cache.length for job in jobs)
+        width = max(1, min(width, room, self.prefill_chunk // len(jobs)))
+        drafts = [(d[: width - 1], None if q is None else q[: width - 1]) for d, q in drafts]
+        tokens = [[j.next_token, *d] + [PAD] * (width - 1 - len(d)) for j, (d, _) in zip(
+            jobs, drafts, strict=True
+        )]  # fmt: skip
         try:
-            logits = self.batch.forward([j.cache for j in jobs], [j.next_token for j in jobs])
+            logits = self.batch.forward_many([j.cache for j in jobs], tokens)
         except Exception as exc:  # noqa: BLE001 - every job of the step fails with it
             for job in jobs:
                 self._finish(job, exc)
@@ -291,27 +286,57 @@ class BatchLoop:
         self.most_rows = max(self.most_rows, len(jobs))
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(jobs))
-        for job, row in zip(jobs, logits, strict=True):
-            self._choose(job, row)
+        for job, (draft, q), rows in zip(jobs, drafts, logits, strict=True):
+            if job.speculator is None:  # width is 1: speculation is off for every row
+                self._choose(job, [job.decoding.sampler(rows[0], job.cache.tokens)])
+                continue
+            chosen, proposed, accepted = job.speculator.settle(
+                job.cache, job.next_token, draft, q, rows, job.decoding.sampler
+            )
+            job.result.proposed_tokens += proposed
+            job.result.accepted_tokens += accepted
+            if self.metrics is not None and proposed:
+                self.metrics.count_speculation(proposed, accepted)
+            self._choose(job, chosen)
 
-    def _choose(self, job: Job, logits: np.ndarray) -> None:
-        chosen = len(job.result.token_ids)
-        piece, job.next_token = job.reply.push(logits, job.cache, job.admitted)
-        now = time.perf_counter()
+    def _propose(self, job: Job) -> tuple[list[int], np.ndarray | None]:
+        """A row's proposals for this step (none without speculation)."""
+        if job.speculator is None:
+            return [], None
+        limit = job.decoding.draft_limit(job.cache)
+        return job.speculator.propose(job.cache, job.next_token, job.decoding.sampler, limit)
+
+    def _choose(self, job: Job, tokens: Sequence[int]) -> None:
+        """Hand the step's chosen ``tokens`` to the job's decoding; the last one runs next."""
+        decoding, now = job.decoding, time.perf_counter()
+        before = len(job.result.token_ids)
+        text = ""
+        for token in tokens:
+            text += decoding.push(token)
+            if decoding.done:
+                break
+        out = len(job.result.token_ids) - before  # (an end token is not a token out)
         if self.metrics is not None:
             if job.last_token_at is None:
                 self.metrics.ttft.observe(now - job.admitted)
-            elif len(job.result.token_ids) > chosen:  # (an end token is not a token out)
-                self.metrics.inter_token.observe(now - job.last_token_at)
+            elif out:  # a speculative step's tokens share its time
+                for _ in range(out):
+                    self.metrics.inter_token.observe((now - job.last_token_at) / out)
         job.last_token_at = now
-        if piece:
-            job.emit(piece)
-        if job.next_token is None:
+        if text:
+            job.emit(text)
+        job.next_token = None if decoding.done else int(tokens[-1])
+        if decoding.done:
             self._finish(job)
 
     def _finish(self, job: Job, error: BaseException | None = None) -> None:
-        """Free the job's row, then its slot; its consumer gets the error (if any) and END."""
+        """Free the job's row (its cache first kept for prefix reuse), then its slot; its
+        consumer gets the error (if any) and END."""
         if job.cache is not None:
+            if job.decoding is not None and job.cache.length > job.decoding.kept:
+                job.cache.truncate(job.decoding.kept)  # run past the last token chosen
+            if self.prefix_cache is not None and error is None and job.cache.length:
+                self.prefix_cache.insert(job.cache)
             self.batch.free(job.cache)
             job.cache = None
         if job in self._jobs:

@@ -220,12 +220,18 @@ def new_job(
     return Job(prompt_ids, params, emit, release, arrived=arrived), queue
 
 
-def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, int]:
+def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
     n = len(result.token_ids)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": n,
         "total_tokens": prompt_tokens + n,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
+        # speculative decoding, per request (OpenAI's names for predicted outputs' tokens)
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": result.accepted_tokens,
+            "rejected_prediction_tokens": result.proposed_tokens - result.accepted_tokens,
+        },
     }
 
 

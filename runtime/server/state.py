@@ -13,6 +13,7 @@ from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.prefix_cache import PrefixCache
 from moe2edge.runtime.server.batching import BatchLoop
 from moe2edge.runtime.server.config import ServerConfig
 from moe2edge.runtime.server.metrics import Metrics
@@ -73,6 +74,11 @@ class ServiceState:
     step_hook: Callable[[], None] | None = None
     voice: Any = None  # moe2edge.runtime.server.voice_ws.VoiceResources, when voice is enabled
     created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """Earlier requests' KV, reused by later ones (``config.prefix_cache_mb``)."""
+        return self.batching.prefix_cache
 
     def refresh_gauges(self) -> None:
         self.metrics.active.set(self.scheduler.active)
