@@ -18,7 +18,14 @@ row of it:
   does not decode this step runs a dummy token at the position after its last one, which
   its next run overwrites (rows where that position is full, or held by a copy, split the
   span instead);
-* ``free`` gives a row back for the next ``take``; no other row moves or is copied.
+* ``free`` gives a row back for the next ``take``; no other row moves or is copied;
+* ``take(prefix)`` starts a row from what another cache holds (the service's prefix
+  cache): its positions are copied into the row, O(prefix).
+
+A step runs one new token per row: GroupQueryAttention (ONNX Runtime's CPU kernel) refuses
+more than one new token per row at batch > 1 once there is a past ("batch_size must be 1
+when sequence_length > 1 and past context is given"), so several tokens of one row (a
+prefill chunk, a speculative verify) run through ``engine.forward`` on its row alone.
 
 Any other engine (the concat graph, TensorRT, CUDA buffers, bundles with a mask input)
 gets the same interface with one ``engine.forward`` per cache: correct, not batched.
@@ -66,10 +73,10 @@ class _Span:
     """The IO binding of rows ``lo..hi`` for a decode step, bound once, written per step."""
 
     binding: ort.IOBinding
-    ids: np.ndarray  # [rows, width] int64
+    ids: np.ndarray  # [rows, 1] int64
     seqlens: np.ndarray  # [rows] int32
     total: np.ndarray  # () int32
-    logits: np.ndarray  # [rows, width, vocab]
+    logits: np.ndarray  # [rows, 1, vocab]
 
 
 def batches_rows(engine) -> bool:
@@ -101,7 +108,7 @@ class KVBatch:
         self._row_of: dict[KVCache, int] = {}
         self._cache_in: list[KVCache | None] = [None] * rows
         self._storage: list[RowStorage | None] = [None] * rows
-        self._spans: dict[tuple[int, int, int], _Span] = {}  # (lo, hi, width)
+        self._spans: dict[tuple[int, int], _Span] = {}
 
     # --- rows -----------------------------------------------------------------------
 
@@ -163,42 +170,25 @@ class KVBatch:
         graph allows; returns the logits [n, vocab] (float32, the caller's)."""
         if len(caches) != len(token_ids):
             raise ValueError(f"{len(caches)} caches but {len(token_ids)} tokens")
-        return self.forward_many(caches, [[int(t)] for t in token_ids])[:, 0]
-
-    def forward_many(
-        self, caches: Sequence[KVCache], token_lists: Sequence[Sequence[int]]
-    ) -> np.ndarray:
-        """Run ``token_lists[i]`` after what ``caches[i]`` holds; every list has the same
-        length ``w`` (GroupQueryAttention takes one new-token count per run). Returns the
-        logits of every new position [n, w, vocab] (float32, the caller's). A speculative
-        step verifies its rows' drafts this way (``server/batching.py``)."""
-        if len(caches) != len(token_lists):
-            raise ValueError(f"{len(caches)} caches but {len(token_lists)} token lists")
         if len({id(c) for c in caches}) != len(caches):
             raise ValueError("a cache may take one token per step")
-        widths = {len(t) for t in token_lists}
-        if len(widths) > 1 or 0 in widths:
-            raise ValueError(f"every row runs the same number of tokens (>= 1), not {widths}")
-        width = widths.pop() if widths else 1
         for cache in caches:
-            if cache.length + width > self.engine.max_length:
+            if cache.length + 1 > self.engine.max_length:
                 raise ContextOverflowError(
-                    f"a cache of {cache.length} positions is full for {width} more (the "
-                    f"model's context is {self.engine.max_length} tokens); end that sequence "
-                    "before this step"
+                    f"a cache of {cache.length} positions is full (the model's context is "
+                    f"{self.engine.max_length} tokens); end that sequence before this step"
                 )
-        out = np.empty((len(caches), width, self.engine.vocab_size), dtype=np.float32)
+        out = np.empty((len(caches), self.engine.vocab_size), dtype=np.float32)
         rows: dict[int, int] = {}  # row -> index into caches
         for i, cache in enumerate(caches):
             row = self._batched_row(cache)
             if row is None:  # outside the buffers, or a copy holds what it would write
-                ids = [int(t) for t in token_lists[i]]
-                out[i] = self.engine.forward(ids, cache, all_logits=True).reshape(width, -1)
+                out[i] = self.engine.forward([int(token_ids[i])], cache)
             else:
                 rows[row] = i
-        for lo, hi in self._segments(sorted(rows), width):
+        for lo, hi in self._segments(sorted(rows)):
             in_span = {r: rows[r] for r in range(lo, hi) if r in rows}
-            self._run_span(lo, hi, width, in_span, caches, token_lists, out)
+            self._run_span(lo, hi, in_span, caches, token_ids, out)
         return out
 
     def _batched_row(self, cache: KVCache) -> int | None:
@@ -209,22 +199,22 @@ class KVBatch:
             return None  # engine.forward copies it out first
         return row
 
-    def _idle_position(self, row: int, width: int = 1) -> int | None:
-        """Where ``width`` dummy tokens may go in ``row`` this step: after the last position
-        any cache on it holds (None: the row has no room for them there)."""
+    def _idle_position(self, row: int) -> int | None:
+        """Where a dummy token may go in ``row`` this step: after the last position any
+        cache on it holds (None: the row is full there)."""
         storage = self._storage[row]
         if storage is None:
             return 0
         with storage.lock:
             filled = max((c.length for c in list(storage.sharers)), default=0)
-        return filled if filled + width <= self.engine.max_length else None
+        return filled if filled < self.engine.max_length else None
 
-    def _segments(self, active: list[int], width: int = 1) -> list[tuple[int, int]]:
-        """Spans ``lo..hi`` covering the ``active`` rows, split at idle rows without room."""
+    def _segments(self, active: list[int]) -> list[tuple[int, int]]:
+        """Spans ``lo..hi`` covering the ``active`` rows, split at idle rows that are full."""
         spans: list[tuple[int, int]] = []
         for row in active:
             gap = range(spans[-1][1], row) if spans else range(0)
-            if spans and all(self._idle_position(r, width) is not None for r in gap):
+            if spans and all(self._idle_position(r) is not None for r in gap):
                 spans[-1] = (spans[-1][0], row + 1)
             else:
                 spans.append((row, row + 1))
@@ -234,20 +224,19 @@ class KVBatch:
         self,
         lo: int,
         hi: int,
-        width: int,
         rows: dict[int, int],
         caches: Sequence[KVCache],
-        token_lists: Sequence[Sequence[int]],
+        token_ids: Sequence[int],
         out: np.ndarray,
     ) -> None:
-        span = self._span(lo, hi, width)
+        span = self._span(lo, hi)
         span.ids.fill(0)
-        for row in range(lo, hi):  # seqlens_k: the row's positions after the run, minus one
+        for row in range(lo, hi):
             if row in rows:
-                span.seqlens[row - lo] = caches[rows[row]].length + width - 1
-                span.ids[row - lo] = token_lists[rows[row]]
+                span.seqlens[row - lo] = caches[rows[row]].length
+                span.ids[row - lo, 0] = int(token_ids[rows[row]])
             else:
-                span.seqlens[row - lo] = (self._idle_position(row, width) or 0) + width - 1
+                span.seqlens[row - lo] = self._idle_position(row) or 0
         span.total[()] = int(span.seqlens.max()) + 1
         with contextlib.ExitStack() as locks:  # rows' copies may live in other threads
             for row in range(lo, hi):
@@ -255,12 +244,12 @@ class KVBatch:
                     locks.enter_context(self._storage[row].lock)
             self.engine.session.run_with_iobinding(span.binding)
         for row, i in rows.items():
-            out[i] = span.logits[row - lo]
-            caches[i].length += width
-            caches[i].tokens.extend(int(t) for t in token_lists[i])
+            out[i] = span.logits[row - lo, 0]
+            caches[i].length += 1
+            caches[i].tokens.append(int(token_ids[i]))
 
-    def _span(self, lo: int, hi: int, width: int) -> _Span:
-        span = self._spans.get((lo, hi, width))
+    def _span(self, lo: int, hi: int) -> _Span:
+        span = self._spans.get((lo, hi))
         if span is not None:
             return span
         eng, n = self.engine, hi - lo
@@ -272,16 +261,16 @@ class KVBatch:
                 binding.bind_ortvalue_output(eng._name(f"present_{kind}", layer), value)
         span = _Span(
             binding,
-            ids=np.zeros((n, width), dtype=np.int64),
+            ids=np.zeros((n, 1), dtype=np.int64),
             seqlens=np.zeros((n,), dtype=np.int32),
             total=np.zeros((), dtype=np.int32),
-            logits=np.zeros((n, width, eng.vocab_size), dtype=eng.logits_dtype),
+            logits=np.zeros((n, 1, eng.vocab_size), dtype=eng.logits_dtype),
         )
         binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(span.ids))
         binding.bind_ortvalue_input(SEQLENS, ort.OrtValue.ortvalue_from_numpy(span.seqlens))
         binding.bind_ortvalue_input(TOTAL_LENGTH, ort.OrtValue.ortvalue_from_numpy(span.total))
         if eng.logits_to_keep:
-            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(width, dtype=np.int64))
+            binding.bind_cpu_input(LOGITS_TO_KEEP, np.array(1, dtype=np.int64))
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(span.logits))
-        self._spans[(lo, hi, width)] = span
+        self._spans[(lo, hi)] = span
         return span

@@ -13,9 +13,9 @@ one that runs the engine, repeats one iteration at a time:
 5. one decode step runs every job whose prompt is in: one batched engine run, then each
    job's next tokens go through its ``Decoding`` (``runtime/generate.py``: sampling, end
    tokens, stop strings, limits, detokenization; the same object ``Generator.decode``
-   drives). With speculative decoding on (the generator's ``speculation``), each row
-   proposes up to k tokens (prompt lookup or the draft model) and the step verifies every
-   row's proposals in the same run (``_decode``).
+   drives). With speculative decoding on (the generator's ``speculation``), the rows whose
+   proposals pay for a run of their own (``_decode``) propose up to k tokens (prompt lookup
+   or the draft model) and verify them; the others decode one token in the batched run.
 
 A job joins at the next iteration and leaves at the one after it ends; its cache (prompt
 and reply) then goes into the prefix cache for later requests. The rows are the service's
@@ -45,7 +45,7 @@ from moe2edge.runtime.speculative import Speculator
 
 log = logging.getLogger(__name__)
 END = object()  # what a job emits last
-PAD = 0  # fills a row's shorter draft up to the step's width; its logits are not read
+EXPECTATION_WEIGHT = 0.3  # of the latest verify in a row's running mean of accepted tokens
 
 
 class Job:
@@ -72,6 +72,7 @@ class Job:
         self.prefilled = 0  # prompt tokens in the cache (reused from the prefix cache or run)
         self.decoding: Decoding | None = None  # once the prompt is in
         self.speculator: Speculator | None = None
+        self.expected_accepted = 0.0  # proposals a verify of this job accepts (running mean)
         self.next_token: int | None = None  # chosen, to run at the next decode step
         self._lock = threading.Lock()
         self._submitted = self._finished = False
@@ -122,6 +123,7 @@ class BatchLoop:
         self._closed = False
         self.steps = 0  # decode steps run (all rows together count one)
         self.most_rows = 0  # the most rows one decode step ran
+        self.verified = 0  # speculative verify runs (one row's proposals each)
         self._thread = threading.Thread(target=self._run, name="batching", daemon=True)
         self._thread.start()
 
@@ -245,66 +247,86 @@ class BatchLoop:
             job.prefilled += len(chunk)
             if job.prefilled == len(job.prompt_ids):
                 job.speculator = self.generator.new_speculator()
+                if job.speculator is not None:  # a prior: half of a first draft accepted
+                    job.expected_accepted = job.speculator.draft_length / 2
                 job.decoding = Decoding(
                     self.generator, job.params, job.result, job.cache.length, job.admitted
                 )
                 self._choose(job, [job.decoding.sampler(logits, job.cache.tokens)])
 
     def _decode(self) -> None:
-        """One step for every job with a token to run.
+        """One step for every job with a token to run: one batched run of one token per
+        row, and a verify run of its own for each row that speculates this step.
 
-        Speculation inside the batch: GroupQueryAttention takes one new-token count per run,
-        so every row runs ``width`` = 1 + the longest draft of the step, shorter drafts
-        padded (``PAD``; the logits after a row's own proposals are not read and its cache
-        is truncated past what it accepts). One run for all rows is the fast choice: decode
-        is bound by reading the weights, which one run does once for every row and every
-        proposal, where a verify per row would read them once per row and give up the
-        batching. Padding costs compute only, and a step runs at most ``prefill_chunk``
-        positions in all (the width shrinks with more rows), so it costs no more than a
-        prefill chunk. The width also fits the row with the least room in its context.
+        A row's verify runs alone: GroupQueryAttention runs several new tokens of a row only
+        at batch 1 (``runtime/batch.py``). Decode is bound by reading the weights, so a run
+        costs about the same for one token or a few, for one row or all: the batched step
+        gives every row one token per run, a row's verify gives it 1 + the proposals it
+        accepts. ``_speculating`` picks the rows whose verify pays for its run (by each
+        row's recent acceptance): every row alone, none at a full batch of poor guesses.
         """
         jobs = [j for j in self._jobs if j.next_token is not None]
         if not jobs:
             return
         if self.step_hook is not None:
             self.step_hook()
-        drafts = [self._propose(job) for job in jobs]
-        width = 1 + max(len(draft) for draft, _ in drafts)
-        room = min(self.engine.max_length - job.cache.length for job in jobs)
-        width = max(1, min(width, room, self.prefill_chunk // len(jobs)))
-        drafts = [(d[: width - 1], None if q is None else q[: width - 1]) for d, q in drafts]
-        tokens = [[j.next_token, *d] + [PAD] * (width - 1 - len(d)) for j, (d, _) in zip(
-            jobs, drafts, strict=True
-        )]  # fmt: skip
+        verifies = []
+        for job in self._speculating(jobs):
+            limit = job.decoding.draft_limit(job.cache)
+            draft, q = job.speculator.propose(
+                job.cache, job.next_token, job.decoding.sampler, limit
+            )
+            if draft:
+                verifies.append((job, draft, q))
+        alone = {id(job) for job, _, _ in verifies}
+        batched = [j for j in jobs if id(j) not in alone]
         try:
-            logits = self.batch.forward_many([j.cache for j in jobs], tokens)
-        except Exception as exc:  # noqa: BLE001 - every job of the step fails with it
-            for job in jobs:
+            logits = self.batch.forward([j.cache for j in batched], [j.next_token for j in batched])
+        except Exception as exc:  # noqa: BLE001 - every job of the run fails with it
+            for job in batched:
                 self._finish(job, exc)
-            return
+            batched, logits = [], []
         self.steps += 1
         self.most_rows = max(self.most_rows, len(jobs))
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(jobs))
-        for job, (draft, q), rows in zip(jobs, drafts, logits, strict=True):
-            if job.speculator is None:  # width is 1: speculation is off for every row
-                self._choose(job, [job.decoding.sampler(rows[0], job.cache.tokens)])
+        for job, row in zip(batched, logits, strict=True):
+            self._choose(job, [job.decoding.sampler(row, job.cache.tokens)])
+        for job, draft, q in verifies:
+            token = job.next_token
+            try:
+                rows = self.engine.forward([token, *draft], job.cache, all_logits=True)
+            except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
+                self._finish(job, exc)
                 continue
             chosen, proposed, accepted = job.speculator.settle(
-                job.cache, job.next_token, draft, q, rows, job.decoding.sampler
+                job.cache, token, draft, q, rows, job.decoding.sampler
             )
             job.result.proposed_tokens += proposed
             job.result.accepted_tokens += accepted
-            if self.metrics is not None and proposed:
+            job.expected_accepted += EXPECTATION_WEIGHT * (accepted - job.expected_accepted)
+            self.verified += 1
+            if self.metrics is not None:
                 self.metrics.count_speculation(proposed, accepted)
             self._choose(job, chosen)
 
-    def _propose(self, job: Job) -> tuple[list[int], np.ndarray | None]:
-        """A row's proposals for this step (none without speculation)."""
-        if job.speculator is None:
-            return [], None
-        limit = job.decoding.draft_limit(job.cache)
-        return job.speculator.propose(job.cache, job.next_token, job.decoding.sampler, limit)
+    @staticmethod
+    def _speculating(jobs: list[Job]) -> list[Job]:
+        """The rows that verify proposals of their own this step: the set that gives the
+        most tokens per engine run, taking each row's recent accepted count per verify as
+        what its next verify gains. With s rows verifying out of n: n tokens plus their
+        gains, over s runs and one batched run for the others (none when s == n)."""
+        candidates = sorted(
+            (j for j in jobs if j.speculator is not None and j.decoding.draft_limit(j.cache) > 0),
+            key=lambda j: -j.expected_accepted,
+        )
+        n, best, best_rate, gained = len(jobs), 0, 1.0 * len(jobs), 0.0
+        for s, job in enumerate(candidates, start=1):
+            gained += job.expected_accepted
+            rate = (n + gained) / (s + (s < n))
+            if rate > best_rate:
+                best, best_rate = s, rate
+        return candidates[:best]
 
     def _choose(self, job: Job, tokens: Sequence[int]) -> None:
         """Hand the step's chosen ``tokens`` to the job's decoding; the last one runs next."""
