@@ -8,7 +8,7 @@ inter-token latency is the gap between two of its content chunks as the client r
 the aggregate rate is every stream's completion tokens (``usage``) over the wall time from
 the first request to the last reply.
 
-    python bench/concurrency.py BUNDLE --streams 1,2,4,8 --new-tokens 64
+    python bench/concurrency.py BUNDLE --streams 1,2,4,8 --new-tokens 64 [--speculate ngram]
 """
 
 from __future__ import annotations
@@ -34,12 +34,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(bundle: Path, slots: int, threads: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    bundle: Path, slots: int, threads: int, speculate: str = "off"
+) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [
         sys.executable, "-m", "moe2edge.cli", "serve", str(bundle), "--port", str(port),
         "--no-voice", "--slots", str(slots), "--queue", str(slots), "--threads", str(threads),
         "--log-level", "warning", "--set", f"max_new_tokens_limit={1 << 16}",
+        "--speculate", speculate,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
@@ -110,12 +113,18 @@ async def _rounds(client, url: str, new_tokens: int, rounds: int) -> list:
 
 
 def measure(
-    bundle: Path, streams: list[int], new_tokens: int, rounds: int = 2, threads: int = 1
+    bundle: Path,
+    streams: list[int],
+    new_tokens: int,
+    rounds: int = 2,
+    threads: int = 1,
+    speculate: str = "off",
 ) -> dict[str, dict]:
-    """{streams: {aggregate_tok_s, p95_itl_ms, ...}}, a fresh server for each count."""
-    out = {}
+    """{streams: {aggregate_tok_s, p95_itl_ms, ...}}, a fresh server for each count;
+    ``speculate``: the server's speculative decoding (off, ngram)."""
+    out, bundle = {}, Path(bundle)
     for n in streams:
-        proc, url = start_server(bundle, n, threads)
+        proc, url = start_server(bundle, n, threads, speculate)
         try:
             out[str(n)] = asyncio.run(run_streams(url, n, new_tokens, rounds))
         finally:
@@ -132,9 +141,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="replies per stream, in a row")
     parser.add_argument("--threads", type=int, default=1, help="the server's ORT threads")
+    parser.add_argument("--speculate", default="off", choices=["off", "ngram"])
     args = parser.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
-    result = measure(Path(args.bundle), streams, args.new_tokens, args.rounds, args.threads)
+    result = measure(
+        Path(args.bundle), streams, args.new_tokens, args.rounds, args.threads, args.speculate
+    )
     print(json.dumps(result))
 
 
