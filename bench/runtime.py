@@ -25,6 +25,19 @@ reported. All ORT-based runtimes get the same intra-op thread count (``--threads
 the same number of threads. The machine's memory bandwidth is measured in the same run and
 ``floor_ms_per_token`` = weight bytes read per token / bandwidth (per precision).
 
+``concurrency``: aggregate tokens/s and p95 inter-token latency of 1, 2, 4, 8 concurrent
+streaming chat completions through the real HTTP server (``moe2edge serve``, its batching
+loop), per precision (``bench/concurrency.py``; ``--concurrency ''`` skips it;
+``--concurrency-speculate off,ngram`` adds ``concurrency_ngram``, the servers with prompt
+lookup speculation).
+Then (unless ``--skip-spec``) bench/speculative.py adds ``speculative`` (plain vs prompt
+lookup vs ``--spec-draft``, and onnxruntime-genai plain and with its own n-gram speculative
+decoding, per precision, on ``--spec-fp32``/``--spec-int4``: by default the 100M student's
+bundles and genai's bundles of it; ``greedy_equal``: every method's tokens equal our plain
+decoding's) with ``speedup`` entries ``moe2edge_spec_vs_genai_{fp32,int4}`` (our fastest
+speculative method over genai's fastest configuration), and ``prefix_reuse`` (TTFT of the
+turn after a ``--history-tokens`` history, with and without reuse).
+
     python bench/runtime.py                      # a few minutes on 2 cores
     python bench/runtime.py --new-tokens 32 --repeats 1   # quick look
 """
@@ -445,7 +458,27 @@ def main() -> None:
     parser.add_argument(
         "--hf-stepped", action="store_true", help="step transformers in the lockstep too"
     )
+    parser.add_argument(
+        "--concurrency", default="1,2,4,8", help="concurrent HTTP streams to measure ('': none)"
+    )
+    parser.add_argument(
+        "--concurrency-rounds", type=int, default=2, help="replies per stream, in a row"
+    )
+    parser.add_argument(
+        "--concurrency-speculate",
+        default="off",
+        help="the servers' speculative decoding, comma-separated: off (key concurrency), "
+        "ngram (key concurrency_ngram)",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    # the speculative / prefix_reuse sections (bench/speculative.py)
+    parser.add_argument("--spec-fp32", help="fp32 bundle of the student (default: the 100M one)")
+    parser.add_argument("--spec-int4", help="its int4 bundle (default: the 100M student's)")
+    parser.add_argument("--spec-draft", help="the student's draft bundle (omit: prompt lookup)")
+    parser.add_argument("--spec-genai-fp32", help="genai's bundle of --spec-fp32 (its builder dir)")
+    parser.add_argument("--spec-genai-int4", help="genai's bundle of --spec-int4")
+    parser.add_argument("--history-tokens", type=int, default=256, help="prefix_reuse history")
+    parser.add_argument("--skip-spec", action="store_true", help="no speculative/prefix_reuse")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -500,6 +533,47 @@ def main() -> None:
     result = summarize(samples, names, lengths, bandwidth, paths, args, started)
     result["peak_rss_mb"] = {n: round(v, 1) for n, v in peak_rss.items()}
     result["moe2edge_torch_free"] = not torch_in_ours
+    if args.concurrency:
+        from concurrency import measure as measure_concurrency  # bench/concurrency.py
+
+        streams = [int(n) for n in args.concurrency.split(",")]
+        for speculate in args.concurrency_speculate.split(","):
+            key = "concurrency" if speculate == "off" else f"concurrency_{speculate}"
+            result[key] = {
+                p: measure_concurrency(
+                    paths[f"moe2edge_{p}"],
+                    streams,
+                    args.new_tokens,
+                    args.concurrency_rounds,
+                    args.threads,
+                    speculate,
+                )
+                for p in ("fp32", "int4")
+            }
+    if not args.skip_spec:
+        from speculative import measure as measure_speculative  # bench/speculative.py
+        from speculative import spec_vs_genai
+
+        student = {"fp32": args.spec_fp32, "int4": args.spec_int4}
+        bundles = {p: b or paths[f"moe2edge_{p}"] for p, b in student.items()}
+        given = {"fp32": args.spec_genai_fp32, "int4": args.spec_genai_int4}
+        genai = {p: g or (None if student[p] else paths[f"genai_{p}"]) for p, g in given.items()}
+        random_student = not (args.spec_fp32 or args.spec_int4)  # it never ends a reply
+        result.update(
+            measure_speculative(
+                bundles,
+                args.spec_draft,
+                args.threads,
+                args.repeats,
+                args.new_tokens,
+                args.history_tokens,
+                ignore_eos=random_student,
+                genai={p: g for p, g in genai.items() if g},
+            )
+        )
+        versus = spec_vs_genai(result["speculative"])
+        result["speculative"]["vs_genai"] = versus
+        result.setdefault("speedup", {}).update(versus["speedup"])
     print(json.dumps(result))
 
 

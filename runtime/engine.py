@@ -59,12 +59,19 @@ def _float32(array: np.ndarray) -> np.ndarray:
 
 class SharedStorage:
     """Per-layer KV buffers of ``capacity`` positions and the decode-step IO binding, shared
-    by a cache and its copies."""
+    by a cache and its copies. ``keys``/``values``: buffers to use instead of new ones (a
+    row of a batch's buffers: ``moe2edge.runtime.batch``)."""
 
-    def __init__(self, engine: OnnxEngine, capacity: int):
+    def __init__(
+        self,
+        engine: OnnxEngine,
+        capacity: int,
+        keys: list[Any] | None = None,
+        values: list[Any] | None = None,
+    ):
         self.engine, self.capacity = engine, capacity
-        self.keys = [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
-        self.values = [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
+        self.keys = keys or [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
+        self.values = values or [engine._alloc_kv(capacity) for _ in range(engine.num_layers)]
         self.step_ids = np.zeros((1, 1), dtype=np.int64)
         self.step_logits = np.zeros((1, 1, engine.vocab_size), dtype=engine.logits_dtype)
         # written before every run, bound once (graphs fed lengths instead of a mask)
@@ -239,8 +246,8 @@ class OnnxEngine:
     def _name(self, kind: str, layer: int) -> str:
         return self.kv[kind].format(layer=layer)
 
-    def _kv_shape(self, positions: int) -> tuple[int, int, int, int]:
-        return (1, int(self.kv["num_kv_heads"]), positions, int(self.kv["head_dim"]))
+    def _kv_shape(self, positions: int, rows: int = 1) -> tuple[int, int, int, int]:
+        return (rows, int(self.kv["num_kv_heads"]), positions, int(self.kv["head_dim"]))
 
     def _alloc_kv(self, positions: int) -> Any:
         if self.ort_device == "cpu":

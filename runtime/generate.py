@@ -27,6 +27,7 @@ from moe2edge.runtime.detokenize import StreamDecoder
 from moe2edge.runtime.engine import KVCache, open_engine
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
 from moe2edge.runtime.sampling import Sampler, SamplingParams
+from moe2edge.runtime.speculative import SpeculationConfig, Speculator, check_draft
 
 
 @dataclass
@@ -38,6 +39,13 @@ class GenerationResult:
     stop_token: int | None = None  # the end token that stopped it (not in token_ids)
     ttft_ms: float = 0.0  # prompt in -> first token chosen
     decode_ms: float = 0.0  # first token -> last token
+    proposed_tokens: int = 0  # speculative decoding: tokens drafted for verification
+    accepted_tokens: int = 0  # ... and accepted by the target
+    cached_tokens: int = 0  # prompt tokens whose KV came from a cache (set by the caller)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -45,7 +53,7 @@ class GenerationResult:
         return steps / (self.decode_ms / 1000) if steps > 0 and self.decode_ms > 0 else 0.0
 
 
-class _StopMatcher:
+class StopMatcher:
     """Holds back text that could still turn into a stop string."""
 
     def __init__(self, stops: list[str]):
@@ -74,12 +82,111 @@ class _StopMatcher:
         return out
 
 
-class Generator:
-    """A bundle's tokenizer, prompt format and engine, ready to generate."""
+class Decoding:
+    """One reply decoded a token at a time: sampling, end tokens, stop strings, the length
+    limits, detokenization and timings. ``Generator.decode`` drives one; the service's
+    batching loop (``server/batching.py``) drives one per row, so both end a reply the same.
 
-    def __init__(self, engine: Any, tokenizer: Tokenizer):
+    ``push(token)`` takes each chosen token (from ``sampler``, or several from a speculative
+    step) and returns the text it makes final; ``done`` tells when the reply has ended.
+    ``kept`` is what the cache must hold when it ends: every chosen token but the last.
+    """
+
+    def __init__(
+        self,
+        generator: Generator,
+        params: SamplingParams,
+        result: GenerationResult,
+        cache_length: int,
+        started: float | None = None,
+        speculator: Speculator | None = None,
+    ):
+        self.params, self.result, self.speculator = params, result, speculator
+        self.sampler = Sampler(params)
+        self.max_length = generator.engine.max_length
+        self.stop_ids = set(params.stop_token_ids) | (
+            set() if params.ignore_eos else set(generator.eos_token_ids)
+        )
+        self.decoder, self.stops = StreamDecoder(generator.tokenizer), StopMatcher(params.stop)
+        self.started = started if started is not None else time.perf_counter()
+        self.base, self.chosen = cache_length, 0  # cache length at the start, tokens chosen
+        self.first_token_at: float | None = None
+        self.done = False
+
+    @property
+    def kept(self) -> int:
+        return self.base + max(self.chosen - 1, 0)
+
+    def draft_limit(self, cache: KVCache) -> int:
+        """Proposals a speculative step may still use: they fit the reply and the context."""
+        return min(
+            self.params.max_new_tokens - len(self.result.token_ids) - 1,
+            self.max_length - cache.length - 1,
+        )
+
+    def push(self, token: int) -> str:
+        """Take the next chosen token; the text now final (ends the reply when it should)."""
+        result = self.result
+        self.chosen += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+            result.ttft_ms = (self.first_token_at - self.started) * 1000
+        if token in self.stop_ids:
+            result.finish_reason, result.stop_token = "stop", token
+            return self._end("")
+        result.token_ids.append(token)
+        piece, stopped = self.stops.push(self.decoder.push(token))
+        if stopped:
+            result.finish_reason = "stop"
+            return self._end(piece, flush=False)
+        if (
+            len(result.token_ids) >= self.params.max_new_tokens
+            or self.base + self.chosen - 1 >= self.max_length
+        ):
+            result.finish_reason = "length"
+            return self._end(piece)
+        result.text += piece
+        return piece
+
+    def cancel(self, flush: bool = True) -> str:
+        """End the reply here (``finish_reason="cancelled"``); the held-back text, if
+        ``flush``."""
+        if self.done:
+            return ""
+        self.result.finish_reason = "cancelled"
+        return self._end("", flush)
+
+    def _end(self, piece: str, flush: bool = True) -> str:
+        self.done = True
+        if flush:
+            piece += self.stops.push(self.decoder.flush())[0] + self.stops.flush()
+        self.result.text += piece
+        if self.first_token_at is not None:
+            self.result.decode_ms = (time.perf_counter() - self.first_token_at) * 1000
+        return piece
+
+
+class Generator:
+    """A bundle's tokenizer, prompt format and engine, ready to generate.
+
+    ``speculation``: speculative decoding (runtime/speculative.py; default off);
+    ``draft_engine``: the opened draft bundle when its method is ``draft``.
+    """
+
+    def __init__(
+        self,
+        engine: Any,
+        tokenizer: Tokenizer,
+        speculation: SpeculationConfig | None = None,
+        draft_engine: Any = None,
+    ):
         self.engine = engine
         self.tokenizer = tokenizer
+        self.speculation = speculation or SpeculationConfig()
+        self.speculation.validate()
+        if self.speculation.method == "draft" and draft_engine is None:
+            raise BundleError("speculation method 'draft' needs an opened draft engine")
+        self.draft_engine = draft_engine
         gen = engine.manifest["generation"]
         self.prompt_template: str = gen.get("prompt_template", "{prompt}")
         self.bos_token_id: int | None = gen.get("bos_token_id") if gen.get("add_bos") else None
@@ -101,15 +208,41 @@ class Generator:
         verify: bool = True,
         max_length: int | None = None,
         spinning: str | bool | None = "run",
+        speculation: SpeculationConfig | None = None,
     ) -> Generator:
-        """``device``: cpu, cuda, tensorrt (ORT providers), tensorrt-native, or None (manifest)."""
+        """``device``: cpu, cuda, tensorrt (ORT providers), tensorrt-native, or None (manifest).
+
+        ``speculation`` with method ``draft`` opens its draft bundle on the same device."""
         engine = open_engine(bundle_dir, device, threads, verify, max_length, spinning)
         tokenizer_file = Path(bundle_dir) / engine.manifest["io"].get(
             "tokenizer_file", "tokenizer.json"
         )
         if not tokenizer_file.is_file():
             raise BundleError(f"bundle {bundle_dir} has no {tokenizer_file.name}; re-export it")
-        return cls(engine, Tokenizer.from_file(str(tokenizer_file)))
+        draft = None
+        if speculation is not None and speculation.method == "draft":
+            speculation.validate()
+            draft_dir = Path(speculation.draft_bundle)
+            if not (draft_dir / "manifest.json").is_file():
+                raise BundleError(f"draft bundle {draft_dir} has no manifest.json")
+            draft = open_engine(draft_dir, device, threads, verify, None, spinning)
+            check_draft(engine.manifest, draft.manifest, draft_dir)
+        return cls(engine, Tokenizer.from_file(str(tokenizer_file)), speculation, draft)
+
+    def with_speculation(
+        self, speculation: SpeculationConfig | None, draft_engine: Any = None
+    ) -> Generator:
+        """This generator (same engine and tokenizer) with other speculation settings."""
+        if draft_engine is not None:
+            check_draft(self.engine.manifest, draft_engine.manifest, draft_engine.bundle_dir)
+        return Generator(self.engine, self.tokenizer, speculation, draft_engine)
+
+    def new_speculator(self) -> Speculator | None:
+        """Per-sequence speculation state (None: off). A conversation keeps one across turns,
+        so the draft model prefills only what is new."""
+        if not self.speculation.enabled:
+            return None
+        return Speculator(self.speculation, self.draft_engine)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens, no template)."""
@@ -147,6 +280,7 @@ class Generator:
         result: GenerationResult | None = None,
         step_hook: Callable[[], None] | None = None,
         cancel: threading.Event | None = None,
+        speculator: Speculator | None = None,
     ) -> Iterator[str]:
         """Yield reply text pieces. ``cache`` may hold earlier turns (continued in place)."""
         cache = cache if cache is not None else self.engine.new_cache()
@@ -157,7 +291,9 @@ class Generator:
         result.prompt_tokens = len(prompt_ids)
         started = time.perf_counter()
         logits = self.engine.forward(prompt_ids, cache)
-        yield from self.decode(logits, cache, params, result, step_hook, cancel, started)
+        yield from self.decode(
+            logits, cache, params, result, step_hook, cancel, started, speculator
+        )
 
     def decode(
         self,
@@ -168,63 +304,47 @@ class Generator:
         step_hook: Callable[[], None] | None = None,
         cancel: threading.Event | None = None,
         started: float | None = None,
+        speculator: Speculator | None = None,
     ) -> Iterator[str]:
         """The decode loop from the logits of the cache's last position.
 
         Every chosen token but the last one is run into ``cache``; the last (an end token
-        included) is in ``result.token_ids`` / ``result.finish_reason`` only.
+        included) is in ``result.token_ids`` / ``result.finish_reason`` only. With
+        speculation on (``self.speculation``; ``speculator``: a sequence's own state, else a
+        fresh one) a step may choose several tokens; the cache ends the same way.
         """
         params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
-        sampler = Sampler(params)
         result = result if result is not None else GenerationResult()
-        started = started if started is not None else time.perf_counter()
-        stop_ids = set(params.stop_token_ids) | (
-            set() if params.ignore_eos else set(self.eos_token_ids)
-        )
-        decoder, stops = StreamDecoder(self.tokenizer), _StopMatcher(params.stop)
-        first_token_at, stopped_by_string, decoding = None, False, True
+        speculator = speculator if speculator is not None else self.new_speculator()
+        decoding = Decoding(self, params, result, cache.length, started, speculator)
+        tokens = [decoding.sampler(logits, cache.tokens)]
         try:
             while True:
-                token = sampler(logits, cache.tokens)
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                    result.ttft_ms = (first_token_at - started) * 1000
-                if token in stop_ids:
-                    result.finish_reason, result.stop_token = "stop", token
-                    break
-                result.token_ids.append(token)
-                piece, stopped = stops.push(decoder.push(token))
-                if piece:
-                    result.text += piece
-                    yield piece
-                if stopped:
-                    result.finish_reason, stopped_by_string = "stop", True
-                    break
-                if cancel is not None and cancel.is_set():
-                    result.finish_reason = "cancelled"
-                    break
-                if (
-                    len(result.token_ids) >= params.max_new_tokens
-                    or cache.length >= self.engine.max_length
-                ):
-                    result.finish_reason = "length"
-                    break
+                for token in tokens:
+                    piece = decoding.push(token)
+                    if not decoding.done and cancel is not None and cancel.is_set():
+                        piece += decoding.cancel()
+                    if piece:
+                        yield piece
+                    if decoding.done:
+                        return
                 if step_hook is not None:
                     step_hook()
-                logits = self.engine.forward([token], cache)
-            decoding = False
-            result.decode_ms = (time.perf_counter() - first_token_at) * 1000
-            if not stopped_by_string:
-                tail = stops.push(decoder.flush())[0] + stops.flush()
-                if tail:
-                    result.text += tail
-                    yield tail
+                if speculator is None:
+                    logits = self.engine.forward([token], cache)
+                    tokens = [decoding.sampler(logits, cache.tokens)]
+                    continue
+                tokens, proposed, accepted = speculator.step(
+                    self.engine, cache, token, decoding.sampler, decoding.draft_limit(cache)
+                )
+                result.proposed_tokens += proposed
+                result.accepted_tokens += accepted
         except GeneratorExit:  # the caller stopped reading (break, close): a cancelled reply
-            if decoding:
-                result.finish_reason = "cancelled"
-                if first_token_at is not None:
-                    result.decode_ms = (time.perf_counter() - first_token_at) * 1000
+            decoding.cancel(flush=False)
             raise
+        finally:  # a speculative step may have run tokens past the last one chosen
+            if cache.length > decoding.kept:
+                cache.truncate(decoding.kept)
 
     def generate(
         self, prompt: str, params: SamplingParams | None = None, template: bool = True, **kwargs

@@ -74,7 +74,11 @@ def filtered_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: fl
 
 
 class Sampler:
-    """Stateful only in its RNG, so a seed reproduces a whole generation."""
+    """Stateful only in its RNG, so a seed reproduces a whole generation.
+
+    ``__call__`` is one decoding step; ``scores``, ``probs`` and ``draw`` are its parts, for
+    speculative decoding (runtime/speculative.py), which scores several positions at once.
+    """
 
     def __init__(self, params: SamplingParams):
         params.validate()
@@ -82,10 +86,20 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
 
     def __call__(self, logits: np.ndarray, previous: Sequence[int]) -> int:
-        p = self.params
-        if p.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, previous, p.repetition_penalty)
-        if p.greedy:
+        logits = self.scores(logits, previous)
+        if self.params.greedy:
             return int(np.argmax(logits))  # no copy: the hot path of greedy decoding
-        probs = filtered_probs(logits, p.temperature, p.top_k, p.top_p)
+        return self.draw(self.probs(logits))
+
+    def scores(self, logits: np.ndarray, previous: Sequence[int]) -> np.ndarray:
+        """``logits`` after the repetition penalty over ``previous`` (the same array without one)."""
+        penalty = self.params.repetition_penalty
+        return logits if penalty == 1.0 else apply_repetition_penalty(logits, previous, penalty)
+
+    def probs(self, scores: np.ndarray) -> np.ndarray:
+        """The distribution a sampled step draws from, given ``scores`` (``scores()``)."""
+        p = self.params
+        return filtered_probs(scores, p.temperature, p.top_k, p.top_p)
+
+    def draw(self, probs: np.ndarray) -> int:
         return int(self.rng.choice(probs.size, p=probs))

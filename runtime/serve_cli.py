@@ -36,21 +36,27 @@ def register(subparsers, name: str, help_text: str, parents=()) -> argparse.Argu
     p.add_argument("--device", default=None, choices=["cpu", "cuda", "tensorrt"])
     p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default 1)")
     p.add_argument("--end-silence-ms", type=float, default=None, help="endpoint silence (300)")
+    p.add_argument(
+        "--draft", default=None, metavar="BUNDLE", help="draft bundle for speculative decoding"
+    )
+    p.add_argument(
+        "--speculate",
+        default=None,
+        choices=["off", "ngram", "draft"],
+        help="speculative decoding: ngram (prompt lookup), draft (--draft), off "
+        "(default: draft with --draft, else off)",
+    )
     p.add_argument("--no-voice", action="store_true", help="serve text only")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run)
     return p
 
 
-def run(args: argparse.Namespace, step_hook=None, concurrency_limiter=None) -> int:
-    """Serve until stopped. ``step_hook`` / ``concurrency_limiter``: see ``create_app``
-    (``moe2edge jetson serve`` passes its power governor here)."""
-    import uvicorn
+def server_config(args: argparse.Namespace):
+    """The ``ServerConfig`` from ``--config``, the flags and ``key=value`` overrides."""
+    from moe2edge.runtime.server import load_server_config
 
-    from moe2edge.runtime.generate import Generator
-    from moe2edge.runtime.server import create_app, load_server_config
-
-    config = load_server_config(
+    return load_server_config(
         args.config,
         [*args.overrides, *args.set],
         host=args.host,
@@ -63,21 +69,52 @@ def run(args: argparse.Namespace, step_hook=None, concurrency_limiter=None) -> i
         threads=args.threads,
         vad_end_silence_ms=args.end_silence_ms,
         voice_enabled=False if args.no_voice else None,
+        draft_bundle=args.draft,
+        speculative_decoding=args.speculate or ("draft" if args.draft else None),
     )
+
+
+def speculation_config(config):
+    """The server config's speculative decoding settings as a ``SpeculationConfig``."""
+    from moe2edge.runtime.speculative import SpeculationConfig
+
+    return SpeculationConfig(
+        method=config.speculative_decoding,
+        draft_bundle=config.draft_bundle,
+        max_draft_tokens=config.max_draft_tokens,
+        initial_draft_tokens=min(4, config.max_draft_tokens),
+    )
+
+
+def run(args: argparse.Namespace, step_hook=None, concurrency_limiter=None) -> int:
+    """Serve until stopped. ``step_hook`` / ``concurrency_limiter``: see ``create_app``
+    (``moe2edge jetson serve`` passes its power governor here)."""
+    import uvicorn
+
+    from moe2edge.runtime.generate import Generator
+    from moe2edge.runtime.server import create_app
+
+    config = server_config(args)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         log.warning("binding %s without a token: anyone on the network can use it", config.host)
-    generator = Generator.from_bundle(args.bundle, device=config.device, threads=config.threads)
+    generator = Generator.from_bundle(
+        args.bundle,
+        device=config.device,
+        threads=config.threads,
+        speculation=speculation_config(config),
+    )
     app = create_app(
         config, generator=generator, step_hook=step_hook, concurrency_limiter=concurrency_limiter
     )
     log.info(
-        "serving %s on http://%s:%d (voice %s, %d slots, queue %d)",
+        "serving %s on http://%s:%d (voice %s, %d slots, queue %d, speculative decoding %s)",
         args.bundle,
         config.host,
         config.port,
         "on" if config.voice_enabled else "off",
         config.slots,
         config.queue,
+        config.speculative_decoding,
     )
     uvicorn.run(
         app,

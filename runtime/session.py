@@ -34,6 +34,7 @@ import numpy as np
 from moe2edge.runtime.engine import KVCache
 from moe2edge.runtime.generate import GenerationResult, Generator
 from moe2edge.runtime.sampling import SamplingParams
+from moe2edge.runtime.speculative import common_prefix_len
 
 
 @dataclass
@@ -85,15 +86,6 @@ def shared_prefixes(engine) -> PrefixStore:
         if store is None:
             store = _STORES[engine] = PrefixStore()
         return store
-
-
-def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # --- the chat format -------------------------------------------------------------------
@@ -216,7 +208,10 @@ class Conversation:
         generator: Generator,
         system: str | Sequence[int] | None = None,
         prefixes: PrefixStore | None = None,
+        cache: KVCache | None = None,
     ):
+        """``cache``: start from this cache (it must begin with the system prefix; e.g. an
+        earlier request's, from ``runtime.prefix_cache.PrefixCache``) instead of the store's."""
         self.generator = generator
         self.engine = generator.engine
         bos = [generator.bos_token_id] if generator.bos_token_id is not None else []
@@ -225,7 +220,11 @@ class Conversation:
         else:
             prefix = bos + [int(t) for t in system or []]
         self.prefix_tokens = prefix
-        if prefix:
+        if cache is not None:
+            if common_prefix_len(cache.tokens, prefix) < len(prefix):
+                raise ValueError("the cache given does not start with the conversation's prefix")
+            self.cache, self._logits = cache, None
+        elif prefix:
             store = prefixes if prefixes is not None else shared_prefixes(self.engine)
             self.cache, self._logits = store.get(self.engine, prefix)
         else:
@@ -235,6 +234,7 @@ class Conversation:
         self._open_stream: weakref.ref | None = None  # a reply a caller has not finished
         self._cancel = threading.Event()
         self._lock = threading.RLock()
+        self._speculator = generator.new_speculator()  # kept across turns (a draft's cache)
         self.prefill_tokens = 0  # totals over the conversation
         self.prefill_ms = 0.0
 
@@ -247,6 +247,7 @@ class Conversation:
             clone.cache = self.cache.copy()
             clone._logits = None if self._logits is None else self._logits.copy()
             clone._pending = list(self._pending)
+            clone._speculator = self._speculator and self._speculator.copy()
             clone._cancel, clone._lock = threading.Event(), threading.RLock()
             return clone
 
@@ -398,6 +399,7 @@ class Conversation:
                 step_hook,
                 _AnyEvent(self._cancel, cancel),
                 started,
+                self._speculator,
             )
         finally:  # every chosen token but the last one is in the cache
             with self._lock:

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from moe2edge.runtime import ContextOverflowError, GenerationResult, Generator, SamplingParams
 from moe2edge.runtime.detokenize import StreamDecoder
-from moe2edge.runtime.generate import _StopMatcher
+from moe2edge.runtime.generate import StopMatcher
 from moe2edge.runtime.sampling import Sampler, apply_repetition_penalty, filtered_probs
 from tests._runtime_common import fast_bundles
 
@@ -69,10 +69,10 @@ def test_stream_decoder_strips_only_the_replys_leading_space():
 
 
 def test_stop_matcher_holds_back_a_stop_string_spanning_pieces():
-    m = _StopMatcher(["</s>", "User:"])
+    m = StopMatcher(["</s>", "User:"])
     out = [m.push(p) for p in ["Hello", " Us", "e", "r", ": hi"]]
     assert out == [("Hello", False), (" ", False), ("", False), ("", False), ("", True)]
-    m = _StopMatcher(["User:"])
+    m = StopMatcher(["User:"])
     assert m.push("Use") == ("", False) and m.push("ful") == ("Useful", False)
     assert m.flush() == ""
 

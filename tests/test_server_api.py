@@ -7,14 +7,17 @@ import asyncio
 import json
 import math
 import shutil
+import socket
 import subprocess
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 
-from moe2edge.runtime import Generator
+from moe2edge.runtime import Generator, SamplingParams
 from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.server import ServerConfig, create_app, load_server_config
 from tests.conftest import PYTHON, ROOT, subprocess_env
@@ -346,3 +349,240 @@ def test_serve_cli_binds_loopback_with_token(tiny_run) -> None:
         timeout=60,
     )
     assert bad.returncode == 2 and "bad value for slots" in bad.stderr
+
+
+# --- continuous batching ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fast_generator(tiny_run) -> Generator:
+    from tests._runtime_common import fast_bundles
+
+    bundle = fast_bundles(tiny_run["root"], tiny_run["tokenizer"])["fp32"]
+    return Generator.from_bundle(bundle, threads=1)
+
+
+BATCH_PROMPTS = [
+    "turn on the kitchen lights",
+    "hello",
+    "dim the office lights to forty percent and close the blinds in the bedroom please",
+    "what is the temperature",
+    "lock the front door",
+    "play some music in the living room",
+]
+
+
+def test_batched_service_gives_the_tokens_of_one_request_at_a_time(fast_generator) -> None:
+    """Six requests of different lengths, started 20 ms apart, through 3 rows: they join and
+    leave the running batch mid-run, rows are reused, and long prompts prefill 4 tokens per
+    step between the others' decode steps; each reply is what the request gets alone."""
+    gen = fast_generator
+    lengths = [12, 5, 9, 12, 3, 8]
+    params = [SamplingParams(max_new_tokens=n) for n in lengths]
+    expected = [gen.generate(p, s) for p, s in zip(BATCH_PROMPTS, params, strict=True)]
+    app = create_app(
+        ServerConfig(voice_enabled=False, slots=3, queue=8, prefill_chunk=4),
+        generator=gen,
+        step_hook=lambda: time.sleep(0.01),  # replies of 50-120 ms: the first three overlap
+    )
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+
+        def ask(i: int) -> tuple[str, list[str]]:
+            time.sleep(0.02 * i)
+            body = dict(model="m", max_tokens=lengths[i])
+            messages = [{"role": "user", "content": BATCH_PROMPTS[i]}]
+            if i % 2:
+                reply = client.chat.completions.create(messages=messages, **body)
+                return reply.choices[0].message.content, []
+            chunks = client.chat.completions.create(messages=messages, stream=True, **body)
+            parts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+            return "".join(parts), parts
+
+        with ThreadPoolExecutor(len(BATCH_PROMPTS)) as pool:
+            replies = list(pool.map(ask, range(len(BATCH_PROMPTS))))
+        loop = app.state.service.batching
+        health = httpx.get(srv.url + "/health").json()
+    for (text, _), want in zip(replies, expected, strict=True):
+        assert text == want.text
+    assert loop.most_rows == 3, "the requests never shared a decode step"
+    assert health["active"] == 0 and loop.batch.in_use == 0
+
+
+def _connect_send_disconnect(port: int, body: dict, read: int) -> None:
+    """A raw HTTP client: send the request, read ``read`` bytes (0: none), hang up."""
+    payload = json.dumps(body).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+        f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head + payload)
+        if read:
+            sock.recv(read)
+
+
+def test_no_more_than_slots_generations_under_connect_send_disconnect(fast_generator) -> None:
+    """Clients that send a long prompt and hang up at once, after the first bytes, or read
+    everything, over and over: the generations in the batching loop (prefill included)
+    never outnumber the slots, and every one ends."""
+    slots = 2
+    app = create_app(
+        ServerConfig(voice_enabled=False, slots=slots, queue=3, prefill_chunk=2),
+        generator=fast_generator,
+        step_hook=lambda: time.sleep(0.003),
+    )
+    state = app.state.service
+    seen = {"jobs": 0, "active": 0, "low": 0}
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen["jobs"] = max(seen["jobs"], state.batching.unfinished)
+            seen["active"] = max(seen["active"], state.scheduler.active)
+            seen["low"] = min(seen["low"], state.scheduler.active)
+            time.sleep(0.0005)
+
+    prompt = " ".join(["turn on the kitchen lights"] * 8)  # ~50 tokens: 25 prefill chunks
+    with ServerThread(app) as srv:
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+
+        def client(i: int) -> None:
+            for n in range(6):
+                body = {
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 40,
+                    "stream": (i + n) % 3 != 0,
+                }
+                _connect_send_disconnect(srv.port, body, read=(0, 64, 1 << 16)[(i * n) % 3])
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(client, range(6)))
+        deadline = time.time() + 10
+        while state.batching.unfinished or state.scheduler.active:
+            assert time.time() < deadline, "generations still running 10 s after the last client"
+            time.sleep(0.01)
+        stop.set()
+        watcher.join()
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert seen["jobs"] <= slots and seen["active"] <= slots and seen["low"] >= 0, seen
+    assert seen["jobs"] >= 1
+    assert 'moe2edge_cancelled_generations_total{reason="client_disconnected"}' in metrics
+
+
+def test_slot_count_never_goes_negative_under_concurrent_release(caplog) -> None:
+    """16 threads release the same slots at once (thread switches every microsecond): each
+    slot is given back once, hands over to exactly one waiter, and the count ends at 0."""
+    import sys
+
+    from moe2edge.runtime.server.scheduler import Scheduler
+
+    async def main() -> None:
+        scheduler = Scheduler(slots=2, queue=4)
+        first, second = await scheduler.acquire(), await scheduler.acquire()
+        waiters = [asyncio.ensure_future(scheduler.acquire()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert scheduler.queued == 2
+
+        def release_from_threads(slot) -> None:
+            barrier = threading.Barrier(16)
+
+            def go() -> None:
+                barrier.wait()
+                slot.release()
+
+            threads = [threading.Thread(target=go) for _ in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        try:
+            await asyncio.to_thread(release_from_threads, first)
+            await asyncio.sleep(0.05)  # the loop runs the handed-over releases
+            assert sum(w.done() for w in waiters) == 1 and scheduler.active == 2
+            await asyncio.to_thread(release_from_threads, second)
+            await asyncio.sleep(0.05)
+            assert all(w.done() for w in waiters) and scheduler.active == 2
+            for waiter in waiters:
+                await asyncio.to_thread(release_from_threads, waiter.result())
+            await asyncio.sleep(0.05)
+        finally:
+            sys.setswitchinterval(interval)
+        assert scheduler.active == 0 and scheduler.queued == 0
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(main())
+    assert not [r for r in caplog.records if "not held" in r.getMessage()]
+
+
+def _sample(metrics: str, name: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_expose_latency_histograms_occupancy_and_speculation(fast_generator) -> None:
+    app = create_app(ServerConfig(voice_enabled=False, slots=3), generator=fast_generator)
+    with ServerThread(app) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+        before = httpx.get(srv.url + "/metrics").text
+        assert _sample(before, "moe2edge_time_to_first_token_seconds_count") == 0
+
+        def ask(prompt: str) -> int:
+            reply = client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": prompt}], max_tokens=6
+            )
+            return reply.usage.completion_tokens
+
+        with ThreadPoolExecutor(3) as pool:
+            tokens = sum(pool.map(ask, BATCH_PROMPTS[:3]))
+        app.state.service.metrics.count_speculation(proposed=5, accepted=3)
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert _sample(metrics, "moe2edge_time_to_first_token_seconds_count") == 3
+    assert _sample(metrics, "moe2edge_queue_wait_seconds_count") == 3
+    assert _sample(metrics, "moe2edge_request_seconds_count") == 3
+    assert _sample(metrics, "moe2edge_inter_token_latency_seconds_count") == tokens - 3
+    assert _sample(metrics, "moe2edge_request_seconds_sum") > 0
+    assert 'moe2edge_inter_token_latency_seconds_bucket{le="0.005"}' in metrics
+    assert _sample(metrics, "moe2edge_batch_rows") == 3
+    assert _sample(metrics, "moe2edge_batch_rows_in_use") == 0
+    assert _sample(metrics, "moe2edge_batch_occupancy_rows_count") >= 1
+    assert _sample(metrics, "moe2edge_spec_proposed_tokens_total") == 5
+    assert _sample(metrics, "moe2edge_spec_accepted_tokens_total") == 3
+    with pytest.raises(ValueError, match="accepted"):
+        app.state.service.metrics.count_speculation(proposed=1, accepted=2)
+
+
+def test_a_non_streaming_client_that_hangs_up_frees_its_slot(generator) -> None:
+    """One slot, 30 ms per decode step: the 100-token reply would hold it for 3 s."""
+    with text_server(generator, slots=1, queue=0, _hook=lambda: time.sleep(0.03)) as srv:
+        body = {
+            "messages": [{"role": "user", "content": "x"}],
+            "max_tokens": 100,
+            "temperature": 1.0,
+            "seed": 1,
+        }
+        payload = json.dumps(body).encode()
+        head = (
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+            f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        with httpx.Client(base_url=srv.url, timeout=30) as c:
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as sock:
+                sock.sendall(head + payload)
+                started = time.perf_counter()
+                while c.get("/health").json()["active"] == 0:  # the request got its slot
+                    assert time.perf_counter() - started < 5
+                    time.sleep(0.005)
+                time.sleep(0.1)  # mid-reply
+            closed = time.perf_counter()
+            while c.get("/health").json()["active"] != 0:
+                assert time.perf_counter() - closed < 1.0, "slot still held 1 s after hang-up"
+                time.sleep(0.01)
+            metrics = c.get("/metrics").text
+        assert 'moe2edge_cancelled_generations_total{reason="client_disconnected"} 1.0' in metrics

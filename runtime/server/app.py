@@ -21,7 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.prefix_cache import PrefixCache
 from moe2edge.runtime.server import openai_api, voice_ws
+from moe2edge.runtime.server.batching import BatchLoop
 from moe2edge.runtime.server.config import ServerConfig
 from moe2edge.runtime.server.metrics import Metrics
 from moe2edge.runtime.server.scheduler import Scheduler
@@ -110,13 +112,18 @@ def create_app(
     scheduler = Scheduler(config.slots, config.queue, concurrency_limiter, config.retry_after_s)
     metrics = Metrics()
     model_id = config.model_name or generator.engine.bundle_dir.resolve().name
+    paced = paced_hook(step_hook, scheduler)
+    prefixes = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb else None
+    batching = BatchLoop(generator, config.slots, config.prefill_chunk, paced, metrics, prefixes)
+    metrics.rows.set(config.slots)
     state = ServiceState(
         config=config,
         generator=generator,
         scheduler=scheduler,
         metrics=metrics,
         model_id=model_id,
-        step_hook=paced_hook(step_hook, scheduler),
+        batching=batching,
+        step_hook=paced,
     )
     if config.voice_enabled:
         state.voice = voice_ws.VoiceResources(state)
@@ -126,6 +133,7 @@ def create_app(
         yield
         if state.voice is not None:
             state.voice.close()  # the pre-started espeak-ng processes
+        batching.close()
 
     app = FastAPI(
         title="moe2edge", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan

@@ -53,11 +53,17 @@ class ServerConfig(BaseModel):
     # engine
     device: Literal["cpu", "cuda", "tensorrt", "tensorrt-native"] = "cpu"
     threads: int = Field(1, ge=1, le=256)  # ORT intra-op threads per session (1: batch-1, 2 cores)
+    # speculative decoding (runtime/speculative.py) and prefix reuse (runtime/prefix_cache.py)
+    speculative_decoding: Literal["off", "ngram", "draft"] = "off"
+    draft_bundle: str | None = None  # the draft bundle's directory (speculative_decoding=draft)
+    max_draft_tokens: int = Field(8, ge=1, le=64)
+    prefix_cache_mb: float = Field(128.0, ge=0, le=1 << 20)  # KV kept for reuse; 0: off
     # limits
     max_body_bytes: int = Field(256 * 1024, ge=1024, le=1 << 30)  # larger bodies get 413
     max_prompt_tokens: int | None = Field(None, ge=1, le=1 << 20)  # None: the context minus one
     max_new_tokens_limit: int = Field(512, ge=1, le=1 << 20)  # the most any request may ask for
-    slots: int = Field(2, ge=1, le=1024)  # generations running at once
+    slots: int = Field(2, ge=1, le=1024)  # generations running at once (rows of the batch)
+    prefill_chunk: int = Field(64, ge=1, le=1 << 16)  # prompt tokens per batching-loop step
     queue: int = Field(8, ge=0, le=1 << 16)  # waiting for a slot; beyond that 429 + Retry-After
     retry_after_s: float = Field(1.0, ge=0, le=3600)  # the smallest Retry-After given
     # voice
@@ -91,6 +97,12 @@ class ServerConfig(BaseModel):
             raise ValueError("tts=piper needs piper_model=/path/to/voice.onnx")
         if self.grammar and not Path(self.grammar).is_file():
             raise ValueError(f"grammar file {self.grammar} does not exist")
+        if self.speculative_decoding == "draft" and not self.draft_bundle:
+            raise ValueError(
+                "speculative_decoding=draft needs draft_bundle=DIR (serve --draft DIR)"
+            )
+        if self.draft_bundle and not (Path(self.draft_bundle) / "manifest.json").is_file():
+            raise ValueError(f"draft_bundle {self.draft_bundle} holds no manifest.json")
         return self
 
 

@@ -12,6 +12,9 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5)
+STEP_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1)
+REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120)
+ROW_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 TURN_STAGES = ("final_transcript", "first_token", "first_audio")
 
 
@@ -36,6 +39,46 @@ class Metrics:
             "moe2edge_time_to_first_token_seconds",
             "Request admitted -> first token",
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "moe2edge_inter_token_latency_seconds",
+            "Time between two tokens of one generation (its decode steps, batched)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "moe2edge_queue_wait_seconds",
+            "Request arrived -> its prefill starts (waiting for a slot and a row)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_time = Histogram(
+            "moe2edge_request_seconds",
+            "Request arrived -> its generation ended (done, stopped or cancelled)",
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.rows = Gauge(
+            "moe2edge_batch_rows", "Rows of the batch (sequences that can run at once)", registry=r
+        )
+        self.rows_in_use = Gauge(
+            "moe2edge_batch_rows_in_use", "Rows of the batch holding a generation", registry=r
+        )
+        self.batch_rows = Histogram(
+            "moe2edge_batch_occupancy_rows",
+            "Rows run by each decode step of the batching loop",
+            buckets=ROW_BUCKETS,
+            registry=r,
+        )
+        self.spec_proposed = Counter(
+            "moe2edge_spec_proposed_tokens",
+            "Draft tokens proposed by speculative decoding",
+            registry=r,
+        )
+        self.spec_accepted = Counter(
+            "moe2edge_spec_accepted_tokens",
+            "Draft tokens the target model accepted",
             registry=r,
         )
         self.tokens = Counter("moe2edge_generated_tokens_total", "Tokens generated", registry=r)
@@ -85,6 +128,13 @@ class Metrics:
             ["code"],
             registry=r,
         )
+
+    def count_speculation(self, proposed: int, accepted: int) -> None:
+        """Add one verification's draft tokens: ``proposed``, of which ``accepted`` held."""
+        if not 0 <= accepted <= proposed:
+            raise ValueError(f"accepted ({accepted}) must be in 0..proposed ({proposed})")
+        self.spec_proposed.inc(proposed)
+        self.spec_accepted.inc(accepted)
 
     def observe_turn(self, timings: dict) -> None:
         """Record one voice turn's timings (the dict sent to the client as turn.timings)."""

@@ -1,18 +1,18 @@
 """The OpenAI-compatible text API: /v1/models, /v1/completions, /v1/chat/completions.
 
 Requests are typed pydantic models; the service state comes in through FastAPI
-dependencies. A prompt (a chat rendered by ``render_chat``, as voice renders its history)
-runs in a ``Conversation`` (runtime/session.py), the mechanism voice runs on too.
+dependencies. A prompt is a chat rendered by ``render_chat`` (as voice renders its
+history) or a completion's text with BOS.
 Streaming answers are server-sent events in OpenAI's chunk format, ending with
-``data: [DONE]``. Every generation holds a scheduler slot; if the client goes away
-mid-stream the generation is cancelled and the slot given back at once.
+``data: [DONE]``. Every generation holds a scheduler slot and runs as a ``Job`` of the
+batching loop (``server/batching.py``); if the client goes away the job stops at its next
+prefill chunk or decode step, and the loop then gives the slot back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,13 +24,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moe2edge.runtime.generate import GenerationResult
 from moe2edge.runtime.sampling import SamplingParams
+from moe2edge.runtime.server.batching import END, Job
 from moe2edge.runtime.server.scheduler import Overloaded, Slot
 from moe2edge.runtime.server.state import APIError, ServiceState, get_state, require_token
 from moe2edge.runtime.session import render_chat
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 State = Annotated[ServiceState, Depends(get_state)]
-_END = object()
 
 
 class TextPart(BaseModel):
@@ -173,70 +173,65 @@ async def acquire(state: ServiceState) -> Slot:
     return slot
 
 
-async def pieces(
-    state: ServiceState,
-    prompt_ids: list[int],
-    params: SamplingParams,
-    slot: Slot,
-    result: GenerationResult,
-    cancel: threading.Event,
-) -> AsyncIterator[str]:
-    """Reply text pieces from a worker thread; leaving early cancels it and frees the slot."""
-    loop = asyncio.get_running_loop()
-    out: asyncio.Queue = asyncio.Queue()
-    admitted = time.perf_counter()
-
-    def put(item: Any) -> None:
-        try:
-            loop.call_soon_threadsafe(out.put_nowait, item)
-        except RuntimeError:  # loop closed at shutdown
-            pass
-
-    def work() -> None:
-        try:
-            conversation = state.conversation_for(prompt_ids)
-            conversation.sync(prompt_ids)
-            for piece in conversation.stream(
-                params, result, cancel=cancel, step_hook=state.step_hook
-            ):
-                put(piece)
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            put(exc)
-        finally:
-            slot.release()
-            put(_END)
-
-    threading.Thread(target=work, name="generate", daemon=True).start()
-    first = True
+async def pieces(state: ServiceState, job: Job, queue: asyncio.Queue) -> AsyncIterator[str]:
+    """Reply text pieces from the batching loop; leaving early cancels the job (the loop
+    stops it at the next chunk or step and then gives its slot back)."""
     finished = False
     try:
+        state.batching.submit(job)
         while True:
-            item = await out.get()
-            if item is _END:
+            item = await queue.get()
+            if item is END:
                 finished = True
                 break
             if isinstance(item, BaseException):
+                finished = True  # the loop ended the job (and freed its slot) on an error
                 raise item
-            if first:
-                state.metrics.ttft.observe(time.perf_counter() - admitted)
-                first = False
             yield item
     finally:
-        if not finished:  # client gone (or consumer stopped): stop decoding, free the slot
-            cancel.set()
-            slot.release()
+        if not finished:  # client gone (or consumer stopped)
+            job.abandon()
             state.metrics.cancelled.labels("client_disconnected").inc()
-        state.metrics.tokens.inc(len(result.token_ids))
-        state.metrics.prompt_tokens.inc(len(prompt_ids))
+        state.metrics.tokens.inc(len(job.result.token_ids))
+        state.metrics.prompt_tokens.inc(len(job.prompt_ids))
         state.refresh_gauges()
 
 
-def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, int]:
+def new_job(
+    state: ServiceState, prompt_ids: list[int], params: SamplingParams, slot: Slot, arrived: float
+) -> tuple[Job, asyncio.Queue]:
+    """A job whose pieces arrive on the returned queue (put there from the loop's thread)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def emit(item: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # loop closed at shutdown
+            pass
+
+    def release() -> None:
+        slot.release()
+        try:
+            loop.call_soon_threadsafe(state.refresh_gauges)
+        except RuntimeError:
+            pass
+
+    return Job(prompt_ids, params, emit, release, arrived=arrived), queue
+
+
+def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
     n = len(result.token_ids)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": n,
         "total_tokens": prompt_tokens + n,
+        "prompt_tokens_details": {"cached_tokens": result.cached_tokens},
+        # speculative decoding, per request (OpenAI's names for predicted outputs' tokens)
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": result.accepted_tokens,
+            "rejected_prediction_tokens": result.proposed_tokens - result.accepted_tokens,
+        },
     }
 
 
@@ -272,7 +267,7 @@ async def chat_completions(req: ChatCompletionRequest, state: State, request: Re
     params = sampling_params(
         state, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens
     )
-    return await _complete(state, req, prompt_ids, params, chat=True)
+    return await _complete(state, req, prompt_ids, params, request, chat=True)
 
 
 @router.post("/completions")
@@ -286,20 +281,41 @@ async def completions(req: CompletionRequest, state: State, request: Request):
         raise APIError(400, "echo is not supported", param="echo")
     prompt_ids = encode(state, prompts[0], template=False)
     params = sampling_params(state, req, len(prompt_ids), req.max_tokens)
-    return await _complete(state, req, prompt_ids, params, chat=False)
+    return await _complete(state, req, prompt_ids, params, request, chat=False)
+
+
+async def _hang_up(request: Request, job: Job) -> None:
+    """Cancel ``job`` when the client of a non-streaming request goes away."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
+    job.abandon()
+    state = get_state(request)
+    state.metrics.cancelled.labels("client_disconnected").inc()
 
 
 async def _complete(
-    state: ServiceState, req: _Sampling, prompt_ids: list[int], params: SamplingParams, chat: bool
+    state: ServiceState,
+    req: _Sampling,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    request: Request,
+    chat: bool,
 ):
+    arrived = time.perf_counter()
     slot = await acquire(state)
-    result, cancel = GenerationResult(), threading.Event()
+    job, queue = new_job(state, prompt_ids, params, slot, arrived)
+    result = job.result
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     kind = "chat.completion" if chat else "text_completion"
     base = {"id": rid, "created": created, "model": state.model_id}
     if not req.stream:
-        text = "".join([p async for p in pieces(state, prompt_ids, params, slot, result, cancel)])
+        watcher = asyncio.create_task(_hang_up(request, job))
+        try:
+            text = "".join([p async for p in pieces(state, job, queue)])
+        finally:
+            watcher.cancel()
+            job.abandon()  # (nothing left to stop once it ended)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(result)}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
@@ -329,7 +345,7 @@ async def _complete(
         try:
             if chat:
                 yield chunk(role=True)
-            async for piece in pieces(state, prompt_ids, params, slot, result, cancel):
+            async for piece in pieces(state, job, queue):
                 yield chunk(piece)
             yield chunk(reason=finish_reason(result))
             if include_usage:
@@ -343,16 +359,10 @@ async def _complete(
                 )
         except Exception as exc:  # headers are gone: report in the stream, then end it
             yield sse({"error": {"message": str(exc), "type": "server_error"}})
-        finally:
-            slot.release()
         yield "data: [DONE]\n\n"
 
-    def on_close() -> None:
-        cancel.set()
-        slot.release()
-
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    return GenerationStream(body(), on_close, media_type="text/event-stream", headers=headers)
+    return GenerationStream(body(), job.abandon, media_type="text/event-stream", headers=headers)
 
 
 class GenerationStream(StreamingResponse):

@@ -2,8 +2,9 @@
 
 A request takes a slot when one is free, waits in the queue when none is, and is turned
 away (``Overloaded``, which the API answers with 429 and ``Retry-After``) when the queue is
-full too. A slot is given back the moment its generation ends or is cancelled, so a client
-that disconnects mid-stream frees its slot at once.
+full too. A slot is given back when its work has really stopped: the batching loop
+(``server/batching.py``) releases it once the generation's row is free, which for a client
+that disconnects is the next prefill chunk or decode step.
 
 An optional ``limiter`` (duck-typed: anything with ``allowed_concurrency() -> int``, such
 as the Jetson power governor) lowers the number of usable slots at run time.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections import deque
 from typing import Any
@@ -41,12 +43,14 @@ class Slot:
     def __init__(self, scheduler: Scheduler):
         self._scheduler = scheduler
         self._released = False
+        self._lock = threading.Lock()  # two threads releasing at once give back one slot
         self.started = time.perf_counter()
 
     def release(self) -> None:
-        if self._released:
-            return
-        self._released = True
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
         self._scheduler._release_threadsafe(time.perf_counter() - self.started)
 
 
@@ -122,6 +126,9 @@ class Scheduler:
     def _release(self, held_s: float) -> None:
         if held_s > 0:
             self._mean_s = 0.8 * self._mean_s + 0.2 * held_s
+        if self.active <= 0:  # a release without a slot: a bug, but never a negative count
+            log.error("a slot was released that was not held; the count stays at 0")
+            return
         self.active -= 1
         while self._waiters and self.active < self.capacity():
             waiter = self._waiters.popleft()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,10 +13,11 @@ from fastapi import Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.prefix_cache import PrefixCache
+from moe2edge.runtime.server.batching import BatchLoop
 from moe2edge.runtime.server.config import ServerConfig
 from moe2edge.runtime.server.metrics import Metrics
 from moe2edge.runtime.server.scheduler import Scheduler
-from moe2edge.runtime.session import Conversation
 
 
 class APIError(Exception):
@@ -69,19 +70,20 @@ class ServiceState:
     scheduler: Scheduler
     metrics: Metrics
     model_id: str
+    batching: BatchLoop
     step_hook: Callable[[], None] | None = None
     voice: Any = None  # moe2edge.runtime.server.voice_ws.VoiceResources, when voice is enabled
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def conversation_for(self, prompt_ids: Sequence[int]) -> Conversation:
-        """The conversation a request's ``prompt_ids`` run in: a fresh one from the BOS
-        prefix (the engine's shared ``PrefixStore``). Reusing the cache of an earlier
-        request that shares a prefix with ``prompt_ids`` would go here."""
-        return Conversation(self.generator)
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """Earlier requests' KV, reused by later ones (``config.prefix_cache_mb``)."""
+        return self.batching.prefix_cache
 
     def refresh_gauges(self) -> None:
         self.metrics.active.set(self.scheduler.active)
         self.metrics.queued.set(self.scheduler.queued)
+        self.metrics.rows_in_use.set(self.batching.batch.in_use)
 
 
 def get_state(request: Request) -> ServiceState:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import dataclasses
 import json
 import logging
@@ -21,6 +22,8 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
+from moe2edge.runtime.generate import Generator
+from moe2edge.runtime.server.batching import LoopEngine
 from moe2edge.runtime.server.scheduler import Overloaded
 from moe2edge.runtime.server.state import ServiceState, check_token
 from moe2edge.runtime.voice.asr import make_recognizer
@@ -34,6 +37,7 @@ from moe2edge.runtime.voice.vad import VoiceActivityDetector
 
 log = logging.getLogger(__name__)
 router = APIRouter()
+_held = threading.local()  # slots the current thread holds (voice replies, session setup)
 
 CLIENT_EVENTS = (
     "session.update",
@@ -264,6 +268,8 @@ async def realtime(websocket: WebSocket) -> None:
             pass
 
     def acquire_slot(wait: bool):
+        """A slot for this thread (``wait``: in the queue, else only if one is free now);
+        the engine calls the thread makes meanwhile run under it. Returns its release."""
         if not wait:
             slot = asyncio.run_coroutine_threadsafe(_try_acquire(state), loop).result()
             if slot is None:
@@ -271,18 +277,46 @@ async def realtime(websocket: WebSocket) -> None:
         else:
             slot = asyncio.run_coroutine_threadsafe(state.scheduler.acquire(), loop).result()
         loop.call_soon_threadsafe(state.refresh_gauges)
-        return slot.release
+        _held.count = getattr(_held, "count", 0) + 1
+        owner = threading.current_thread()
 
-    session: VoiceSession | None = None
-    sender: asyncio.Task | None = None
-    try:
-        session = await asyncio.to_thread(
-            lambda: VoiceSession(
-                state.generator,
+        def release() -> None:
+            if threading.current_thread() is owner:
+                _held.count -= 1
+            slot.release()
+            loop.call_soon_threadsafe(state.refresh_gauges)
+
+        return release
+
+    @contextlib.contextmanager
+    def hold():
+        """Every voice prefill and decode step holds a slot: the thread's own (a reply's),
+        or one taken for the call, only if one is free (a partial transcript's prefill is
+        skipped otherwise, and runs with the reply)."""
+        if getattr(_held, "count", 0):
+            yield
+            return
+        release = acquire_slot(False)
+        try:
+            yield
+        finally:
+            release()
+
+    engine = LoopEngine(
+        state.generator.engine, state.batching, hold, chunk=state.config.prefill_chunk
+    )
+    generator = Generator(engine, state.generator.tokenizer)
+
+    def open_session() -> VoiceSession:
+        release = acquire_slot(True)  # its first prefill (the prompt head) runs now
+        try:
+            settings = voice.settings()
+            return VoiceSession(
+                generator,
                 voice.make_recognizer(),
                 voice.synthesizer,
                 emit,
-                settings=(settings := voice.settings()),
+                settings=settings,
                 vad=VoiceActivityDetector(
                     threshold=settings.vad_threshold,
                     min_speech_ms=settings.min_speech_ms,
@@ -292,7 +326,18 @@ async def realtime(websocket: WebSocket) -> None:
                 step_hook=state.step_hook,
                 metrics=state.metrics,
             ).start()
-        )
+        finally:
+            release()
+
+    session: VoiceSession | None = None
+    sender: asyncio.Task | None = None
+    try:
+        try:
+            session = await asyncio.to_thread(open_session)
+        except Overloaded as exc:
+            await send(error_event("server_busy", str(exc), type="rate_limit_error"))
+            await websocket.close(code=1013, reason="server busy")
+            return
 
         async def pump() -> None:
             while True:
