@@ -26,11 +26,11 @@ from moe2edge.runtime.server.state import ServiceState, check_token
 from moe2edge.runtime.voice.asr import make_recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE
 from moe2edge.runtime.voice.pipeline import VoiceSession
-from moe2edge.runtime.voice.prespawn import PrespawnedEspeak
 from moe2edge.runtime.voice.reply import new_id
 from moe2edge.runtime.voice.settings import MAX_NEW_TOKENS, VoiceSettings, describe_errors
-from moe2edge.runtime.voice.tts import PiperSynthesizer, Synthesizer
+from moe2edge.runtime.voice.tts import Synthesizer
 from moe2edge.runtime.voice.vad import VoiceActivityDetector
+from moe2edge.runtime.voice.voices import make_synthesizer
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -51,10 +51,9 @@ class VoiceResources:
     def __init__(self, state: ServiceState) -> None:
         cfg = self.config = state.config
         self.state = state
-        if cfg.tts == "piper":
-            self.synthesizer: Synthesizer = PiperSynthesizer(cfg.piper_model)
-        else:
-            self.synthesizer = PrespawnedEspeak(voice=cfg.tts_voice, speed_wpm=cfg.tts_speed_wpm)
+        self.synthesizer: Synthesizer = make_synthesizer(
+            cfg.tts, cfg.tts_voice, cfg.tts_speed_wpm, cfg.piper_model
+        )
         self.sessions = 0
         self._lock = threading.Lock()
         self.make_recognizer()  # fail at start-up (bad grammar, missing backend), not per call
