@@ -219,7 +219,7 @@ class VoiceSession:
             s.endpointing,
             end_silence_ms=s.end_silence_ms,
             complete_silence_ms=s.complete_silence_ms,
-            incomplete_silence_ms=s.incomplete_silence_ms,
+            incomplete_silence_ms=max(s.incomplete_silence_ms, s.complete_silence_ms),
             is_complete=getattr(self.asr, "is_complete", None),
             scorer=scorer,
             scorer_weight=s.turn_end_weight,

@@ -49,6 +49,7 @@ class VoiceSettings:
     # the endpoint (runtime/voice/endpoint.py): "fixed" waits end_silence_ms of silence;
     # "predictive" waits complete_silence_ms after a whole command of the grammar (or what
     # the student thinks ends the turn), up to incomplete_silence_ms after a prefix of one
+    # (an incomplete_silence_ms below complete_silence_ms counts as complete_silence_ms)
     endpointing: Endpointing = "predictive"
     end_silence_ms: EndSilenceMs = 300.0
     complete_silence_ms: EndSilenceMs = 96.0
@@ -82,11 +83,6 @@ class VoiceSettings:
             checked = VoiceSettings(**merged)
         except ValidationError as exc:
             raise ValueError(describe_errors(exc.errors())) from None
-        if checked.complete_silence_ms > checked.incomplete_silence_ms:
-            raise ValueError(
-                f"complete_silence_ms ({checked.complete_silence_ms}) must not exceed "
-                f"incomplete_silence_ms ({checked.incomplete_silence_ms})"
-            )
         for name in values:
             setattr(self, name, getattr(checked, name))
 
