@@ -61,6 +61,7 @@ from moe2edge.runtime.voice.audio import pcm16_to_float32, speech_bounds  # noqa
 VOICES = ["en-us", "en-us+f3", "en-us+m1", "en-us+f2", "en-us+m3", "piper"]
 POLICIES = ["predictive", "300", "500", "800"]
 SOUND = 0.01  # |sample| from which reply audio counts as sound (-40 dBFS)
+NOISE = 0.002  # the microphone's noise floor under everything sent (-54 dBFS): no digital zeros
 
 
 def extract_actions(reply: str) -> list[str]:  # same rule as moe2edge.distill.formats
@@ -146,8 +147,9 @@ def make_clip(tts, text: str, pause_ms: float, rng) -> dict:
 class Stream:
     """Sends the microphone timeline in real time and remembers when each frame went out."""
 
-    def __init__(self, ws) -> None:
+    def __init__(self, ws, seed: int = 0) -> None:
         self.ws = ws
+        self.rng = np.random.default_rng(seed)
         self.sent_at: list[float] = []  # send time of frame i (stream samples i*320..)
         self.t0: float | None = None
 
@@ -156,6 +158,7 @@ class Stream:
         return len(self.sent_at) * FRAME_SAMPLES
 
     async def send(self, audio: np.ndarray) -> None:
+        audio = audio + self.rng.normal(0, NOISE, len(audio)).astype(np.float32)
         pcm = float32_to_pcm16(audio)
         step = FRAME_SAMPLES * 2
         pcm += b"\x00" * (-len(pcm) % step)  # whole frames: the stream position stays exact

@@ -8,8 +8,9 @@ session's own input thread:
   gets a pre-roll of the audio before the decision). The endpoint policy
   (runtime/voice/endpoint.py) closes it: ``fixed`` once ``end_silence_ms`` of silence
   follows the last voiced window, ``predictive`` after a silence that depends on whether
-  the transcript so far is a whole command (short) or a prefix of one (long); at each
-  silent window the recognizer's current hypothesis is taken as the partial.
+  the transcript so far is a whole command (short) or a prefix of one (long); at the
+  first silent window the recognizer's current hypothesis is taken as the partial, and no
+  partial is taken during a silence.
 - The recognizer decodes as audio arrives; each partial transcript's stable words (all
   but the last) are prefilled into the conversation's KV cache (``VoiceConversation``,
   over runtime/session.py's ``Conversation``), after the last ``history_turns`` turns.
@@ -271,9 +272,12 @@ class VoiceSession:
         self._maybe_draft()
 
     def _at_silent_window(self) -> None:
-        """A window of silence in an utterance: refresh the partial, ask the policy."""
+        """A window of silence in an utterance: at its first window the partial becomes
+        the recognizer's hypothesis of the speech before it (later hypotheses are not
+        taken: a recognizer constrained by a grammar may match words to the silence, e.g.
+        "... fan and"); then the policy is asked."""
         hypothesis = getattr(self.asr, "hypothesis", None)
-        if hypothesis is not None:
+        if self._silent_windows == 1 and hypothesis is not None:
             text = hypothesis()
             if text and text != self._partial:
                 self._on_partial(text)
@@ -284,7 +288,7 @@ class VoiceSession:
 
     def _feed_asr(self, pcm: bytes) -> None:
         partial = self.asr.feed(pcm)
-        if partial:
+        if partial and not self._silent_windows:  # words "heard" in a silence are noise
             self._on_partial(partial)
 
     def _open_utterance(self, event: VadEvent | None) -> None:
