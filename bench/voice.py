@@ -264,8 +264,10 @@ async def run_voice(url: str, clips: list[dict], token: str | None, policy: str)
     headers = {"Authorization": f"Bearer {token}"} if token else None
     turns: list[dict] = []
     silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
-    if policy == "predictive":
+    if policy.startswith("predictive"):  # "predictive:64": complete_silence_ms=64
         settings = {"endpointing": "predictive"}
+        if ":" in policy:
+            settings["complete_silence_ms"] = float(policy.partition(":")[2])
     else:
         settings = {"endpointing": "fixed", "end_silence_ms": float(policy)}
     async with connect(url, additional_headers=headers, max_size=None) as ws:
@@ -362,7 +364,8 @@ def main() -> None:
     p.add_argument("--eval", default=None, help="eval.jsonl with utterance/action rows")
     p.add_argument("--n", type=int, default=80, help="spoken requests (turns per policy)")
     p.add_argument("--voices", default=",".join(VOICES), help="espeak-ng voices and/or piper")
-    p.add_argument("--policies", default=",".join(POLICIES), help="predictive and/or fixed ms")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="predictive[:complete_silence_ms] and/or fixed ms")  # fmt: skip
     p.add_argument("--tts", default="piper,espeak", help="reply voices; the first runs every "
                    "policy, the others the predictive one")  # fmt: skip
     p.add_argument("--paused", type=float, default=0.3, help="share of utterances with a pause")
