@@ -1,29 +1,41 @@
 """Voice benchmark: spoken requests over the WebSocket to ``moe2edge serve``, in real time.
 
-This process is the client: it speaks the demo's held-out requests with espeak-ng in
-several voices and streams them as 20 ms PCM16 frames at real-time pace (silence between
-turns, as a microphone would) to a server running in another process (started here with
-``moe2edge serve`` unless --url is given). It prints one JSON object:
+This process is the client: it speaks the demo's held-out requests in several voices
+(espeak-ng variants and the Piper voice), some with a pause of 300-700 ms spliced in
+between two words ("turn on the ... kitchen lights"), and streams them as 20 ms PCM16
+frames at real-time pace (silence between turns, as a microphone would) to a server in
+another process (started here with ``moe2edge serve`` unless --url is given).
 
-- response_latency_ms {p50, p95}: first reply audio received - when the frame holding the
-  endpoint decision's sample was sent (what the user waits once the server can know the
-  turn is over);
-- turn_latency_ms {p50, p95}: first reply audio received - when the frame holding the last
-  voiced sample was sent (includes the endpoint silence);
-- endpoint_silence_ms: the server's end-of-turn silence setting;
-- transcript_exact_match, wer: final transcripts against the spoken text;
-- reply_task_acc: the voice replies' actions against the reference actions;
-- reply_wellformed: share of voice replies whose spoken part confirms their own actions
-  (the demo domain's reply forms, ``demo_domain.is_wellformed``);
-- text_task_acc: the same requests as text through /v1/chat/completions.
+Each utterance's speech is trimmed of its synthesized silence, so where speech truly ends
+in the stream is known. The latency is measured as a user hears it: from that true end of
+speech to the first non-silent sample of reply audio, played as it arrives (a sample
+plays at the later of: the first reply chunk's arrival plus its offset, and its own chunk's
+arrival). Each endpointing policy (predictive, fixed 300/500/800 ms) gets its own session
+(``session.update``) over the same clips; further TTS voices (``--tts``) serve the
+predictive policy again. It prints one JSON object:
 
-    python bench/voice.py --bundle runs/demo/bundles/fp32 --n 40
+- voice_to_voice_ms {p50, p95, n}: true end of speech -> first reply sound (the predictive
+  policy, first TTS); false_cutoff_rate: share of the paused utterances with an endpoint
+  inside them (before their true end), false_cutoff_rate_all: of all utterances;
+- baselines {300, 500, 800}: the same for fixed-silence endpointing;
+- stages_ms: ms after the true end of speech of the VAD's end of speech (a stream
+  position), the endpoint decision, the final transcript, the first token, the first TTS
+  audio chunk and the first sound (events as received by the client; the first token from
+  the server's own timing relative to its endpoint);
+- tts_first_audio_ms {piper, espeak}: endpoint decision -> first reply sound, per voice;
+  tts_synth_first_phrase_ms: one short phrase synthesized in this process, per voice;
+- policies: everything per policy and voice; the old fields (response_latency_ms,
+  turn_latency_ms: first reply chunk from the endpoint / from the VAD's end; transcript
+  exact match, wer, reply_task_acc, reply_wellformed, text_task_acc) for comparison.
+
+    python bench/voice.py --bundle runs/demo/bundles/fp32 --n 80
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import re
@@ -43,8 +55,13 @@ sys.path.insert(0, str(ROOT))
 
 from moe2edge.distill.demo_domain import is_wellformed  # noqa: E402  (stdlib only)
 from moe2edge.runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16  # noqa: E402
+from moe2edge.runtime.voice.audio import pcm16_to_float32, speech_bounds  # noqa: E402
 
-VOICES = ["en-us", "en-us+f3", "en-us+m1", "en-us+f2"]  # US English: the ASR model is en-US
+# US English (the ASR model is en-US): five espeak-ng variants and the Piper voice
+VOICES = ["en-us", "en-us+f3", "en-us+m1", "en-us+f2", "en-us+m3", "piper"]
+POLICIES = ["predictive", "300", "500", "800"]
+SOUND = 0.01  # |sample| from which reply audio counts as sound (-40 dBFS)
+NOISE = 0.002  # the microphone's noise floor under everything sent (-54 dBFS): no digital zeros
 
 
 def extract_actions(reply: str) -> list[str]:  # same rule as moe2edge.distill.formats
@@ -75,14 +92,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args, port: int) -> subprocess.Popen:
+def start_server(args, port: int, tts: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "moe2edge.cli", "serve", args.bundle, "--port", str(port),
-           "--grammar", args.grammar, "--set", f"vad_end_silence_ms={args.end_silence_ms}",
+           "--grammar", args.grammar, "--set", f"tts={tts}",
            "--set", f"speculate={str(not args.no_draft).lower()}", "--log-level", "warning",
            *[x for kv in args.set for x in ("--set", kv)]]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, env=env, stdout=sys.stderr, stderr=sys.stderr)
-    deadline = time.time() + 60
+    deadline = time.time() + 90
     while time.time() < deadline:
         if proc.poll() is not None:
             raise SystemExit(f"server exited with {proc.returncode}: {' '.join(cmd)}")
@@ -92,21 +109,60 @@ def start_server(args, port: int) -> subprocess.Popen:
         except httpx.HTTPError:
             time.sleep(0.3)
     proc.kill()
-    raise SystemExit("server did not become healthy in 60 s")
+    raise SystemExit("server did not become healthy in 90 s")
+
+
+# --- the spoken clips -------------------------------------------------------------------------
+
+
+def synthesizer(voice: str):
+    if voice == "piper":
+        from moe2edge.runtime.voice import PiperSynthesizer
+
+        return PiperSynthesizer()
+    return EspeakSynthesizer(voice=voice)
+
+
+def trimmed(tts, text: str) -> np.ndarray:
+    audio = tts.synthesize(text)
+    start, end = speech_bounds(audio)
+    return audio[start:end]
+
+
+def make_clip(tts, text: str, pause_ms: float, rng) -> dict:
+    """``text`` as trimmed speech; with ``pause_ms`` > 0, silence spliced in at a word
+    boundary inside it. The clip records its true end and where its pause is (samples)."""
+    words = text.split()
+    if pause_ms > 0 and len(words) >= 3:
+        cut = int(rng.integers(1, len(words) - 1))  # at least one word on either side
+        first, second = trimmed(tts, " ".join(words[:cut])), trimmed(tts, " ".join(words[cut:]))
+        gap = np.zeros(int(pause_ms * SAMPLE_RATE / 1000), dtype=np.float32)
+        audio, pause = np.concatenate([first, gap, second]), (len(first), len(first) + len(gap))
+        where = " ".join(words[:cut]) + " ... " + " ".join(words[cut:])
+    else:
+        audio, pause, where = trimmed(tts, text), None, None
+    return {"audio": audio, "end": len(audio), "pause": pause, "paused_text": where}
 
 
 class Stream:
     """Sends the microphone timeline in real time and remembers when each frame went out."""
 
-    def __init__(self, ws) -> None:
+    def __init__(self, ws, seed: int = 0) -> None:
         self.ws = ws
+        self.rng = np.random.default_rng(seed)
         self.sent_at: list[float] = []  # send time of frame i (stream samples i*320..)
         self.t0: float | None = None
 
+    @property
+    def samples(self) -> int:
+        return len(self.sent_at) * FRAME_SAMPLES
+
     async def send(self, audio: np.ndarray) -> None:
+        audio = audio + self.rng.normal(0, NOISE, len(audio)).astype(np.float32)
         pcm = float32_to_pcm16(audio)
         step = FRAME_SAMPLES * 2
-        for i in range(0, len(pcm) - step + 1, step):
+        pcm += b"\x00" * (-len(pcm) % step)  # whole frames: the stream position stays exact
+        for i in range(0, len(pcm), step):
             if self.t0 is None:
                 self.t0 = time.perf_counter()
             due = self.t0 + len(self.sent_at) * FRAME_SAMPLES / SAMPLE_RATE
@@ -116,71 +172,132 @@ class Stream:
             await self.ws.send(pcm[i : i + step])
             self.sent_at.append(time.perf_counter())
 
+    def time_of_sample(self, sample: int) -> float:
+        """When stream sample ``sample`` was spoken: its frame went out at the frame's end."""
+        index = min(max(0, sample // FRAME_SAMPLES), len(self.sent_at) - 1)
+        return self.sent_at[index] - ((index + 1) * FRAME_SAMPLES - sample - 1) / SAMPLE_RATE
+
     def time_of_ms(self, stream_ms: float) -> float:
-        """Send time of the frame holding the sample at ``stream_ms``."""
+        """Send time of the frame holding the sample at ``stream_ms`` (the old measure)."""
         sample = int(round(stream_ms * SAMPLE_RATE / 1000))
         index = max(0, -(-sample // FRAME_SAMPLES) - 1)
         return self.sent_at[min(index, len(self.sent_at) - 1)]
 
 
-async def run_voice(url: str, clips: list[dict], token: str | None) -> list[dict]:
+def first_sound(chunks: list[tuple[float, bytes]]) -> float | None:
+    """When the first non-silent reply sample plays, the chunks played as they arrive."""
+    if not chunks:
+        return None
+    play_start, offset = chunks[0][0], 0
+    for arrived, pcm in chunks:
+        x = pcm16_to_float32(pcm)
+        loud = np.flatnonzero(np.abs(x) >= SOUND)
+        if len(loud):
+            return max(play_start + (offset + int(loud[0])) / SAMPLE_RATE, arrived)
+        offset += len(x)
+    return None
+
+
+def turn_done(events: list[tuple[float, dict]], end_ms: float) -> bool:
+    """The turn that ends after the clip's true end was answered (or heard as nothing)."""
+    after = False
+    for _, ev in events:
+        kind = ev["type"]
+        if kind == "input_audio_buffer.speech_stopped" and ev["endpoint_ms"] >= end_ms:
+            after = True
+        elif after and kind == "conversation.item.input_audio_transcription.completed":
+            if not ev["transcript"]:
+                return True
+        elif after and kind == "response.done":
+            return True
+    return False
+
+
+def analyse(clip: dict, events: list[tuple[float, dict]], stream: Stream, start: int) -> dict:
+    """One turn's measures from the events received while its clip was spoken."""
+    end_sample = start + clip["end"]
+    end_ms = 1000 * end_sample / SAMPLE_RATE
+    t_end = stream.time_of_sample(end_sample - 1)
+    stops = [(t, ev) for t, ev in events if ev["type"] == "input_audio_buffer.speech_stopped"]
+    turn = {k: clip[k] for k in ("text", "voice", "action", "paused_text")}
+    turn["cut_off"] = any(ev["endpoint_ms"] < end_ms for _, ev in stops)
+    final = next(((t, ev) for t, ev in stops if ev["endpoint_ms"] >= end_ms), None)
+    transcripts = [ev["transcript"] for _, ev in events
+                   if ev["type"] == "conversation.item.input_audio_transcription.completed"]  # fmt: skip
+    turn["transcript"] = " ".join(t for t in transcripts if t)
+    if final is None:
+        return turn
+    t_stop, stop = final
+    later = [(t, ev) for t, ev in events if t >= t_stop]
+    t_final = next((t for t, ev in later if ev["type"].endswith("transcription.completed")), None)
+    response = next((ev["response"]["id"] for _, ev in later if ev["type"] == "response.created"), None)  # fmt: skip
+    mine = [(t, ev) for t, ev in later if ev.get("response_id") == response
+            or ev.get("response", {}).get("id") == response]  # fmt: skip
+    chunks = [(t, base64.b64decode(ev["delta"])) for t, ev in mine if ev["type"] == "response.audio.delta"]  # fmt: skip
+    server = next((ev for _, ev in mine if ev["type"] == "turn.timings"), {})
+    turn["reply"] = next((ev["text"] for _, ev in mine if ev["type"] == "response.text.done"), "")
+    turn["server"] = server
+    sound = first_sound(chunks)
+
+    def ms(t: float | None) -> float | None:
+        return None if t is None else round(1000 * (t - t_end), 1)
+
+    first_token = server.get("first_token_ms")
+    turn["stages"] = {
+        "vad_end": round(stop["audio_end_ms"] - end_ms, 1),
+        "endpoint": ms(t_stop),
+        "asr_final": ms(t_final),
+        "first_token": None if first_token is None else ms(t_stop + first_token / 1000),
+        "first_tts_audio": ms(chunks[0][0]) if chunks else None,
+        "first_sound": ms(sound),
+    }
+    if sound is not None:
+        turn["voice_to_voice_ms"] = ms(sound)
+        turn["first_audio_after_endpoint_ms"] = round(1000 * (sound - t_stop), 1)
+    if chunks:  # the old measures: the first chunk, from the endpoint / the VAD's end
+        turn["response_latency_ms"] = 1000 * (chunks[0][0] - stream.time_of_ms(stop["endpoint_ms"]))
+        turn["turn_latency_ms"] = 1000 * (chunks[0][0] - stream.time_of_ms(stop["audio_end_ms"]))
+    return turn
+
+
+async def run_voice(url: str, clips: list[dict], token: str | None, policy: str) -> list[dict]:
     headers = {"Authorization": f"Bearer {token}"} if token else None
     turns: list[dict] = []
     silence = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+    if policy.startswith("predictive"):  # "predictive:64": complete_silence_ms=64
+        settings = {"endpointing": "predictive"}
+        if ":" in policy:
+            settings["complete_silence_ms"] = float(policy.partition(":")[2])
+    else:
+        settings = {"endpointing": "fixed", "end_silence_ms": float(policy)}
     async with connect(url, additional_headers=headers, max_size=None) as ws:
         stream = Stream(ws)
-        current: dict = {}
-        done = asyncio.Event()
+        events: list[tuple[float, dict]] = []
 
         async def receive() -> None:
             async for message in ws:
                 ev = json.loads(message)
-                kind = ev["type"]
-                if kind == "input_audio_buffer.speech_stopped":
-                    current.update(audio_end_ms=ev["audio_end_ms"], endpoint_ms=ev["endpoint_ms"])
-                elif kind == "conversation.item.input_audio_transcription.completed":
-                    current["transcript"] = ev["transcript"]
-                    if not ev["transcript"]:
-                        done.set()
-                elif kind == "response.audio.delta" and "first_audio" not in current:
-                    current["first_audio"] = time.perf_counter()
-                elif kind == "response.text.done":
-                    current["reply"] = ev["text"]
-                elif kind == "turn.timings":
-                    current["server"] = ev
-                elif kind == "response.done":
-                    current["status"] = ev["response"]["status"]
-                    done.set()
-                elif kind == "error":
+                events.append((time.perf_counter(), ev))
+                if ev["type"] == "error":
                     print(f"error event: {ev['error']}", file=sys.stderr)
 
         receiver = asyncio.create_task(receive())
+        await ws.send(json.dumps({"type": "session.update", "session": {"moe2edge": settings}}))
         await stream.send(np.zeros(SAMPLE_RATE // 2, dtype=np.float32))
         for clip in clips:
-            current.clear()
-            done.clear()
+            events.clear()
+            start = stream.samples
             await stream.send(clip["audio"])
+            end_ms = 1000 * (start + clip["end"]) / SAMPLE_RATE
             deadline = time.perf_counter() + 15
-            while not done.is_set() and time.perf_counter() < deadline:
+            while not turn_done(events, end_ms) and time.perf_counter() < deadline:
                 await stream.send(silence)
             await stream.send(np.zeros(int(0.4 * SAMPLE_RATE), dtype=np.float32))
-            turn = {
-                "text": clip["text"],
-                "voice": clip["voice"],
-                "action": clip["action"],
-                **current,
-            }
-            if "first_audio" in current and "endpoint_ms" in current:
-                turn["response_latency_ms"] = 1000 * (
-                    current["first_audio"] - stream.time_of_ms(current["endpoint_ms"])
-                )
-                turn["turn_latency_ms"] = 1000 * (
-                    current["first_audio"] - stream.time_of_ms(current["audio_end_ms"])
-                )
-            turn.pop("first_audio", None)
+            turn = analyse(clip, list(events), stream, start)
             turns.append(turn)
-            print(json.dumps({k: turn.get(k) for k in ("voice", "text", "transcript", "reply",
-                  "response_latency_ms", "turn_latency_ms")}), file=sys.stderr)  # fmt: skip
+            print(json.dumps({"policy": policy, **{k: turn.get(k) for k in (
+                "voice", "paused_text", "transcript", "reply", "cut_off", "voice_to_voice_ms")}}),
+                file=sys.stderr)  # fmt: skip
         receiver.cancel()
     return turns
 
@@ -197,6 +314,47 @@ def text_accuracy(base: str, rows: list[dict], token: str | None) -> float:
     return hits / len(rows)
 
 
+def summarize(turns: list[dict]) -> dict:
+    """One policy's numbers over its turns."""
+    paused = [t for t in turns if t["paused_text"]]
+    server = [t["server"] for t in turns if t.get("server")]
+    heard = [t for t in turns if "voice_to_voice_ms" in t]
+    return {
+        "voice_to_voice_ms": pct([t["voice_to_voice_ms"] for t in heard]),
+        "false_cutoff_rate": round(sum(t["cut_off"] for t in paused) / len(paused), 3) if paused else None,
+        "false_cutoff_rate_all": round(sum(t["cut_off"] for t in turns) / len(turns), 3),
+        "paused_turns": len(paused),
+        "first_audio_after_endpoint_ms": pct([t["first_audio_after_endpoint_ms"] for t in heard]),
+        "stages_ms": {k: pct([t["stages"][k] for t in turns if t.get("stages", {}).get(k) is not None])
+                      for k in ("vad_end", "endpoint", "asr_final", "first_token", "first_tts_audio", "first_sound")},
+        "response_latency_ms": pct([t["response_latency_ms"] for t in turns if "response_latency_ms" in t]),
+        "turn_latency_ms": pct([t["turn_latency_ms"] for t in turns if "turn_latency_ms" in t]),
+        "transcript_exact_match": round(sum(t["transcript"] == t["text"] for t in turns) / len(turns), 3),
+        "wer": round(wer([t["text"] for t in turns], [t["transcript"] for t in turns]), 4),
+        "reply_task_acc": round(sum(same_actions(t.get("reply") or "", t["action"]) for t in turns) / len(turns), 3),
+        "reply_wellformed": round(sum(is_wellformed((t.get("reply") or "").strip()) for t in turns) / len(turns), 3),
+        "turns": len(turns),
+        "turns_with_audio": len(heard),
+        "drafted_share": round(sum(bool(s.get("drafted")) for s in server) / max(1, len(server)), 3),
+        "server_response_latency_ms": pct([s["response_latency_ms"] for s in server if s.get("response_latency_ms") is not None]),
+        "server_first_token_ms": pct([s["first_token_ms"] for s in server if s.get("first_token_ms") is not None]),
+    }  # fmt: skip
+
+
+def synth_first_phrase_ms(tts_names: list[str], repeats: int = 5) -> dict:
+    """Median in-process synthesis time of a reply's usual first phrase, per voice."""
+    out = {}
+    for name in tts_names:
+        tts = synthesizer("piper" if name == "piper" else "en-us")
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            tts.synthesize("sure, the kitchen")
+            times.append(1000 * (time.perf_counter() - started))
+        out[name] = round(float(np.median(times)), 1)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
@@ -204,13 +362,19 @@ def main() -> None:
     )
     p.add_argument("--grammar", default=None, help="JSGF grammar (default: beside the eval data)")
     p.add_argument("--eval", default=None, help="eval.jsonl with utterance/action rows")
-    p.add_argument("--n", type=int, default=40, help="spoken requests")
-    p.add_argument("--voices", default=",".join(VOICES))
-    p.add_argument("--end-silence-ms", type=float, default=300.0)
+    p.add_argument("--n", type=int, default=80, help="spoken requests (turns per policy)")
+    p.add_argument("--voices", default=",".join(VOICES), help="espeak-ng voices and/or piper")
+    p.add_argument("--policies", default=",".join(POLICIES),
+                   help="predictive[:complete_silence_ms] and/or fixed ms")  # fmt: skip
+    p.add_argument("--tts", default="piper,espeak", help="reply voices; the first runs every "
+                   "policy, the others the predictive one")  # fmt: skip
+    p.add_argument("--paused", type=float, default=0.3, help="share of utterances with a pause")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-draft", action="store_true", help="serve with speculate=false")
     p.add_argument("--url", default=None, help="use a running server (http://host:port)")
     p.add_argument("--token", default=os.environ.get("MOE2EDGE_TOKEN"))
     p.add_argument("--set", action="append", default=[], help="extra server key=value")
+    p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args()
     run_dir = next(
         (
@@ -231,53 +395,76 @@ def main() -> None:
     # one utterance per voice turn: multi-turn rows need their earlier turns, so they are left
     # out; the speech is the words-only form of the utterance (no digits)
     rows = [r for r in rows if r.get("kind") != "multi_turn"][: args.n]
-    voices = args.voices.split(",")
-    synth = {v: EspeakSynthesizer(voice=v) for v in voices}
-    clips = [{"text": r.get("spoken", r["utterance"]), "action": r["action"], "voice": voices[i % len(voices)],
-              "audio": synth[voices[i % len(voices)]].synthesize(r.get("spoken", r["utterance"]))}
-             for i, r in enumerate(rows)]  # fmt: skip
+    voices, policies = args.voices.split(","), args.policies.split(",")
+    tts_names = args.tts.split(",")
+    rng = np.random.default_rng(args.seed)
+    synth = {v: synthesizer(v) for v in voices}
+    clips = []
+    for i, r in enumerate(rows):
+        voice, text = voices[i % len(voices)], r.get("spoken", r["utterance"])
+        pause_ms = float(rng.uniform(300, 700)) if rng.random() < args.paused else 0.0
+        clip = make_clip(synth[voice], text, pause_ms, rng)
+        clips.append({**clip, "text": text, "action": r["action"], "voice": voice})
 
-    server = None
-    base = args.url
-    if base is None:
-        port = free_port()
-        server = start_server(args, port)
-        base = f"http://127.0.0.1:{port}"
-    try:
-        started = time.time()
-        turns = asyncio.run(
-            run_voice(base.replace("http", "ws", 1) + "/v1/realtime", clips, args.token)
-        )
-        text_acc = text_accuracy(base, rows, args.token)
-        elapsed = time.time() - started
-    finally:
-        if server is not None:
-            server.terminate()
-            server.wait(10)
-    exact = sum(t.get("transcript") == t["text"] for t in turns)
-    reply_hits = sum(same_actions(t.get("reply") or "", t["action"]) for t in turns)
-    wellformed = sum(is_wellformed((t.get("reply") or "").strip()) for t in turns)
-    server_side = [t["server"] for t in turns if "server" in t]
+    started = time.time()
+    runs: dict[str, dict[str, list[dict]]] = {}
+    text_acc = None
+    for n, tts in enumerate(tts_names):
+        server, base = None, args.url
+        if base is None:
+            port = free_port()
+            server = start_server(args, port, tts)
+            base = f"http://127.0.0.1:{port}"
+        try:
+            url = base.replace("http", "ws", 1) + "/v1/realtime"
+            for policy in policies if n == 0 else ["predictive"]:
+                runs.setdefault(tts, {})[policy] = asyncio.run(
+                    run_voice(url, clips, args.token, policy)
+                )
+            if text_acc is None:
+                text_acc = text_accuracy(base, rows, args.token)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(10)
+    elapsed = time.time() - started
+    summary = {
+        tts: {pol: summarize(turns) for pol, turns in by.items()} for tts, by in runs.items()
+    }
+    main_tts = tts_names[0]
+    main = summary[main_tts].get("predictive") or next(iter(summary[main_tts].values()))
     result = {
-        "response_latency_ms": pct([t["response_latency_ms"] for t in turns if "response_latency_ms" in t]),
-        "turn_latency_ms": pct([t["turn_latency_ms"] for t in turns if "turn_latency_ms" in t]),
-        "endpoint_silence_ms": args.end_silence_ms,
-        "transcript_exact_match": round(exact / len(turns), 3),
-        "wer": round(wer([t["text"] for t in turns], [t.get("transcript") or "" for t in turns]), 4),
-        "reply_task_acc": round(reply_hits / len(turns), 3),
-        "reply_wellformed": round(wellformed / len(turns), 3),
+        "voice_to_voice_ms": main["voice_to_voice_ms"],
+        "false_cutoff_rate": main["false_cutoff_rate"],
+        "false_cutoff_rate_all": main["false_cutoff_rate_all"],
+        "baselines": {
+            pol: {k: s[k] for k in ("voice_to_voice_ms", "false_cutoff_rate", "false_cutoff_rate_all")}
+            for pol, s in summary[main_tts].items() if pol.isdigit()
+        },
+        "stages_ms": main["stages_ms"],
+        "tts_first_audio_ms": {tts: s["predictive"]["first_audio_after_endpoint_ms"]
+                               for tts, s in summary.items() if "predictive" in s},
+        "voice_to_voice_by_tts_ms": {tts: s["predictive"]["voice_to_voice_ms"]
+                                     for tts, s in summary.items() if "predictive" in s},
+        "tts_synth_first_phrase_ms": synth_first_phrase_ms(tts_names),
+        # the old fields, for comparison (predictive policy, first TTS)
+        **{k: main[k] for k in ("response_latency_ms", "turn_latency_ms", "transcript_exact_match",
+                                "wer", "reply_task_acc", "reply_wellformed", "turns",
+                                "turns_with_audio", "drafted_share", "server_response_latency_ms",
+                                "server_first_token_ms")},
         "text_task_acc": round(text_acc, 3),
-        "turns": len(turns),
-        "turns_with_audio": sum("response_latency_ms" in t for t in turns),
+        "reply_tts": main_tts,
         "voices": voices,
-        "drafted_share": round(sum(bool(s.get("drafted")) for s in server_side) / max(1, len(server_side)), 3),
-        "server_response_latency_ms": pct([s["response_latency_ms"] for s in server_side if s.get("response_latency_ms") is not None]),
-        "server_first_token_ms": pct([s["first_token_ms"] for s in server_side if s.get("first_token_ms") is not None]),
+        "paused_share": args.paused,
+        "policies": summary,
         "draft": not args.no_draft,
         "bundle": args.bundle,
         "seconds": round(elapsed, 1),
     }  # fmt: skip
-    print(json.dumps(result))
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

@@ -103,7 +103,7 @@ def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_run)
         err = errors_for(
             ws,
             json.dumps(
-                {"type": "session.update", "session": {"turn_detection": {"type": "semantic_vad"}}}
+                {"type": "session.update", "session": {"turn_detection": {"type": "push_to_talk"}}}
             ),
         )
         assert err["code"] == "invalid_session"

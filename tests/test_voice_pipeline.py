@@ -99,7 +99,9 @@ def test_spoken_turn_events_reply_and_timings(generator, tiny_run, speculate) ->
         PocketsphinxRecognizer(grammar_path=tiny_run["grammar"]),
         EspeakSynthesizer(),
         emit,
-        settings=VoiceSettings(speculate=speculate, max_new_tokens=12, speak_brackets=True),
+        settings=VoiceSettings(
+            endpointing="fixed", speculate=speculate, max_new_tokens=12, speak_brackets=True
+        ),
     ).start()
     utterance = "switch off the fan in the bedroom"
     pushed: list[float] = []  # when frame i (stream samples 320 i ..) was pushed

@@ -73,10 +73,10 @@ class ServerConfig(BaseModel):
     recognizer: str = "pocketsphinx"
     recognizer_options: dict[str, Any] = Field(default_factory=dict)
     grammar: str | None = None  # JSGF file for the recognizer (strongly recommended)
-    tts: Literal["espeak", "piper"] = "espeak"
+    tts: Literal["auto", "espeak", "piper"] = "auto"  # auto: Piper when installed, else espeak
     tts_voice: str = Field("en-us", min_length=1)  # espeak-ng voice
     tts_speed_wpm: int = Field(175, ge=80, le=500)
-    piper_model: str | None = None  # voice.onnx (with voice.onnx.json beside it) when tts=piper
+    piper_model: str | None = None  # voice.onnx (+ .onnx.json); None: the packaged joe voice
     vad_threshold: VadThreshold = 0.5
     vad_min_speech_ms: MinSpeechMs = 96.0
     vad_end_silence_ms: EndSilenceMs = 300.0  # the endpoint setting: silence that ends a turn
@@ -93,8 +93,8 @@ class ServerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _files(self) -> ServerConfig:
-        if self.tts == "piper" and not self.piper_model:
-            raise ValueError("tts=piper needs piper_model=/path/to/voice.onnx")
+        if self.piper_model and not Path(self.piper_model).is_file():
+            raise ValueError(f"piper_model file {self.piper_model} does not exist")
         if self.grammar and not Path(self.grammar).is_file():
             raise ValueError(f"grammar file {self.grammar} does not exist")
         if self.speculative_decoding == "draft" and not self.draft_bundle:

@@ -29,16 +29,17 @@ from moe2edge.runtime.server.state import ServiceState, check_token
 from moe2edge.runtime.voice.asr import make_recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE
 from moe2edge.runtime.voice.pipeline import VoiceSession
-from moe2edge.runtime.voice.prespawn import PrespawnedEspeak
 from moe2edge.runtime.voice.reply import new_id
 from moe2edge.runtime.voice.settings import MAX_NEW_TOKENS, VoiceSettings, describe_errors
-from moe2edge.runtime.voice.tts import PiperSynthesizer, Synthesizer
+from moe2edge.runtime.voice.tts import Synthesizer
 from moe2edge.runtime.voice.vad import VoiceActivityDetector
+from moe2edge.runtime.voice.voices import make_synthesizer
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 _held = threading.local()  # slots the current thread holds (voice replies, session setup)
 
+ENDPOINTING_OF = {"server_vad": "fixed", "semantic_vad": "predictive"}
 CLIENT_EVENTS = (
     "session.update",
     "input_audio_buffer.append",
@@ -55,10 +56,9 @@ class VoiceResources:
     def __init__(self, state: ServiceState) -> None:
         cfg = self.config = state.config
         self.state = state
-        if cfg.tts == "piper":
-            self.synthesizer: Synthesizer = PiperSynthesizer(cfg.piper_model)
-        else:
-            self.synthesizer = PrespawnedEspeak(voice=cfg.tts_voice, speed_wpm=cfg.tts_speed_wpm)
+        self.synthesizer: Synthesizer = make_synthesizer(
+            cfg.tts, cfg.tts_voice, cfg.tts_speed_wpm, cfg.piper_model
+        )
         self.sessions = 0
         self._lock = threading.Lock()
         self.make_recognizer()  # fail at start-up (bad grammar, missing backend), not per call
@@ -126,7 +126,7 @@ def session_view(s: VoiceSettings) -> dict:
         "output_audio_format": "pcm16",
         "output_audio_sample_rate": SAMPLE_RATE,
         "turn_detection": {
-            "type": "server_vad",
+            "type": "semantic_vad" if s.endpointing == "predictive" else "server_vad",
             "threshold": s.vad_threshold,
             "silence_duration_ms": s.end_silence_ms,
             "prefix_padding_ms": s.preroll_ms,
@@ -136,6 +136,10 @@ def session_view(s: VoiceSettings) -> dict:
         "max_response_output_tokens": s.max_new_tokens,
         "temperature": s.temperature,
         "moe2edge": {
+            "endpointing": s.endpointing,
+            "complete_silence_ms": s.complete_silence_ms,
+            "incomplete_silence_ms": s.incomplete_silence_ms,
+            "turn_end_scorer": s.turn_end_scorer,
             "barge_in": s.barge_in,
             "speculate": s.speculate,
             "speculate_after_ms": s.speculate_after_ms,
@@ -180,8 +184,14 @@ def parse_session_update(session: Any) -> dict[str, Any]:
         td = session["turn_detection"]
         if td is None:
             take("turn_detection", False, "session.turn_detection")
-        elif isinstance(td, dict) and td.get("type", "server_vad") == "server_vad":
+        elif isinstance(td, dict) and td.get("type", "server_vad") in ENDPOINTING_OF:
             take("turn_detection", True, "session.turn_detection")
+            # server_vad: a fixed silence (OpenAI's); semantic_vad: runtime/voice/endpoint.py
+            take(
+                "endpointing",
+                ENDPOINTING_OF[td.get("type", "server_vad")],
+                "session.turn_detection.type",
+            )
             for key, name in (
                 ("silence_duration_ms", "end_silence_ms"),
                 ("threshold", "vad_threshold"),
@@ -190,7 +200,9 @@ def parse_session_update(session: Any) -> dict[str, Any]:
                 if key in td:
                     take(name, td[key], f"session.turn_detection.{key}")
         else:
-            raise ValueError("turn_detection must be null or {'type': 'server_vad', ...}")
+            raise ValueError(
+                "turn_detection must be null or {'type': 'server_vad' | 'semantic_vad', ...}"
+            )
     if "max_response_output_tokens" in session:
         value = session["max_response_output_tokens"]
         value = MAX_NEW_TOKENS if value == "inf" else value

@@ -1,7 +1,7 @@
 """Voice building blocks for the on-device assistant: audio helpers, VAD, ASR and TTS.
 
 Only numpy, onnxruntime, soxr, pydantic, the stdlib, pocketsphinx (imported by its
-recognizer) and the espeak-ng binary are used here: nothing from torch, transformers or
+recognizer), piper-tts (imported by the Piper voice) and the espeak-ng binary are used here: nothing from torch, transformers or
 the build packages.
 """
 
@@ -23,15 +23,15 @@ from moe2edge.runtime.voice.audio import (
     validate_frame,
     write_wav,
 )
+from moe2edge.runtime.voice.piper_tts import PiperSynthesizer, piper_available
 from moe2edge.runtime.voice.tts import (
     EspeakSynthesizer,
     PhraseSplitter,
-    PiperSynthesizer,
-    PiperVoiceConfig,
     SpeechChunk,
     Synthesizer,
 )
 from moe2edge.runtime.voice.vad import SileroVadModel, VadEvent, VoiceActivityDetector
+from moe2edge.runtime.voice.voices import make_synthesizer
 
 __all__ = [
     "FRAME_MS",
@@ -40,7 +40,6 @@ __all__ = [
     "EspeakSynthesizer",
     "PhraseSplitter",
     "PiperSynthesizer",
-    "PiperVoiceConfig",
     "PocketsphinxRecognizer",
     "Recognizer",
     "SileroVadModel",
@@ -51,7 +50,9 @@ __all__ = [
     "available_recognizers",
     "float32_to_pcm16",
     "make_recognizer",
+    "make_synthesizer",
     "pcm16_to_float32",
+    "piper_available",
     "read_wav",
     "register_recognizer",
     "resample",

@@ -3,6 +3,9 @@
 A backend implements `Recognizer`: `start_utterance()`, then `feed(audio)` for each frame as
 it arrives (it decodes there, so `finish()` has little left to do), then `finish()` for the
 final transcript. Audio is 16 kHz mono, as PCM16 little-endian bytes or a float32 array.
+Two optional methods feed predictive endpointing (runtime/voice/endpoint.py):
+`hypothesis()` (the current best text, unthrottled) and `is_complete(text)` (whether the
+text is a whole command of the backend's grammar; None when it cannot tell).
 
 The built-in backend is `PocketsphinxRecognizer` (pocketsphinx 5 with its bundled en-US model,
 best with a JSGF grammar of the commands a device expects).
@@ -142,6 +145,7 @@ class PocketsphinxRecognizer:
             kwargs["lm"] = None
         started = time.perf_counter()
         self._decoder = pocketsphinx.Decoder(**kwargs)
+        self._fsg = None  # the grammar's finite-state form, for is_complete
         if grammar is not None:
             self._load_grammar(grammar)
         logger.info(
@@ -168,6 +172,7 @@ class PocketsphinxRecognizer:
                 ) from exc
             raise ValueError(f"JSGF grammar could not be parsed by pocketsphinx: {exc}") from exc
         self._decoder.activate_search("grammar")
+        self._fsg = self._decoder.get_fsg("grammar")
 
     @property
     def in_utterance(self) -> bool:
@@ -202,6 +207,20 @@ class PocketsphinxRecognizer:
             return None
         self._last_partial = text
         return text
+
+    def hypothesis(self) -> str:
+        """The best hypothesis of the audio fed so far (not throttled; "" before any)."""
+        if not self._in_utterance:
+            return ""
+        hyp = self._decoder.hyp()
+        return hyp.hypstr if hyp is not None else ""
+
+    def is_complete(self, text: str) -> bool | None:
+        """Is ``text`` a whole sentence of the grammar (its FSG ends in a final state)?
+        None without a grammar (the general language model cannot tell)."""
+        if self._fsg is None:
+            return None
+        return bool(text.strip()) and bool(self._fsg.accept(" ".join(text.split())))
 
     def finish(self) -> str:
         if not self._in_utterance:

@@ -124,6 +124,13 @@ def as_pcm16(audio: bytes | bytearray | memoryview | np.ndarray) -> bytes:
     return float32_to_pcm16(as_float32(x))
 
 
+def speech_bounds(samples: np.ndarray, threshold: float = 0.02) -> tuple[int, int]:
+    """(first, one past the last) sample whose magnitude reaches ``threshold`` (about -34
+    dBFS): where synthesized speech audibly starts and ends. (0, 0) for silence."""
+    loud = np.flatnonzero(np.abs(np.asarray(samples).reshape(-1)) >= threshold)
+    return (int(loud[0]), int(loud[-1]) + 1) if len(loud) else (0, 0)
+
+
 # --- resampling -------------------------------------------------------------------------------
 
 

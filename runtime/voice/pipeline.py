@@ -5,12 +5,17 @@ Audio (16 kHz mono PCM16) is pushed from any thread and processed in order on th
 session's own input thread:
 
 - Silero VAD judges each 32 ms window; ``speech_start`` opens an utterance (the recognizer
-  gets a pre-roll of the audio before the decision), ``speech_end`` closes it once
-  ``end_silence_ms`` of silence follows the last voiced window (the endpoint).
+  gets a pre-roll of the audio before the decision). The endpoint policy
+  (runtime/voice/endpoint.py) closes it: ``fixed`` once ``end_silence_ms`` of silence
+  follows the last voiced window, ``predictive`` after a silence that depends on whether
+  the transcript so far is a whole command (short) or a prefix of one (long); at the
+  first silent window the recognizer's current hypothesis is taken as the partial, and no
+  partial is taken during a silence.
 - The recognizer decodes as audio arrives; each partial transcript's stable words (all
   but the last) are prefilled into the conversation's KV cache (``VoiceConversation``,
   over runtime/session.py's ``Conversation``), after the last ``history_turns`` turns.
-- Draft: once ``speculate_after_ms`` of silence follows speech, the reply to the latest
+- Draft: once ``speculate_after_ms`` of silence follows speech (one window when the
+  predictive policy judges the partial a whole command), the reply to the latest
   partial is generated *held* (text and first audio ready, nothing sent). At the endpoint,
   if the final transcript equals the draft's, the draft is released and its audio goes out
   at once; otherwise it is discarded and the reply is generated from the final transcript.
@@ -40,6 +45,7 @@ from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.session import Conversation, common_prefix_len
 from moe2edge.runtime.voice.asr import Recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE, validate_frame
+from moe2edge.runtime.voice.endpoint import EndpointPolicy, StudentTurnEndScorer, TurnEndScorer
 from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, VoiceConversation, new_id
 from moe2edge.runtime.voice.settings import VoiceSettings
 from moe2edge.runtime.voice.tts import Synthesizer
@@ -65,6 +71,7 @@ class VoiceSession:
         acquire_slot: Callable[[bool], Callable[[], None]] | None = None,
         step_hook: Callable[[], None] | None = None,
         metrics: Any = None,
+        turn_end_scorer: TurnEndScorer | None = None,
     ) -> None:
         self.generator, self.asr, self.tts = generator, recognizer, synthesizer
         self.emit = emit
@@ -75,6 +82,8 @@ class VoiceSession:
             end_silence_ms=self.settings.end_silence_ms,
         )
         self.prompt = VoiceConversation(generator, self.settings.history_turns, conversation)
+        self._scorer = turn_end_scorer  # None: the student's own when turn_end_scorer is set
+        self._configure_endpoint()
         self.acquire_slot, self.step_hook, self.metrics = acquire_slot, step_hook, metrics
         self._inbox: queue.Queue = queue.Queue()
         self.max_backlog = 1500  # queued frames (30 s of 20 ms frames) before frames are refused
@@ -197,9 +206,26 @@ class VoiceSession:
         self.vad.threshold = s.vad_threshold
         self.vad.off_threshold = max(0.01, s.vad_threshold - 0.15)
         self.vad.min_speech_samples = int(s.min_speech_ms * SAMPLE_RATE / 1000)
-        self.vad.end_silence_samples = int(s.end_silence_ms * SAMPLE_RATE / 1000)
+        self._configure_endpoint()
         if s.history_turns != self.prompt.turns.maxlen:
             self.prompt.set_history_turns(s.history_turns)
+
+    def _configure_endpoint(self) -> None:
+        """The endpoint policy from the settings; the VAD's own silence is its backstop."""
+        s = self.settings
+        scorer = None
+        if s.turn_end_scorer:
+            scorer = self._scorer or StudentTurnEndScorer(self.prompt)
+        self.endpoint = EndpointPolicy(
+            s.endpointing,
+            end_silence_ms=s.end_silence_ms,
+            complete_silence_ms=s.complete_silence_ms,
+            incomplete_silence_ms=max(s.incomplete_silence_ms, s.complete_silence_ms),
+            is_complete=getattr(self.asr, "is_complete", None),
+            scorer=scorer,
+            scorer_weight=s.turn_end_weight,
+        )
+        self.vad.end_silence_samples = int(self.endpoint.max_wait_ms * SAMPLE_RATE / 1000)
 
     def _ms(self, vad_sample: int) -> float:
         return round(1000 * (self._origin + vad_sample) / SAMPLE_RATE, 1)
@@ -222,7 +248,8 @@ class VoiceSession:
             return
         events = self.vad.feed(pcm)
         judged = self.vad.samples_seen // WINDOW_SAMPLES
-        if judged > self._judged:
+        new_window = judged > self._judged
+        if new_window:
             quiet = self.vad.in_speech and self.vad.last_probability < self.vad.off_threshold
             self._silent_windows = self._silent_windows + judged - self._judged if quiet else 0
             self._judged = judged
@@ -240,11 +267,28 @@ class VoiceSession:
                 self._on_speech_start(event)
             elif self._utterance:
                 self._on_speech_end(event)
+        if new_window and self._utterance and self._silent_windows:
+            self._at_silent_window()
         self._maybe_draft()
+
+    def _at_silent_window(self) -> None:
+        """A window of silence in an utterance: at its first window the partial becomes
+        the recognizer's hypothesis of the speech before it (later hypotheses are not
+        taken: a recognizer constrained by a grammar may match words to the silence, e.g.
+        "... fan and"); then the policy is asked."""
+        hypothesis = getattr(self.asr, "hypothesis", None)
+        if self._silent_windows == 1 and hypothesis is not None:
+            text = hypothesis()
+            if text and text != self._partial:
+                self._on_partial(text)
+        if self.vad.in_speech and self.endpoint.should_end(self.vad.silence_ms, self._partial):
+            event = self.vad.end_speech()
+            if event is not None:
+                self._on_speech_end(event)
 
     def _feed_asr(self, pcm: bytes) -> None:
         partial = self.asr.feed(pcm)
-        if partial:
+        if partial and not self._silent_windows:  # words "heard" in a silence are noise
             self._on_partial(partial)
 
     def _open_utterance(self, event: VadEvent | None) -> None:
@@ -299,7 +343,11 @@ class VoiceSession:
         s = self.settings
         if not (s.speculate and self._utterance and self._partial):
             return
-        if self._silent_windows * WINDOW_MS < s.speculate_after_ms:
+        after_ms = s.speculate_after_ms
+        judgement = self.endpoint.judge(self._partial) if self._silent_windows else None
+        if judgement is not None and judgement.p is not None and judgement.p >= 0.5:
+            after_ms = min(after_ms, WINDOW_MS)  # a whole command: its reply is likely wanted
+        if self._silent_windows * WINDOW_MS < after_ms:
             if self.draft is not None and self._silent_windows == 0:
                 self._drop_draft()  # speech resumed: the transcript will change
             return
@@ -319,6 +367,13 @@ class VoiceSession:
 
     def _on_speech_end(self, event: VadEvent | None) -> None:
         times = TurnTimes(endpoint=time.perf_counter())
+        judgement = self.endpoint.judge(self._partial)
+        times.extra.update(
+            endpointing=self.endpoint.mode if event is not None else "commit",
+            endpoint_wait_ms=round(judgement.wait_ms, 1),
+            endpoint_complete=judgement.complete,
+            turn_end_p=judgement.turn_end_p,
+        )
         if event is not None:
             times.last_voiced = self._arrival_of(event.sample)
             times.audio_end_ms = self._ms(event.sample)
@@ -364,7 +419,7 @@ class VoiceSession:
                 times.audio_end_ms,
                 times.endpoint_ms,
             )
-            draft.times.extra["drafted"] = True
+            draft.times.extra.update(times.extra, drafted=True)
             self.reply = draft
             draft.release()
         else:

@@ -37,12 +37,14 @@ from moe2edge.runtime.session import (
     render_chat,
     user_tokens,
 )
-from moe2edge.runtime.voice.audio import SAMPLE_RATE, float32_to_pcm16
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, float32_to_pcm16, speech_bounds
 from moe2edge.runtime.voice.tts import PhraseSplitter, Synthesizer
 
 log = logging.getLogger(__name__)
 
 Emit = Callable[[dict], None]
+LEAD_THRESHOLD = 0.005  # the synthesizer's leading silence before this level is cut ...
+LEAD_KEEP = 80  # ... but for 5 ms, from the first phrase
 
 
 def new_id(prefix: str) -> str:
@@ -373,7 +375,10 @@ class Reply:
             for phrase in phrases:
                 if self.cancel_event.is_set():
                     return
-                yield phrase, self.synthesizer.synthesize(phrase)
+                audio = self.synthesizer.synthesize(phrase)
+                if first:  # the reply's first sound goes out with its first sample
+                    audio = audio[max(0, speech_bounds(audio, LEAD_THRESHOLD)[0] - LEAD_KEEP) :]
+                yield phrase, audio
                 if first:  # after a short first phrase, the synthesizer's own phrasing
                     first = False
                     splitter.max_words = self.synthesizer.max_words

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass
@@ -36,6 +36,8 @@ AudioChunkMs = Annotated[float, Field(ge=10, le=5_000)]
 AudioLeadMs = Annotated[float, Field(ge=0, le=10_000)]
 MaxFrameMs = Annotated[float, Field(ge=20, le=10_000)]
 HistoryTurns = Annotated[int, Field(ge=0, le=64)]
+Endpointing = Literal["fixed", "predictive"]
+TurnEndWeight = Annotated[float, Field(ge=0, le=1)]
 
 STRICT = ConfigDict(validate_assignment=True, allow_inf_nan=False, strict=True, extra="forbid")
 
@@ -44,7 +46,16 @@ STRICT = ConfigDict(validate_assignment=True, allow_inf_nan=False, strict=True, 
 class VoiceSettings:
     """Per-session settings (a client may change them with ``session.update``)."""
 
+    # the endpoint (runtime/voice/endpoint.py): "fixed" waits end_silence_ms of silence;
+    # "predictive" waits complete_silence_ms after a whole command of the grammar (or what
+    # the student thinks ends the turn), up to incomplete_silence_ms after a prefix of one
+    # (an incomplete_silence_ms below complete_silence_ms counts as complete_silence_ms)
+    endpointing: Endpointing = "predictive"
     end_silence_ms: EndSilenceMs = 300.0
+    complete_silence_ms: EndSilenceMs = 96.0
+    incomplete_silence_ms: EndSilenceMs = 800.0
+    turn_end_scorer: bool = False  # predictive: also ask the student P(end of user turn)
+    turn_end_weight: TurnEndWeight = 0.5  # the student's share beside the grammar
     vad_threshold: VadThreshold = 0.5
     min_speech_ms: MinSpeechMs = 96.0
     preroll_ms: PrerollMs = 300.0

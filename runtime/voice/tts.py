@@ -1,4 +1,6 @@
-"""Text-to-speech for the voice pipeline: espeak-ng (built in) and Piper voices (ONNX).
+"""Text-to-speech for the voice pipeline: the synthesizer interface, phrase streaming, espeak-ng.
+
+Piper voices (ONNX) are in runtime/voice/piper_tts.py; runtime/voice/voices.py picks one.
 
 Every synthesizer returns mono float32 audio at 16 kHz. `stream()` takes text as it is
 generated (e.g. LLM tokens), cuts it into phrases at punctuation or after `max_words` words,
@@ -8,18 +10,14 @@ out long before the whole reply exists.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
 import subprocess
 import time
-import unicodedata
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -177,182 +175,3 @@ class EspeakSynthesizer(Synthesizer):
             )
         audio, rate = parse_wav_bytes(proc.stdout)
         return resample(audio, rate, SAMPLE_RATE)
-
-
-# --- Piper ------------------------------------------------------------------------------------
-
-PAD, BOS, EOS = "_", "^", "$"
-_CLAUSE = re.compile(r"(.+?)(?:([.!?;:,]+)(?=\s|\Z)|\Z)", re.S)
-_LANGUAGE_FLAG = re.compile(r"\([a-z]{2,3}(-[a-z0-9]+)*\)")
-
-
-@dataclass(frozen=True)
-class PiperVoiceConfig:
-    """The parts of a Piper voice's .onnx.json that synthesis needs."""
-
-    sample_rate: int
-    espeak_voice: str
-    phoneme_id_map: Mapping[str, Sequence[int]]
-    phoneme_type: str = "espeak"
-    num_speakers: int = 1
-    noise_scale: float = 0.667
-    length_scale: float = 1.0
-    noise_w: float = 0.8
-
-    @classmethod
-    def from_dict(cls, config: Mapping[str, Any]) -> PiperVoiceConfig:
-        try:
-            inference = config.get("inference", {})
-            return cls(
-                sample_rate=int(config["audio"]["sample_rate"]),
-                espeak_voice=str(config.get("espeak", {}).get("voice", "en-us")),
-                phoneme_id_map={k: list(v) for k, v in config["phoneme_id_map"].items()},
-                phoneme_type=str(config.get("phoneme_type", "espeak")),
-                num_speakers=int(config.get("num_speakers", 1)),
-                noise_scale=float(inference.get("noise_scale", 0.667)),
-                length_scale=float(inference.get("length_scale", 1.0)),
-                noise_w=float(inference.get("noise_w", 0.8)),
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise ValueError(f"not a Piper voice config (missing or bad {exc})") from exc
-
-    @classmethod
-    def load(cls, path: str | Path) -> PiperVoiceConfig:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-
-
-def phonemes_to_ids(
-    phonemes: Sequence[str], id_map: Mapping[str, Sequence[int]], missing: list[str] | None = None
-) -> list[int]:
-    """Piper's id sequence: BOS, PAD, then each phoneme's ids followed by PAD, then EOS.
-
-    Phonemes not in the map are skipped (and appended to `missing` when given).
-    """
-    ids = [*id_map[BOS], *id_map[PAD]]
-    for phoneme in phonemes:
-        if phoneme not in id_map:
-            if missing is not None:
-                missing.append(phoneme)
-            continue
-        ids.extend(id_map[phoneme])
-        ids.extend(id_map[PAD])
-    ids.extend(id_map[EOS])
-    return ids
-
-
-def ipa_to_phonemes(ipa: str) -> list[str]:
-    """Split espeak-ng IPA into Piper phonemes: NFD-normalized single codepoints."""
-    return list(unicodedata.normalize("NFD", ipa))
-
-
-def split_sentences(text: str) -> list[list[tuple[str, str]]]:
-    """Text -> sentences -> (clause text, its punctuation mark or "").
-
-    A clause ends at , ; : . ! or ? followed by whitespace (so "3.5" stays whole); a sentence
-    ends at . ! or ?.
-    """
-    sentences: list[list[tuple[str, str]]] = [[]]
-    for m in _CLAUSE.finditer(text):
-        words, punct = m.group(1).strip(), m.group(2) or ""
-        if any(ch.isalnum() for ch in words):
-            sentences[-1].append((words, punct[:1]))
-        if any(p in ".!?" for p in punct) and sentences[-1]:
-            sentences.append([])
-    return [s for s in sentences if s]
-
-
-def espeak_phonemize(text: str, voice: str, binary: str = "espeak-ng") -> list[list[str]]:
-    """Text -> Piper phonemes per sentence via `espeak-ng -q --ipa`, keeping clause punctuation
-    the way piper-phonemize does ("This: is, a test." -> "ðˈɪs: ˈɪz, ɐ tˈɛst."). Our own:
-    piper-phonemize ships its own espeak-ng build; this uses the system binary the TTS uses."""
-    exe = find_espeak(binary)
-    result: list[list[str]] = []
-    for sentence in split_sentences(text):
-        parts: list[str] = []
-        for words, punct in sentence:
-            proc = subprocess.run(
-                [exe, "-q", "--ipa", "-v", voice],
-                input=words.encode("utf-8"),
-                capture_output=True,
-                timeout=30,
-            )
-            if proc.returncode != 0:
-                raise RuntimeError(f"espeak-ng --ipa failed: {proc.stderr.decode().strip()}")
-            ipa = " ".join(proc.stdout.decode("utf-8").split())
-            parts.append(_LANGUAGE_FLAG.sub("", ipa) + punct)
-        result.append(ipa_to_phonemes(" ".join(parts)))
-    return result
-
-
-class PiperSynthesizer(Synthesizer):
-    """A Piper (VITS) voice run with onnxruntime: `voice.onnx` plus `voice.onnx.json`.
-
-    The model takes input int64 [1, N] phoneme ids, input_lengths int64 [1], scales float32
-    [noise_scale, length_scale, noise_w] and, for multi-speaker voices, sid int64 [1]; it
-    returns float32 audio at the config's sample rate, which is peak-normalized as Piper does
-    and resampled to 16 kHz.
-    """
-
-    def __init__(
-        self,
-        model_path: str | Path,
-        config_path: str | Path | None = None,
-        speaker_id: int | None = None,
-        length_scale: float | None = None,
-        intra_op_num_threads: int = 1,
-        espeak_binary: str = "espeak-ng",
-        max_words: int = 10,
-    ) -> None:
-        import onnxruntime as ort
-
-        model_path = Path(model_path)
-        config_path = Path(config_path) if config_path else Path(f"{model_path}.json")
-        for path in (model_path, config_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"Piper voice file not found: {path}")
-        self.config = PiperVoiceConfig.load(config_path)
-        if self.config.phoneme_type not in ("espeak", "text"):
-            raise ValueError(f"unsupported Piper phoneme_type {self.config.phoneme_type!r}")
-        self.espeak_binary = espeak_binary
-        if self.config.phoneme_type == "espeak":
-            find_espeak(espeak_binary)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_num_threads
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
-        self._input_names = {i.name for i in self.session.get_inputs()}
-        self.speaker_id = speaker_id
-        self.length_scale = length_scale if length_scale is not None else self.config.length_scale
-        self.max_words = max_words
-        logger.info("loaded Piper voice %s (%d Hz)", model_path.name, self.config.sample_rate)
-
-    def phonemize(self, text: str) -> list[list[str]]:
-        if self.config.phoneme_type == "text":
-            return [list(unicodedata.normalize("NFD", text.casefold()))]
-        return espeak_phonemize(text, self.config.espeak_voice, self.espeak_binary)
-
-    def synthesize_ids(self, ids: Sequence[int]) -> np.ndarray:
-        """Audio for one sentence's phoneme ids, at the voice's own sample rate."""
-        feeds: dict[str, np.ndarray] = {
-            "input": np.array([ids], dtype=np.int64),
-            "input_lengths": np.array([len(ids)], dtype=np.int64),
-            "scales": np.array(
-                [self.config.noise_scale, self.length_scale, self.config.noise_w], dtype=np.float32
-            ),
-        }
-        if "sid" in self._input_names:
-            feeds["sid"] = np.array([self.speaker_id or 0], dtype=np.int64)
-        audio = np.asarray(self.session.run(None, feeds)[0], dtype=np.float32).reshape(-1)
-        return audio / max(0.01, float(np.max(np.abs(audio)))) if len(audio) else audio
-
-    def synthesize(self, text: str) -> np.ndarray:
-        pieces: list[np.ndarray] = []
-        for phonemes in self.phonemize(text):
-            missing: list[str] = []
-            ids = phonemes_to_ids(phonemes, self.config.phoneme_id_map, missing)
-            if missing:
-                logger.warning("phonemes missing from the voice's id map: %s", "".join(missing))
-            pieces.append(resample(self.synthesize_ids(ids), self.config.sample_rate))
-        return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)

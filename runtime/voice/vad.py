@@ -192,6 +192,20 @@ class VoiceActivityDetector:
         self._pending = x[n_windows * WINDOW_SAMPLES :].copy()
         return events
 
+    @property
+    def silence_ms(self) -> float:
+        """In speech: the silence judged since the last voiced window (0 otherwise)."""
+        return samples_to_ms(self._position - self._last_voiced_end) if self._in_speech else 0.0
+
+    def end_speech(self) -> VadEvent | None:
+        """End the utterance now, because the caller's endpoint policy says it is over:
+        speech_end at the last voiced window, decided at the last judged window (None when
+        not in speech)."""
+        if not self._in_speech:
+            return None
+        self._in_speech = False
+        return self._end_event(decided=self._position)
+
     def flush(self) -> list[VadEvent]:
         """End of stream: close an open utterance (speech_end at its last voiced window)."""
         if not self._in_speech:
