@@ -25,12 +25,14 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=2,
         max_position_embeddings=128,
     ),
+    # head_dim 16: onnxruntime's GroupQueryAttention (the fast graph, and onnxruntime-genai)
+    # needs a multiple of 16
     "demo": dict(
         hidden_size=96,
         intermediate_size=256,
         num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=6,
+        num_key_value_heads=3,
         max_position_embeddings=128,
     ),
     # a one-layer draft for speculative decoding of the demo student (``distill draft``)
