@@ -234,6 +234,13 @@ def recipe_overrides(loss: str) -> dict:
     return dict(recipes[loss])
 
 
+def from_cache(bench: Bench, recipe: dict) -> dict:
+    """The logits from the k = 32 cache; the live teacher stays only for a recipe with
+    attention transfer (its maps are not in a cache)."""
+    live = recipe.get("attention_weight", 0) > 0
+    return {"teacher": bench.base.teacher if live else None, "teacher_cache": str(bench.cache)}
+
+
 def loss_table(bench: Bench, seeds: list[int]) -> tuple[list[dict], dict]:
     rows, runs = [], {}
     for loss in bench.args.losses.split(","):
@@ -243,8 +250,7 @@ def loss_table(bench: Bench, seeds: list[int]) -> tuple[list[dict], dict]:
                 bench.run(
                     f"loss-{loss}-s{seed}",
                     seed=seed,
-                    teacher=None,
-                    teacher_cache=str(bench.cache),
+                    **from_cache(bench, recipe_overrides(loss)),
                     **recipe_overrides(loss),
                 )
             )
@@ -295,7 +301,7 @@ def merged_init(bench: Bench) -> dict:
         )
     }
     recipe = recipe_overrides("fkl")
-    common = dict(teacher=None, teacher_cache=str(bench.cache), **recipe)
+    common = dict(**from_cache(bench, recipe), **recipe)
     random_init = bench.run(
         "init-random", student_preset="demo", student_overrides={**shape}, **common
     )
@@ -316,7 +322,7 @@ def merged_init(bench: Bench) -> dict:
 def sparse_vs_dense(bench: Bench) -> dict:
     recipe = recipe_overrides("fkl")
     dense = bench.run("fkl-dense-live", **recipe)
-    sparse = bench.run("fkl-sparse-k32", teacher=None, teacher_cache=str(bench.cache), **recipe)
+    sparse = bench.run("fkl-sparse-k32", **from_cache(bench, recipe), **recipe)
     return {
         "dense_kl": dense["heldout_kl"],
         "sparse_k32_kl": sparse["heldout_kl"],
@@ -343,6 +349,7 @@ def trl_side_by_side(bench: Bench) -> dict:
     student.save_pretrained(init_dir)
     bench.tokenizer.save_pretrained(init_dir)
     work = dict(loss="jsd", beta=0.5, temperature=1.0, ce_ratio=0.0, ce_warmup_steps=0)
+    work["attention_weight"] = 0.0  # TRL's GKD has no attention transfer
     work.update(eval_data=None, eval_every=0)  # no held-out passes inside the timed loop
     ours = bench.run(
         "trl-match-ours-live", student_init=str(init_dir), student_overrides={}, **work
@@ -404,6 +411,7 @@ def draft_acceptance(bench: Bench, best: dict) -> dict:
             "student_overrides": {},
             "teacher": None,
             "teacher_cache": str(bench.cache),
+            "attention_weight": 0.0,  # the logits only: a draft learns what to say next
             "max_steps": bench.args.draft_steps,
         },
         draft_for=best["student_dir"],

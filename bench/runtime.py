@@ -340,6 +340,9 @@ def prepare(work: Path, seed: int) -> dict[str, Path]:
         data = write_demo_data(work / "data", seed=seed, train_size=400, eval_size=4)
         make_tokenizer(data["train"], work / "tokenizer", vocab_size=320)
         tokenizer = load_tokenizer(work / "tokenizer")
+        # one text token per id of the model's vocabulary, so every id the random model
+        # emits streams as text (the server's chunks, and their gaps, are then per token)
+        tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), VOCAB)])
         model = build_student("100m", vocab_size=VOCAB, seed=seed)
         model.save_pretrained(student)
         tokenizer.save_pretrained(student)
@@ -471,6 +474,9 @@ def main() -> None:
         "ngram (key concurrency_ngram)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--json", default=str(ROOT / "bench/results/runtime.json"), help="'' : print only"
+    )
     # the speculative / prefix_reuse sections (bench/speculative.py)
     parser.add_argument("--spec-fp32", help="fp32 bundle of the student (default: the 100M one)")
     parser.add_argument("--spec-int4", help="its int4 bundle (default: the 100M student's)")
@@ -569,12 +575,17 @@ def main() -> None:
                 args.history_tokens,
                 ignore_eos=random_student,
                 genai={p: g for p, g in genai.items() if g},
+                reuse_bundle=paths["moe2edge_fp32"],  # the 100M student: a 1024-token context
             )
         )
         versus = spec_vs_genai(result["speculative"])
         result["speculative"]["vs_genai"] = versus
         result.setdefault("speedup", {}).update(versus["speedup"])
     print(json.dumps(result))
+    if args.json:
+        from moe2edge.fileio import atomic_write_json
+
+        atomic_write_json(args.json, result)
 
 
 def summarize(samples, names, lengths, bandwidth, paths, args, started) -> dict:

@@ -44,6 +44,7 @@ from moe2edge.distill.adapters import (
     set_stage,
     stage_at,
 )
+from moe2edge.distill.attention_transfer import attention_transfer_loss, eager_attention
 from moe2edge.distill.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -178,6 +179,7 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
     total_tokens = max(float(total.item()), 1.0)
     sums = torch.zeros(4, dtype=torch.float64, device=info.device)
     from_cache = cache is not None and not on_policy
+    attend = cfg.attention_weight > 0 and not warming_up and teacher is not None
     ce_ratio = 1.0 if (teacher is None and cache is None) or warming_up else cfg.ce_ratio
     if on_policy:  # no CE on the student's own samples: it would reinforce them (as TRL's GKD)
         ce_ratio = 0.0
@@ -190,10 +192,14 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
         # attention mask is needed, and HF skips building a padded mask (~20 ms a call on CPU).
         with autocast():
             positions = batch.get("position_ids")  # packed rows: attention within each example
-            logits = model(
-                input_ids=batch["input_ids"], position_ids=positions, use_cache=False
-            ).logits
-        targets = {}
+            student_out = model(
+                input_ids=batch["input_ids"],
+                position_ids=positions,
+                use_cache=False,
+                output_attentions=attend,
+            )
+            logits = student_out.logits
+        targets, teacher_attentions = {}, None
         asks_teacher = ce_ratio < 1.0  # a CE-only step (ce_ratio 1, the CE warm-up) asks none
         if (
             asks_teacher and from_cache
@@ -207,12 +213,17 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
             targets["teacher_topk_ids"] = ids.to(info.device)
             targets["teacher_topk_logprobs"] = lps.to(info.device)
             targets["teacher_topk_tail"] = tail.to(info.device)
-        elif asks_teacher and teacher is not None:
+        if (asks_teacher and not from_cache or attend) and teacher is not None:
             with torch.no_grad(), autocast():
-                ids = batch["input_ids"]
-                targets["teacher_logits"] = teacher(
-                    input_ids=ids, position_ids=batch.get("position_ids"), use_cache=False
-                ).logits
+                teacher_out = teacher(
+                    input_ids=batch["input_ids"],
+                    position_ids=batch.get("position_ids"),
+                    use_cache=False,
+                    output_attentions=attend,
+                )
+            if asks_teacher and not from_cache:
+                targets["teacher_logits"] = teacher_out.logits
+            teacher_attentions = teacher_out.attentions
         out = distillation_loss(
             logits,
             batch["labels"],
@@ -224,6 +235,13 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
             alpha=cfg.alpha,
             chunk_size=cfg.loss_chunk_size,
         )
+        if attend:  # where the teacher looks (distill/attention_transfer.py)
+            out["loss"] = out["loss"] + cfg.attention_weight * attention_transfer_loss(
+                student_out.attentions,
+                teacher_attentions,
+                batch["attention_mask"],
+                cfg.attention_layers,
+            )
         share = int((batch["labels"] != IGNORE_INDEX).sum()) / total_tokens
         # FSDP2 averages gradients over ranks; undo that, the token mean is already global.
         (out["loss"] * (share * info.world_size)).backward()
@@ -275,6 +293,8 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
         if not is_placed(teacher):  # a device_map teacher stays where accelerate put it
             teacher.to(info.device)
         teacher.eval().requires_grad_(False)
+    if cfg.attention_weight > 0:  # sdpa / flash attention return no maps
+        eager_attention(model, teacher)
     data_path = cfg.train_data
     if cfg.mode == "seq_kd":
         data_path = _seq_kd_data(teacher, tokenizer, cfg, info, autocast)
@@ -386,6 +406,10 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     if info.is_main and cfg.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     optimizer.state.clear()  # the Adam moments are done with: free them before the export
+    if cfg.attention_weight > 0:
+        eager_attention(
+            model, teacher, implementation="sdpa"
+        )  # the checkpoint runs as it would have
     adapters = adapter_method(cfg) is not None
     out = save_final(model, tokenizer, run_dir / out_name, info, adapters, cfg.merge_adapters)
     barrier(info)

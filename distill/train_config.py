@@ -49,6 +49,11 @@ class TrainConfig:
     # steps of CE only before the KD mix starts: the SFT-trained start that MiniLLM (rkl),
     # GKD (jsd) and DistiLLM (skl/srkl) assume; on-policy sampling starts after it too
     ce_warmup_steps: int = 0
+    # attention transfer (distill/attention_transfer.py): + weight * KL(teacher attention ||
+    # student attention), head-averaged, layer by layer; needs the live teacher (teacher=PATH,
+    # also beside a teacher_cache, which then gives the logits) and eager attention
+    attention_weight: float = 0.0
+    attention_layers: int = 0  # match only the student's last n layers (0: all)
     beta: float = 0.5  # jsd
     alpha: float = 0.1  # skl / srkl
     loss_chunk_size: int = 1024  # tokens per chunk in the loss (memory bound at a big vocab)
@@ -133,6 +138,14 @@ def check_config(cfg: TrainConfig, has_teacher: bool) -> None:
         problems.append(f"ce_warmup_steps={cfg.ce_warmup_steps} must be in [0, max_steps]")
     if not 0.0 <= cfg.ce_ratio <= 1.0:
         problems.append(f"ce_ratio={cfg.ce_ratio} must be in [0, 1]")
+    if cfg.attention_weight < 0 or cfg.attention_layers < 0:
+        problems.append("attention_weight and attention_layers must be >= 0")
+    if cfg.attention_weight > 0 and not has_teacher:
+        problems.append(
+            f"attention_weight={cfg.attention_weight} needs the live teacher's attention maps "
+            "(a teacher cache holds logits only): set teacher=PATH (teacher_cache may stay, "
+            "for the logits)"
+        )
     if not 0.0 <= cfg.lambda_on_policy <= 1.0:
         problems.append(f"lambda_on_policy={cfg.lambda_on_policy} must be in [0, 1]")
     if cfg.grad_accum_steps < 1 or cfg.batch_size < 1 or cfg.max_steps < 0:

@@ -39,6 +39,7 @@ class DemoConfig:
     loss: str = "fkl"
     temperature: float = 1.0
     ce_ratio: float = 0.5
+    attention_weight: float = 1.0  # attention transfer (distill/attention_transfer.py)
     ce_baseline: bool = True  # also train the CE-only student (fine-tuning) for comparison
     max_new_tokens: int = 64
     max_seq_len: int = 128
@@ -116,6 +117,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 loss=cfg.loss,
                 temperature=cfg.temperature,
                 ce_ratio=cfg.ce_ratio,
+                attention_weight=cfg.attention_weight,
                 **common,
             )
         )
