@@ -71,8 +71,15 @@ def attention_transfer_loss(
     return total / len(layers)
 
 
-def eager_attention(*models, implementation: str = "eager") -> None:
-    """Switch ``models`` (None skipped) to ``implementation``: eager returns attention maps."""
-    for model in models:
-        if model is not None:
+def eager_attention(*models) -> list[str | None]:
+    """Switch ``models`` (None skipped) to eager attention, which returns the maps; returns
+    their previous implementations, for ``set_attention`` to put back."""
+    previous = [None if m is None else m.config._attn_implementation for m in models]
+    set_attention(models, ["eager"] * len(models))
+    return previous
+
+
+def set_attention(models, implementations: list[str | None]) -> None:
+    for model, implementation in zip(models, implementations, strict=True):
+        if model is not None and implementation is not None:
             model.set_attn_implementation(implementation)

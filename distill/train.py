@@ -44,7 +44,11 @@ from moe2edge.distill.adapters import (
     set_stage,
     stage_at,
 )
-from moe2edge.distill.attention_transfer import attention_transfer_loss, eager_attention
+from moe2edge.distill.attention_transfer import (
+    attention_transfer_loss,
+    eager_attention,
+    set_attention,
+)
 from moe2edge.distill.checkpoint import (
     load_checkpoint,
     save_checkpoint,
@@ -294,7 +298,7 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
             teacher.to(info.device)
         teacher.eval().requires_grad_(False)
     if cfg.attention_weight > 0:  # sdpa / flash attention return no maps
-        eager_attention(model, teacher)
+        attention_was = eager_attention(model, teacher)
     data_path = cfg.train_data
     if cfg.mode == "seq_kd":
         data_path = _seq_kd_data(teacher, tokenizer, cfg, info, autocast)
@@ -406,10 +410,8 @@ def train_model(model, teacher, tokenizer, cfg: TrainConfig, out_name: str) -> P
     if info.is_main and cfg.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     optimizer.state.clear()  # the Adam moments are done with: free them before the export
-    if cfg.attention_weight > 0:
-        eager_attention(
-            model, teacher, implementation="sdpa"
-        )  # the checkpoint runs as it would have
+    if cfg.attention_weight > 0:  # the checkpoint runs as it would have without the term
+        set_attention((model, teacher), attention_was)
     adapters = adapter_method(cfg) is not None
     out = save_final(model, tokenizer, run_dir / out_name, info, adapters, cfg.merge_adapters)
     barrier(info)
