@@ -234,7 +234,7 @@ def recipe_overrides(loss: str) -> dict:
     return dict(recipes[loss])
 
 
-def from_cache(bench: Bench, recipe: dict) -> dict:
+def teacher_sources(bench: Bench, recipe: dict) -> dict:
     """The logits from the k = 32 cache; the live teacher stays only for a recipe with
     attention transfer (its maps are not in a cache)."""
     live = recipe.get("attention_weight", 0) > 0
@@ -250,7 +250,7 @@ def loss_table(bench: Bench, seeds: list[int]) -> tuple[list[dict], dict]:
                 bench.run(
                     f"loss-{loss}-s{seed}",
                     seed=seed,
-                    **from_cache(bench, recipe_overrides(loss)),
+                    **teacher_sources(bench, recipe_overrides(loss)),
                     **recipe_overrides(loss),
                 )
             )
@@ -301,7 +301,7 @@ def merged_init(bench: Bench) -> dict:
         )
     }
     recipe = recipe_overrides("fkl")
-    common = dict(**from_cache(bench, recipe), **recipe)
+    common = dict(**teacher_sources(bench, recipe), **recipe)
     random_init = bench.run(
         "init-random", student_preset="demo", student_overrides={**shape}, **common
     )
@@ -322,7 +322,7 @@ def merged_init(bench: Bench) -> dict:
 def sparse_vs_dense(bench: Bench) -> dict:
     recipe = recipe_overrides("fkl")
     dense = bench.run("fkl-dense-live", **recipe)
-    sparse = bench.run("fkl-sparse-k32", **from_cache(bench, recipe), **recipe)
+    sparse = bench.run("fkl-sparse-k32", **teacher_sources(bench, recipe), **recipe)
     return {
         "dense_kl": dense["heldout_kl"],
         "sparse_k32_kl": sparse["heldout_kl"],

@@ -217,7 +217,8 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
             targets["teacher_topk_ids"] = ids.to(info.device)
             targets["teacher_topk_logprobs"] = lps.to(info.device)
             targets["teacher_topk_tail"] = tail.to(info.device)
-        if (asks_teacher and not from_cache or attend) and teacher is not None:
+        live_logits = asks_teacher and not from_cache and teacher is not None
+        if live_logits or attend:  # attend implies a live teacher
             with torch.no_grad(), autocast():
                 teacher_out = teacher(
                     input_ids=batch["input_ids"],
@@ -225,7 +226,7 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
                     use_cache=False,
                     output_attentions=attend,
                 )
-            if asks_teacher and not from_cache:
+            if live_logits:
                 targets["teacher_logits"] = teacher_out.logits
             teacher_attentions = teacher_out.attentions
         out = distillation_loss(
