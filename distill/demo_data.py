@@ -9,8 +9,10 @@ distribution over replies is informative). Three kinds of rows (``kind``):
 
 - ``single``: one command;
 - ``compound``: two commands joined by "and", two actions in order, one reply covering both;
-- ``multi_turn``: a follow-up ("turn it off", "make it warmer") after a turn that named the
-  device and room. The row carries the whole chat as ``messages`` and, as every row does,
+- ``multi_turn``: a second command after a finished turn: half are follow-ups ("turn it
+  off", "make it warmer") about the device and room the first turn named (``followup``),
+  half a new, unrelated command (a voice session keeps its history, so most commands after
+  the first come after a turn). The row carries the whole chat as ``messages`` and, as every row does,
   ``prompt``/``reply``: the prompt is the chat template's rendering of the earlier turns and
   the new utterance (``formats.format_context``), so the row trains as a prompt/reply row
   with the loss on the last assistant turn (the earlier turn is learnt by its own rows).
@@ -46,6 +48,9 @@ from moe2edge.fileio import atomic_write
 
 KINDS = ("single", "compound", "multi_turn")
 MIX = (0.5, 0.3, 0.2)  # share of each kind, in both splits
+# multi-turn rows whose second turn is a new command, not a follow-up: without them a
+# student reads every command after a turn as a follow-up about the earlier device
+NEW_COMMAND_SHARE = 0.5
 LONG_WORDS = 12  # a spoken reply of at least this many words is tagged long
 
 
@@ -142,12 +147,17 @@ def _followup(rng, first: Intent, second: Intent, room: str) -> dict | None:
         return None
     template, value = rng.choice(options)
     b = Turn(rng, second, room, value=value, template=template)
+    return _after_turn(rng, a, b, followup=True)
+
+
+def _after_turn(rng, a: Turn, b: Turn, followup: bool) -> dict:
+    """A multi-turn row: the command ``b`` after a finished turn of ``a``."""
     context = _row(rng, "single", [a])
     messages = [
         {"role": "user", "content": context["utterance"]},
         {"role": "assistant", "content": context["reply"]},
     ]
-    return _row(rng, "multi_turn", [b], messages)
+    return _row(rng, "multi_turn", [b], messages) | {"followup": followup}
 
 
 def held_out_combinations(seed: int, rooms_per_intent: int = 2) -> set[tuple[str, str]]:
@@ -201,6 +211,11 @@ def generate_dataset(
                 room_a = rng.choice(rooms[a.name])
                 same = room_a in rooms[b.name] and rng.random() < 0.5
                 return _compound(rng, a, room_a, b, room_a if same else rng.choice(rooms[b.name]))
+            if rng.random() < NEW_COMMAND_SHARE:  # a new, unrelated command after a turn
+                first, second = rng.choice(INTENTS), rng.choice(INTENTS)
+                a = Turn(rng, first, rng.choice(seen_rooms[first.name]))
+                b = Turn(rng, second, rng.choice(rooms[second.name]))
+                return _after_turn(rng, a, b, followup=False)
             second = rng.choice(followers)
             room = rng.choice(rooms[second.name])
             # another intent of the device in a training combination ("turn it off" after

@@ -83,6 +83,11 @@ def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_run)
         err = errors_for(ws, json.dumps({"type": "conversation.frobnicate", "event_id": "e1"}))
         assert err["code"] == "unknown_event" and err["event_id"] == "e1"
         assert "session.update" in err["message"]
+        truncate = {"type": "conversation.item.truncate", "item_id": "item_x", "content_index": 0}
+        err = errors_for(ws, json.dumps(truncate | {"audio_end_ms": "10"}))
+        assert err["code"] == "invalid_truncate" and err["param"] == "audio_end_ms"
+        err = errors_for(ws, json.dumps(truncate | {"audio_end_ms": 10}))
+        assert err["code"] == "item_truncate_invalid_item_id" and "none yet" in err["message"]
         err = errors_for(
             ws,
             json.dumps({"type": "session.update", "session": {"input_audio_sample_rate": 44100}}),

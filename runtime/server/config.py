@@ -82,6 +82,7 @@ class ServerConfig(BaseModel):
     vad_end_silence_ms: EndSilenceMs = 300.0  # the endpoint setting: silence that ends a turn
     preroll_ms: PrerollMs = 300.0
     barge_in: bool = True
+    barge_in_min_speech_ms: MinSpeechMs = 64.0  # speech that starts a turn while a reply plays
     speculate: bool = True  # draft the reply during the end-of-turn silence
     speculate_after_ms: SpeculateAfterMs = 96.0  # silence before the draft starts
     audio_chunk_ms: AudioChunkMs = 100.0

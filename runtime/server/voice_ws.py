@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from typing import Any
@@ -46,6 +47,7 @@ CLIENT_EVENTS = (
     "input_audio_buffer.commit",
     "input_audio_buffer.clear",
     "response.cancel",
+    "conversation.item.truncate",
 )
 
 
@@ -82,6 +84,7 @@ class VoiceResources:
             min_speech_ms=c.vad_min_speech_ms,
             preroll_ms=c.preroll_ms,
             barge_in=c.barge_in,
+            barge_in_min_speech_ms=c.barge_in_min_speech_ms,
             speculate=c.speculate,
             speculate_after_ms=c.speculate_after_ms,
             max_new_tokens=c.voice_max_new_tokens
@@ -141,6 +144,7 @@ def session_view(s: VoiceSettings) -> dict:
             "incomplete_silence_ms": s.incomplete_silence_ms,
             "turn_end_scorer": s.turn_end_scorer,
             "barge_in": s.barge_in,
+            "barge_in_min_speech_ms": s.barge_in_min_speech_ms,
             "speculate": s.speculate,
             "speculate_after_ms": s.speculate_after_ms,
             "min_speech_ms": s.min_speech_ms,
@@ -477,6 +481,24 @@ def _handle_event(session: VoiceSession, event: dict, arrived: float, emit) -> N
                     "response_cancel_not_active", "there is no reply to cancel", event_id=event_id
                 )
             )
+    elif kind == "conversation.item.truncate":
+        item_id, end_ms = event.get("item_id"), event.get("audio_end_ms")
+        if not isinstance(item_id, str) or not _finite_ms(end_ms):
+            emit(
+                error_event(
+                    "invalid_truncate",
+                    "conversation.item.truncate needs 'item_id' (the assistant item of the "
+                    "latest reply) and 'audio_end_ms' (a number >= 0: the audio played)",
+                    param="audio_end_ms" if isinstance(item_id, str) else "item_id",
+                    event_id=event_id,
+                )
+            )
+            return
+        session.truncate(
+            item_id,
+            float(end_ms),
+            lambda code, msg, param: emit(error_event(code, msg, param=param, event_id=event_id)),
+        )
     else:
         emit(
             error_event(
@@ -487,3 +509,12 @@ def _handle_event(session: VoiceSession, event: dict, arrived: float, emit) -> N
                 event_id=event_id,
             )
         )
+
+
+def _finite_ms(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and 0 <= value <= 86_400_000
+    )

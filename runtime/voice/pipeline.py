@@ -20,7 +20,12 @@ session's own input thread:
   if the final transcript equals the draft's, the draft is released and its audio goes out
   at once; otherwise it is discarded and the reply is generated from the final transcript.
 - Barge-in: speech that starts while a reply is being sent cancels its generation and
-  synthesis (``response.done`` with status ``cancelled``, reason ``turn_detected``).
+  synthesis (``response.done`` with status ``cancelled``, reason ``turn_detected``); while a
+  reply plays, ``barge_in_min_speech_ms`` of speech is enough to start a turn. The reply's
+  turn is remembered as heard: its text through the last word played by then (audio is
+  played in real time from its first chunk), announced as ``conversation.item.truncated``;
+  a client that knows better sends ``conversation.item.truncate`` with ``audio_end_ms``
+  (OpenAI Realtime's semantics) and the history and KV cache are cut back to match.
 - History: once a sent reply is done (completed, cut or cancelled, if it said anything),
   its turn joins the history the next prompts are rendered after (``history_turns``,
   0: every utterance starts afresh); a reply started before that turn was done does not
@@ -91,6 +96,7 @@ class VoiceSession:
         self._closed = False
         self._reset_stream()
         self.reply: Reply | None = None  # the reply being sent (released)
+        self._last_reply: Reply | None = None  # the latest reply whose turn is remembered
         self.draft: Reply | None = None  # a held reply drafted during the end silence
 
     # --- public API (any thread) -----------------------------------------------------------
@@ -205,7 +211,6 @@ class VoiceSession:
         s = self.settings
         self.vad.threshold = s.vad_threshold
         self.vad.off_threshold = max(0.01, s.vad_threshold - 0.15)
-        self.vad.min_speech_samples = int(s.min_speech_ms * SAMPLE_RATE / 1000)
         self._configure_endpoint()
         if s.history_turns != self.prompt.turns.maxlen:
             self.prompt.set_history_turns(s.history_turns)
@@ -246,6 +251,12 @@ class VoiceSession:
                 self._open_utterance(None)
             self._feed_asr(pcm)
             return
+        replying = self.reply is not None and self.reply.active and self.settings.barge_in
+        self.vad.min_speech_samples = int(
+            (self.settings.barge_in_min_speech_ms if replying else self.settings.min_speech_ms)
+            * SAMPLE_RATE
+            / 1000
+        )
         events = self.vad.feed(pcm)
         judged = self.vad.samples_seen // WINDOW_SAMPLES
         new_window = judged > self._judged
@@ -488,16 +499,66 @@ class VoiceSession:
     def _end_turn(self, reply: Reply) -> None:
         if reply.error is not None or not reply.result.token_ids:
             return  # it said nothing: the turn is not remembered
+        text = reply.result.text
+        if reply.status == "cancelled":  # barge-in or response.cancel: keep what was heard
+            played = reply.played_ms()
+            text = reply.heard_text(played)
+            self._truncated(reply, played)
+            if not text:
+                return  # nothing was heard: the turn is not remembered
+        self._last_reply = reply
         try:
             self.prompt.add_turn(
                 reply.transcript,
-                reply.result.text,
+                text,
                 reply.conversation,
                 speaking=self._partial if self._utterance else "",
                 reserve=self.settings.max_new_tokens,
             )
         except Exception:  # the next prompt is prefilled when it comes
             log.debug("prefill of the history skipped", exc_info=True)
+
+    def _truncated(self, reply: Reply, audio_end_ms: float) -> None:
+        self.emit(
+            {
+                "type": "conversation.item.truncated",
+                "item_id": reply.output_item_id,
+                "content_index": 0,
+                "audio_end_ms": audio_end_ms,
+            }
+        )
+
+    def _truncate(self, item_id: str, audio_end_ms: float, emit_error: Callable) -> None:
+        reply = self._last_reply
+        if reply is None or reply.output_item_id != item_id:
+            emit_error(
+                "item_truncate_invalid_item_id",
+                f"no assistant item {item_id!r} to truncate: only the latest reply "
+                f"({reply.output_item_id if reply else 'none yet'}) can be truncated",
+                "item_id",
+            )
+            return
+        sent_ms = round(1000 * reply.sent_s, 1)
+        if audio_end_ms > sent_ms:
+            emit_error(
+                "invalid_audio_end_ms",
+                f"audio_end_ms {audio_end_ms} is past the {sent_ms} ms of audio sent for "
+                f"item {item_id}",
+                "audio_end_ms",
+            )
+            return
+        self.prompt.replace_last_reply(
+            reply.heard_text(audio_end_ms),
+            speaking=self._partial if self._utterance else "",
+            reserve=self.settings.max_new_tokens,
+        )
+        self._truncated(reply, audio_end_ms)
+
+    def truncate(self, item_id: str, audio_end_ms: float, emit_error: Callable) -> None:
+        """``conversation.item.truncate``: the client played only ``audio_end_ms`` of the
+        latest reply; the history (and the KV cache) keep only its words heard by then.
+        ``emit_error(code, message, param)`` reports a bad item or time."""
+        self.call(lambda: self._truncate(item_id, audio_end_ms, emit_error))
 
     def _commit(self) -> None:
         if self._utterance:

@@ -131,10 +131,40 @@ class VoiceConversation:
                 self.conversation = reply_conversation
         return self.prefill_partial(speaking, reserve)
 
+    def replace_last_reply(self, reply_text: str, speaking: str = "", reserve: int = 1) -> int:
+        """The latest turn's reply becomes ``reply_text`` (what the listener heard); the
+        cache rewinds to the common prefix and the new prompt is prefilled."""
+        if not self.turns:
+            return 0
+        user_text, _ = self.turns[-1]
+        self.turns[-1] = (user_text, reply_text)
+        self._render_history()
+        return self.prefill_partial(speaking, reserve)
+
 
 def _stable_words(transcript: str) -> str:
     """A partial transcript's words but the last (which later audio may still change)."""
     return " ".join(transcript.split()[:-1])
+
+
+def text_through_words(text: str, words: int, speak_brackets: bool = False) -> str:
+    """``text`` through the end of its ``words``-th spoken word (outside ``[...]`` tags
+    unless they are spoken); with 0, the tags before the first spoken word."""
+    depth, count, in_word = 0, 0, False
+    for i, ch in enumerate(text):
+        if not speak_brackets and ch in "[]":
+            depth = depth + 1 if ch == "[" else max(0, depth - 1)
+            if in_word:
+                count, in_word = count + 1, False
+            continue
+        spoken = depth == 0
+        if spoken and not ch.isspace():
+            if not in_word and count == words:
+                return text[:i].rstrip()
+            in_word = True
+        elif in_word:
+            count, in_word = count + 1, False
+    return text
 
 
 class SpeechText:
@@ -238,6 +268,12 @@ class Reply:
         self._text_q: queue.Queue[str | None] = queue.Queue()
         self._generated = threading.Event()
         self._prompt_len = len(prompt_ids)
+        self.output_item_id = new_id("item")  # the assistant item (conversation.item.truncate)
+        # what was sent, for truncation at the audio played: (audio start s, seconds, phrase)
+        self.phrases: list[tuple[float, float, str]] = []
+        self.play_start: float | None = None  # perf_counter() of the first audio sent
+        self.sent_s = 0.0
+        self.cancelled_at: float | None = None
         if not held:
             self.gate.set()
         self._emit({"type": "response.created", "response": self._response_obj()})
@@ -272,6 +308,8 @@ class Reply:
         if self.done.is_set():
             return
         self.reason = self.reason or reason
+        if self.cancelled_at is None:
+            self.cancelled_at = time.perf_counter()
         self.cancel_event.set()
         self.gate.set()
 
@@ -281,6 +319,28 @@ class Reply:
             self._discarded = True
             self._buffer.clear()
         self.cancel("discarded")
+
+    def played_ms(self, at: float | None = None) -> float:
+        """Audio the listener has heard by ``at`` (perf_counter(); default: when the reply
+        was cancelled, else now), assuming playback in real time from the first chunk: at
+        most what was sent, which runs ``audio_lead_ms`` ahead of playback."""
+        if self.play_start is None:
+            return 0.0
+        at = at if at is not None else (self.cancelled_at or time.perf_counter())
+        return round(1000 * max(0.0, min(self.sent_s, at - self.play_start)), 1)
+
+    def heard_text(self, audio_end_ms: float) -> str:
+        """The reply's text up to the last word heard in its first ``audio_end_ms`` of audio
+        (a phrase being played counts its words in proportion); the action tags before
+        the first word are kept: they were carried out."""
+        end_s, words = audio_end_ms / 1000, 0
+        for start_s, seconds, phrase in self.phrases:
+            n = len(phrase.split())
+            if start_s + seconds <= end_s:
+                words += n
+            elif start_s < end_s:
+                words += int(n * (end_s - start_s) / seconds)
+        return text_through_words(self.result.text, words, self.options.speak_brackets)
 
     # --- internals ------------------------------------------------------------------------
 
@@ -303,7 +363,7 @@ class Reply:
                 obj["status_details"]["error"] = {"message": self.error}
             obj["output"] = [
                 {
-                    "id": new_id("item"),
+                    "id": self.output_item_id,
                     "type": "message",
                     "role": "assistant",
                     "content": [{"type": "text", "text": self.result.text}],
@@ -391,16 +451,18 @@ class Reply:
         lead_s = self.options.audio_lead_ms / 1000
         play_start, sent_s = None, 0.0
         try:
-            for _phrase, audio in self._chunks():
+            for phrase, audio in self._chunks():
                 pcm = float32_to_pcm16(audio)
                 for i in range(0, len(audio), chunk):
                     if play_start is None:
                         self.gate.wait()
-                        play_start = time.perf_counter()
+                        play_start = self.play_start = time.perf_counter()
                     wait = play_start + sent_s - lead_s - time.perf_counter()
                     if (wait > 0 and self.cancel_event.wait(wait)) or self.cancel_event.is_set():
                         break
                     data = pcm[2 * i : 2 * (i + chunk)]
+                    if i == 0:
+                        self.phrases.append((sent_s, len(audio) / SAMPLE_RATE, phrase))
                     if self.times.first_audio is None:
                         self.times.first_audio = time.perf_counter()
                     self._emit(
@@ -411,6 +473,7 @@ class Reply:
                         }
                     )
                     sent_s += len(data) / 2 / SAMPLE_RATE
+                    self.sent_s = sent_s
         except Exception as exc:
             log.exception("voice reply synthesis failed")
             self.error = f"speech synthesis failed: {exc}"

@@ -61,6 +61,7 @@ class VoiceSettings:
     preroll_ms: PrerollMs = 300.0
     turn_detection: bool = True  # False: the client ends turns with input_audio_buffer.commit
     barge_in: bool = True
+    barge_in_min_speech_ms: MinSpeechMs = 64.0  # speech that starts a turn while a reply plays
     speculate: bool = True
     speculate_after_ms: SpeculateAfterMs = 96.0
     max_new_tokens: MaxNewTokens = 64

@@ -1,0 +1,179 @@
+"""Barge-in benchmark: the user speaks while a reply plays; how soon does the reply stop?
+
+This process is the client of a ``moe2edge serve`` it starts (or ``--url``). Each trial
+speaks a command (the demo's held-out requests, several voices) in real time, keeps the
+microphone open (silence with a noise floor) until the reply's first audio arrives, waits a
+random 0.2-1.0 s of playback, then speaks an interruption. The interruption's speech is
+trimmed of its synthesized silence, so its true onset in the stream is known.
+
+- barge_in_stop_ms {p50, p95, n}: true onset of the interruption -> the reply is stopped for
+  the listener: the later of ``input_audio_buffer.speech_started`` arriving (a Realtime
+  client flushes its playback buffer on it) and the cancelled reply's last audio chunk
+  arriving (a naive client plays whatever comes);
+- speech_started_ms, last_audio_ms: the two parts;
+- truncation_error_ms: ``conversation.item.truncated``'s audio_end_ms minus what this
+  client had played by the barge-in (played in real time from the first chunk's arrival);
+- trials where the reply had finished sending before the interruption are reported
+  (``finished_before``) and still count: the listener is then stopped by speech_started.
+
+    python bench/barge_in.py --bundle runs/demo/bundles/fp32 --n 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import voice as vb  # bench/voice.py: server start, clips, the real-time microphone stream
+from machine import cpu_name
+from websockets.asyncio.client import connect
+
+ROOT = vb.ROOT
+INTERRUPTIONS = ["stop", "wait, turn off the fan in the bedroom", "no, lock the garage door"]
+SILENCE_S = 0.02
+
+
+async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.ndarray,
+                wait_s: float, seed: int) -> dict:  # fmt: skip
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    async with connect(url, additional_headers=headers, max_size=2**24) as ws:
+        events: list[tuple[float, dict]] = []
+
+        async def receive() -> None:
+            async for message in ws:
+                events.append((time.perf_counter(), json.loads(message)))
+
+        reader = asyncio.create_task(receive())
+        stream = vb.Stream(ws, seed)
+        silence = np.zeros(int(SILENCE_S * vb.SAMPLE_RATE), np.float32)
+        try:
+            while not any(e["type"] == "session.created" for _, e in events):
+                await asyncio.sleep(0.01)
+            await stream.send(command)
+            deadline = time.perf_counter() + 20
+            while time.perf_counter() < deadline and not _first(events, "response.audio.delta"):
+                await stream.send(silence)
+            first_audio = _first(events, "response.audio.delta")
+            if first_audio is None:
+                return {"error": "no reply audio within 20 s"}
+            reply_id = first_audio[1]["response_id"]
+            while time.perf_counter() < first_audio[0] + wait_s:
+                await stream.send(silence)
+            onset_sample = stream.samples
+            await stream.send(interrupt)
+            deadline = time.perf_counter() + 10
+            while time.perf_counter() < deadline and not _done(events, reply_id):
+                await stream.send(silence)
+            for _ in range(10):  # 200 ms more: late audio of the cancelled reply shows up
+                await stream.send(silence)
+        finally:
+            reader.cancel()
+        onset = stream.time_of_sample(onset_sample)
+        started = [t for t, e in events if e["type"] == "input_audio_buffer.speech_started"
+                   and t > onset - 0.1]  # fmt: skip
+        reply_audio = [(t, e) for t, e in events
+                       if e["type"] == "response.audio.delta" and e["response_id"] == reply_id]  # fmt: skip
+        done = next((e["response"] for _, e in events
+                     if e["type"] == "response.done" and e["response"]["id"] == reply_id), None)  # fmt: skip
+        truncated = next((e for _, e in events if e["type"] == "conversation.item.truncated"), None)
+        if not started:
+            return {"error": "no speech_started for the interruption"}
+        sent_s = sum(len(base64.b64decode(e["delta"])) / 2 / vb.SAMPLE_RATE for _, e in reply_audio)
+        played_ms = 1000 * min(sent_s, started[0] - first_audio[0])
+        last_audio = reply_audio[-1][0]
+        return {
+            "stop_ms": 1000 * (max(started[0], last_audio) - onset),
+            "speech_started_ms": 1000 * (started[0] - onset),
+            "last_audio_ms": 1000 * (last_audio - onset),
+            "status": done["status"] if done else None,
+            "finished_before": done is not None and done["status"] != "cancelled",
+            "truncation_error_ms": (truncated["audio_end_ms"] - played_ms) if truncated else None,
+        }
+
+
+def _first(events, kind):
+    return next(((t, e) for t, e in events if e["type"] == kind), None)
+
+
+def _done(events, reply_id) -> bool:
+    return any(e["type"] == "response.done" and e["response"]["id"] == reply_id for _, e in events)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", default=str(ROOT / "runs/demo/bundles/fp32"))
+    p.add_argument("--grammar", default=None, help="JSGF grammar (default: beside the eval data)")
+    p.add_argument("--n", type=int, default=40, help="trials")
+    p.add_argument("--voices", default=",".join(vb.VOICES))
+    p.add_argument("--tts", default="piper", help="the reply voice (piper or espeak)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--url", default=None)
+    p.add_argument("--token", default=os.environ.get("MOE2EDGE_TOKEN"))
+    p.add_argument("--set", action="append", default=[], help="extra server key=value")
+    p.add_argument("--out", default=str(ROOT / "bench/results/voice.json"),
+                   help="merge barge_in_stop_ms into this JSON (atomic)")  # fmt: skip
+    args = p.parse_args()
+    args.no_draft = False
+    data_dir = Path(args.bundle).parents[1] / "data"
+    args.grammar = args.grammar or str(data_dir / "commands.jsgf")
+    rows = [json.loads(x) for x in (data_dir / "eval.jsonl").read_text().splitlines() if x]
+    rows = [r for r in rows if r.get("kind") == "single"]
+    rng = np.random.default_rng(args.seed)
+    voices = args.voices.split(",")
+    synth = {v: vb.synthesizer(v) for v in voices}
+    server, base = None, args.url
+    if base is None:
+        port = vb.free_port()
+        server = vb.start_server(args, port, args.tts)
+        base = f"http://127.0.0.1:{port}"
+    url = base.replace("http", "ws", 1) + "/v1/realtime"
+    results, started = [], time.time()
+    try:
+        for i in range(args.n):
+            voice = voices[i % len(voices)]
+            command = vb.trimmed(synth[voice], rows[i % len(rows)].get("spoken"))
+            other = synth[voices[(i + 1) % len(voices)]]
+            interrupt = vb.trimmed(other, INTERRUPTIONS[i % len(INTERRUPTIONS)])
+            wait_s = float(rng.uniform(0.2, 1.0))
+            r = asyncio.run(trial(url, args.token, command, interrupt, wait_s, args.seed + i))
+            results.append(r | {"voice": voice, "wait_s": round(wait_s, 3)})
+            print(json.dumps(results[-1]), file=sys.stderr)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(10)
+    ok = [r for r in results if "error" not in r]
+    trunc = [r["truncation_error_ms"] for r in ok if r["truncation_error_ms"] is not None]
+    summary = {
+        "barge_in_stop_ms": vb.pct([r["stop_ms"] for r in ok]),
+        "speech_started_ms": vb.pct([r["speech_started_ms"] for r in ok]),
+        "last_audio_ms": vb.pct([r["last_audio_ms"] for r in ok]),
+        "truncation_error_ms": vb.pct([abs(x) for x in trunc]) if trunc else None,
+        "finished_before": sum(r["finished_before"] for r in ok),
+        "errors": [r for r in results if "error" in r],
+        "trials": len(results),
+        "settings": args.set,
+        "bundle": args.bundle,
+        "reply_tts": args.tts,
+        "cpu": cpu_name(),
+        "seconds": round(time.time() - started, 1),
+    }
+    print(json.dumps(summary))
+    out = Path(args.out)
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged["barge_in_stop_ms"] = summary["barge_in_stop_ms"]
+    merged["barge_in"] = summary
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    main()
