@@ -201,9 +201,12 @@ def test_barge_in_keeps_only_what_was_heard(generator, tiny_run) -> None:
             push(silence)
         reply = session.reply
         session.update(max_new_tokens=8)  # later replies: short, so the history fits beside
-        while time.time() < deadline and not (  # the reply's first phrase has been played
-            len(reply.phrases) > 1
-            and time.perf_counter() - reply.play_start > sum(reply.phrases[0][:2]) + 0.2
+        while (
+            time.time() < deadline
+            and not (  # the reply's first phrase has been played
+                len(reply.phrases) > 1
+                and time.perf_counter() - reply.play_start > sum(reply.phrases[0][:2]) + 0.2
+            )
         ):
             push(silence)
         interrupt = "switch off the fan in the bedroom"
