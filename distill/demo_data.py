@@ -187,9 +187,14 @@ def _kind(rng: random.Random) -> str:
 
 
 def generate_dataset(
-    seed: int = 0, train_size: int = 6000, eval_size: int = 200, rooms_per_intent: int = 2
+    seed: int = 0,
+    train_size: int = 6000,
+    eval_size: int = 200,
+    rooms_per_intent: int = 2,
+    new_command_share: float = NEW_COMMAND_SHARE,
 ) -> tuple[list[dict], list[dict]]:
-    """Return (train, eval) lists of rows; eval uses only held-out combinations/pairings."""
+    """Return (train, eval) lists of rows; eval uses only held-out combinations/pairings.
+    ``new_command_share``: of the multi-turn rows, those whose second turn is a new command."""
     rng = random.Random(seed)
     held = held_out_combinations(seed, rooms_per_intent)
     held_pairs = held_out_pairings(seed)
@@ -211,7 +216,9 @@ def generate_dataset(
                 room_a = rng.choice(rooms[a.name])
                 same = room_a in rooms[b.name] and rng.random() < 0.5
                 return _compound(rng, a, room_a, b, room_a if same else rng.choice(rooms[b.name]))
-            if rng.random() < NEW_COMMAND_SHARE:  # a new, unrelated command after a turn
+            if (
+                new_command_share and rng.random() < new_command_share
+            ):  # a new, unrelated command after a turn
                 first, second = rng.choice(INTENTS), rng.choice(INTENTS)
                 a = Turn(rng, first, rng.choice(seen_rooms[first.name]))
                 b = Turn(rng, second, rng.choice(rooms[second.name]))
@@ -320,10 +327,16 @@ def corrupt_labels(rows: list[dict], share: float, seed: int) -> list[dict]:
 
 
 def write_demo_data(
-    out_dir: str | Path, seed: int = 0, train_size: int = 6000, eval_size: int = 200
+    out_dir: str | Path,
+    seed: int = 0,
+    train_size: int = 6000,
+    eval_size: int = 200,
+    new_command_share: float = NEW_COMMAND_SHARE,
 ) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    train, evaluation = generate_dataset(seed, train_size, eval_size)
+    train, evaluation = generate_dataset(
+        seed, train_size, eval_size, new_command_share=new_command_share
+    )
     paths = {
         "train": out_dir / "train.jsonl",
         "eval": out_dir / "eval.jsonl",

@@ -172,9 +172,10 @@ def test_prespawned_espeak_sounds_the_same_and_cleans_up() -> None:
     assert all(p.poll() is not None for p in spares + list(warm._ready))
 
 
-def test_barge_in_keeps_only_what_was_heard(generator, tiny_run) -> None:
-    """Speech during a reply cuts the reply's turn at the audio played by then (history and
-    KV cache); ``truncate`` (conversation.item.truncate) cuts the latest reply further."""
+def test_truncate_keeps_only_what_was_heard(generator, tiny_run) -> None:
+    """``truncate`` (conversation.item.truncate): the latest reply's turn keeps only the words
+    heard in the audio the client played; the KV cache follows. (The barge-in's own
+    truncation runs through the server: tests/test_server_voice.py.)"""
     emit = Collector()
     session = VoiceSession(
         generator,
@@ -182,59 +183,21 @@ def test_barge_in_keeps_only_what_was_heard(generator, tiny_run) -> None:
         EspeakSynthesizer(),
         emit,
         settings=VoiceSettings(
-            endpointing="fixed", max_new_tokens=48, speak_brackets=True, speculate=False
+            endpointing="fixed", max_new_tokens=24, speak_brackets=True, speculate=False
         ),
     ).start()
-    silence = bytes(2 * FRAME_SAMPLES)
-
-    def push(frame: bytes) -> None:
-        session.push_audio(frame, time.perf_counter())
-        time.sleep(0.02)
-
     errors: list[tuple] = []
     try:
-        # (replies of the tiny model: this one has several words, and the next one too)
-        for frame in frames(speech("lock the garage door", tail_s=0.1)):
-            push(frame)
-        deadline = time.time() + 20
-        while not emit.of("response.audio.delta") and time.time() < deadline:
-            push(silence)
-        reply = session.reply
-        session.update(max_new_tokens=8)  # later replies: short, so the history fits beside
-        while (
-            time.time() < deadline
-            and not (  # the reply's first phrase has been played
-                len(reply.phrases) > 1
-                and time.perf_counter() - reply.play_start > sum(reply.phrases[0][:2]) + 0.2
-            )
-        ):
-            push(silence)
-        interrupt = "switch off the fan in the bedroom"
-        for frame in frames(speech(interrupt, tail_s=0.6)):
-            push(frame)
+        for frame in frames(speech("turn on the kitchen lights", tail_s=0.6)):
+            session.push_audio(frame, time.perf_counter())
         assert session.wait_idle(30)
-        first, second = [e["response"] for e in emit.of("response.done")][:2]
-        assert first["status"] == "cancelled", first
-        truncated = emit.of("conversation.item.truncated")[0]
-        item_id = first["output"][0]["id"]
-        assert truncated["item_id"] == item_id
-        full = first["output"][0]["content"][0]["text"]
-        turns = list(session.prompt.turns)
-        heard = turns[0][1]
-        assert full.startswith(heard) and len(heard) < len(full), (heard, full)
-        # heard: the audio played from the first chunk to the barge-in
-        barge_in = [t for t, e in emit.events if e["type"] == "input_audio_buffer.speech_started"]
-        played_s = barge_in[1] - emit.first_at("response.audio.delta")
-        assert abs(truncated["audio_end_ms"] - 1000 * played_s) < 50, (truncated, played_s)
-        assert heard == reply.heard_text(truncated["audio_end_ms"])
-        # the cache holds the history as remembered, not the reply as generated
-        history = session.prompt._history
-        assert session.prompt.tokens[: len(history)] == history
-        # the client says it played only 100 ms of the latest reply
-        latest = second["output"][0]["id"]
-        session.truncate(latest, 100.0, lambda *e: errors.append(e))
+        done = emit.of("response.done")[0]["response"]
+        item, full = done["output"][0]["id"], done["output"][0]["content"][0]["text"]
+        assert [t[1] for t in session.prompt.turns] == [full]
+        reply = session._last_reply
+        session.truncate(item, 100.0, lambda *e: errors.append(e))
         session.truncate("item_nope", 10.0, lambda *e: errors.append(e))
-        session.truncate(latest, 1e9, lambda *e: errors.append(e))
+        session.truncate(item, 1e9, lambda *e: errors.append(e))
         assert session.wait_idle(10)
     finally:
         session.close()
@@ -243,15 +206,19 @@ def test_barge_in_keeps_only_what_was_heard(generator, tiny_run) -> None:
         "invalid_audio_end_ms",
     ]
     cut = list(session.prompt.turns)[-1][1]
-    reply_text = second["output"][0]["content"][0]["text"]
-    assert reply_text.startswith(cut) and len(cut) < len(reply_text), (cut, reply_text)
+    assert cut == reply.heard_text(100.0) and full.startswith(cut) and len(cut) < len(full)
     assert emit.of("conversation.item.truncated")[-1]["audio_end_ms"] == 100.0
     history = session.prompt._history
-    assert session.prompt.tokens[: len(history)] == history
+    assert session.prompt.tokens[: len(history)] == history  # the cache follows the history
 
 
-def test_text_through_words_keeps_leading_tags() -> None:
-    from moe2edge.runtime.voice.reply import text_through_words
+def test_words_heard_and_text_through_words_keep_leading_tags() -> None:
+    from moe2edge.runtime.voice.reply import text_through_words, words_heard
+
+    phrases = [(0.0, 1.0, "sure,"), (1.0, 2.0, "the kitchen lights are on.")]
+    assert [words_heard(phrases, ms) for ms in (0, 999, 1000, 1500, 2999, 3000, 9e9)] == [
+        0, 0, 1, 2, 5, 6, 6
+    ]  # fmt: skip
 
     text = "[lights.on room=kitchen] sure, the kitchen lights are on."
     assert text_through_words(text, 0) == "[lights.on room=kitchen]"

@@ -147,6 +147,19 @@ def _stable_words(transcript: str) -> str:
     return " ".join(transcript.split()[:-1])
 
 
+def words_heard(phrases: list[tuple[float, float, str]], audio_end_ms: float) -> int:
+    """Words of ``phrases`` ((audio start s, seconds, text) as sent) heard in the first
+    ``audio_end_ms`` of audio: a phrase cut short counts its words in proportion."""
+    end_s, words = audio_end_ms / 1000, 0
+    for start_s, seconds, phrase in phrases:
+        n = len(phrase.split())
+        if start_s + seconds <= end_s:
+            words += n
+        elif start_s < end_s:
+            words += int(n * (end_s - start_s) / seconds)
+    return words
+
+
 def text_through_words(text: str, words: int, speak_brackets: bool = False) -> str:
     """``text`` through the end of its ``words``-th spoken word (outside ``[...]`` tags
     unless they are spoken); with 0, the tags before the first spoken word."""
@@ -333,13 +346,7 @@ class Reply:
         """The reply's text up to the last word heard in its first ``audio_end_ms`` of audio
         (a phrase being played counts its words in proportion); the action tags before
         the first word are kept: they were carried out."""
-        end_s, words = audio_end_ms / 1000, 0
-        for start_s, seconds, phrase in self.phrases:
-            n = len(phrase.split())
-            if start_s + seconds <= end_s:
-                words += n
-            elif start_s < end_s:
-                words += int(n * (end_s - start_s) / seconds)
+        words = words_heard(self.phrases, audio_end_ms)
         return text_through_words(self.result.text, words, self.options.speak_brackets)
 
     # --- internals ------------------------------------------------------------------------
