@@ -253,8 +253,7 @@ class Versions:
     def _open(self, version: Version) -> None:
         try:
             generator = self._load(version.bundle)
-            prompt = generator.with_bos(generator.tokenizer.encode("hello").ids)
-            generator.generate(prompt, SamplingParams(max_new_tokens=2))  # warm-up
+            generator.generate("hello", SamplingParams(max_new_tokens=2))  # warm-up
             batching = self._make_loop(generator)
         except Exception as exc:  # a bad bundle: say so in the version's state
             log.warning("loading version %s from %s failed: %s", version.name, version.bundle, exc)
