@@ -11,7 +11,8 @@ swap are what is measured): ``a`` and ``b`` at weights 90:10 behind the alias ``
 2. Swap: ``--streams`` clients stream chat completions to ``home`` back to back (SSE, raw
    httpx) while the admin API loads ``c`` at weight 90 (it takes new requests once warm)
    and then at once retires ``a`` (no new requests; the streams it is serving finish; then
-   it is freed): a's share moves to c with a's streams in flight. A stream is
+   it is freed): a's share moves to c with a's streams in flight. ``--swaps`` rounds: c
+   replaces a, then a (loaded again) replaces c, and so on. A stream is
    dropped without a 200, its ``[DONE]`` or with an error event; corrupted when its text is
    not the greedy reply of the version that served it (computed in this process from the
    bundle, ``Generator.generate``).
@@ -170,7 +171,9 @@ async def one_stream(client, url: str, key: str, prompt: str, max_tokens: int) -
     return out
 
 
-async def swap_phase(url: str, bundles: dict[str, Path], streams: int, max_tokens: int) -> dict:
+async def swap_phase(
+    url: str, bundles: dict[str, Path], streams: int, max_tokens: int, swaps: int
+) -> dict:
     import httpx
 
     results: list[dict] = []
@@ -183,31 +186,34 @@ async def swap_phase(url: str, bundles: dict[str, Path], streams: int, max_token
             results.append(await one_stream(client, url, f"swap-{i}-{n}", prompt, max_tokens))
             n += 1
 
-    timeline = {}
+    swaps_done: list[dict] = []
     async with (
         httpx.AsyncClient(timeout=120) as client,
         httpx.AsyncClient(base_url=url, headers=HEADERS, timeout=300) as admin,
     ):
         tasks = [asyncio.create_task(client_loop(client, i)) for i in range(streams)]
         await asyncio.sleep(1.0)
-        t0 = time.perf_counter()
-        r = await admin.post("/admin/versions",
-                             json={"name": "c", "bundle": str(bundles["c"]), "weight": 90})  # fmt: skip
-        r.raise_for_status()
-        timeline["load_s"] = round(time.perf_counter() - t0, 3)
-        t0 = time.perf_counter()
-        r = await admin.delete("/admin/versions/a")
-        r.raise_for_status()
-        timeline["in_flight_on_a_at_retire"] = r.json()["in_flight"]
-        while True:
-            listed = (await admin.get("/admin/versions")).json()
-            state = {v["name"]: v["state"] for v in listed["versions"]}
-            if state["a"] == "retired":
-                break
-            await asyncio.sleep(0.02)
-        timeline["drain_s"] = round(time.perf_counter() - t0, 3)
-        retired_at = time.perf_counter()
-        await asyncio.sleep(1.0)
+        old = "a"
+        for _ in range(swaps):  # a -> c -> a -> ...: a retired name may be loaded again
+            new = "c" if old == "a" else "a"
+            t0 = time.perf_counter()
+            body = {"name": new, "bundle": str(bundles[new]), "weight": 90}
+            (await admin.post("/admin/versions", json=body)).raise_for_status()
+            load_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            r = await admin.delete(f"/admin/versions/{old}")
+            r.raise_for_status()
+            while True:
+                listed = (await admin.get("/admin/versions")).json()
+                if {v["name"]: v["state"] for v in listed["versions"]}[old] == "retired":
+                    break
+                await asyncio.sleep(0.02)
+            swaps_done.append({"loaded": new, "retired": old, "load_s": round(load_s, 3),
+                               "in_flight_at_retire": r.json()["in_flight"],
+                               "drain_s": round(time.perf_counter() - t0, 3),
+                               "retire_called": t0})  # fmt: skip
+            old = new
+            await asyncio.sleep(0.7)
         stop.set()
         await asyncio.gather(*tasks)
         final = (await admin.get("/admin/versions")).json()
@@ -220,13 +226,18 @@ async def swap_phase(url: str, bundles: dict[str, Path], streams: int, max_token
             or r["finish"] not in ("stop", "length"))
     ]  # fmt: skip
     by_version = {n: sum(r["model"] == n for r in results) for n in ("a", "b", "c")}
+    # streams of the retired version still running when its retire was called
+    cut_candidates = sum(
+        r["model"] == sw["retired"] and r["started"] < sw["retire_called"] < r["ended"]
+        for sw in swaps_done
+        for r in results
+    )
+    for sw in swaps_done:
+        del sw["retire_called"]
     return {
         "streams_during_swap": len(results),
         "streams_by_version": by_version,
-        "streams_on_a_ending_after_retire_call": sum(
-            r["model"] == "a" and r["ended"] > t0 for r in results
-        ),
-        "streams_started_after_a_retired": sum(r["started"] > retired_at for r in results),
+        "streams_running_on_the_retired_version_at_retire": cut_candidates,
         "dropped_streams_during_swap": len(dropped),
         "corrupted_streams_during_swap": len(corrupted),
         "failures": [
@@ -235,7 +246,7 @@ async def swap_phase(url: str, bundles: dict[str, Path], streams: int, max_token
         ],  # fmt: skip
         "concurrent_clients": streams,
         "max_tokens": max_tokens,
-        **timeline,
+        "swaps": swaps_done,
         "final_split": final["split"],
     }
 
@@ -259,13 +270,14 @@ def run(args: argparse.Namespace) -> dict:
     concurrency = getattr(args, "concurrency", 8)
     streams = getattr(args, "streams", 6)
     max_tokens = getattr(args, "max_tokens", 48)
+    swaps = getattr(args, "swaps", 3)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_versions_") as tmp:
         bundles = tiny_bundles(Path(tmp), {"a": 0, "b": 1, "c": 2})
         proc, url = start_server(bundles, slots=4, queue=256)
         try:
             split = asyncio.run(split_phase(url, requests, sticky, concurrency))
-            swap = asyncio.run(swap_phase(url, bundles, streams, max_tokens))
+            swap = asyncio.run(swap_phase(url, bundles, streams, max_tokens, swaps))
         finally:
             proc.terminate()
             proc.wait(30)
@@ -285,6 +297,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8, help="split: requests at once")
     p.add_argument("--streams", type=int, default=6, help="swap: concurrent stream clients")
     p.add_argument("--max-tokens", type=int, default=48, help="swap: tokens per stream")
+    p.add_argument("--swaps", type=int, default=3, help="swap: load + retire rounds")
     p.add_argument("--out", default=str(ROOT / "bench/results/product_versions.json"))
     args = p.parse_args()
     result = run(args)

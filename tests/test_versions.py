@@ -21,7 +21,7 @@ from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.server import ServerConfig, create_app, load_server_config
 from moe2edge.runtime.server.config import parse_version
 from moe2edge.runtime.server.versions import split_point
-from tests.conftest import PYTHON, ROOT, subprocess_env
+from tests.conftest import PYTHON, ROOT, require_tool, subprocess_env
 from tests.server_helpers import ServerThread
 
 TOKEN = "versions-token"
@@ -62,7 +62,8 @@ def expected(bundles) -> dict[str, str]:
 
 
 def serve(bundles, hook=None, **overrides) -> ServerThread:
-    config = ServerConfig(voice_enabled=False, token=TOKEN, version_name="a", **overrides)
+    overrides = {"voice_enabled": False, "token": TOKEN, "version_name": "a", **overrides}
+    config = ServerConfig(**overrides)
     generator = Generator.from_bundle(bundles["a"], threads=1)
     return ServerThread(create_app(config, generator=generator, step_hook=hook))
 
@@ -96,13 +97,24 @@ def test_routing_split_and_metrics(bundles, expected) -> None:
         for k in keys[:20]:  # the same session again, by header this time: the same version
             again = chat(client, model="home", max_tokens=1, extra_headers={"X-Session-Id": k})
             assert again.model == served[k]
+        # a weight change moves only the sessions in the moved boundary: [0.8, 0.9)
+        patched = httpx.patch(srv.url + "/admin/versions", json={"weights": {"a": 80, "b": 20}},
+                              headers=AUTH)  # fmt: skip
+        assert patched.status_code == 200 and patched.json()["split"] == {"a": 0.8, "b": 0.2}
+        moved = {k: chat(client, model="home", user=k, max_tokens=1).model for k in keys}
+        changed = {k for k in keys if moved[k] != served[k]}
+        assert changed == {k for k in keys if 0.8 <= split_point(k) < 0.9} and changed
+        httpx.patch(srv.url + "/admin/versions", json={"weights": {"a": 90, "b": 10}},
+                    headers=AUTH).raise_for_status()  # fmt: skip
         # no key: smooth weighted round robin, the shares exactly
         keyless = [chat(client, model="home", max_tokens=1).model for _ in range(20)]
         assert keyless.count("b") == 2
 
         text = httpx.get(srv.url + "/metrics", headers=AUTH).text
         b_requests = sum(v == "b" for v in served.values()) + 1 + keyless.count("b")
-        b_requests += sum(served[k] == "b" for k in keys[:20])
+        b_requests += sum(served[k] == "b" for k in keys[:20]) + sum(
+            v == "b" for v in moved.values()
+        )
         assert f'moe2edge_version_requests_total{{status="200",version="b"}} {b_requests}.0' in text
         assert 'moe2edge_version_weight{version="a"} 90.0' in text
         assert 'moe2edge_version_generated_tokens_total{version="b"}' in text
@@ -288,3 +300,49 @@ def test_config_and_cli(bundles, tmp_path) -> None:
         assert (
             bad.returncode == 2 and "HTTP 404" in bad.stderr and "no loaded version" in bad.stderr
         )
+
+
+@require_tool("espeak-ng", install="apt-get install espeak-ng (make system-deps)")
+def test_voice_session_routed_and_held(bundles, tiny_run) -> None:
+    """``?model=`` routes a voice session; the session holds its version: a retire waits
+    for it to close."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from tests.server_helpers import frames, speech
+
+    versions = [{"name": "b", "bundle": str(bundles["b"]), "weight": 1}]
+    with serve(bundles, voice_enabled=True, grammar=str(tiny_run["grammar"]),
+               versions=versions) as srv:  # fmt: skip
+        admin = httpx.Client(base_url=srv.url, headers=AUTH, timeout=30)
+        with pytest.raises(ConnectionClosed), connect(f"{srv.ws_url}?token={TOKEN}&model=x") as ws:
+            event = json.loads(ws.recv(timeout=10))
+            assert (
+                event["error"]["code"] == "model_not_found" and "a, b" in event["error"]["message"]
+            )
+            ws.recv(timeout=5)
+
+        def b() -> dict:
+            return next(
+                v for v in admin.get("/admin/versions").json()["versions"] if v["name"] == "b"
+            )
+
+        with connect(f"{srv.ws_url}?token={TOKEN}&model=b") as ws:
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+            assert b()["in_flight"] == 1
+            ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
+            for frame in frames(speech("lock the garage door", tail_s=0.2)):
+                ws.send(frame)
+            ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            deadline = time.time() + 30
+            while json.loads(ws.recv(timeout=30))["type"] != "response.done":
+                assert time.time() < deadline
+            assert admin.delete("/admin/versions/b").json()["state"] == "draining"
+            time.sleep(0.3)
+            assert b()["state"] == "draining"  # the open session keeps it
+        deadline = time.time() + 10
+        while b()["state"] != "retired":
+            assert time.time() < deadline, b()
+            time.sleep(0.05)
+        text = httpx.get(srv.url + "/metrics", headers=AUTH).text
+        assert 'moe2edge_version_requests_total{status="websocket",version="b"} 1.0' in text

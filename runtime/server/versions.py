@@ -247,7 +247,9 @@ class Versions:
             version = Version(spec.name, spec.bundle, spec.weight)
             self.versions.pop(spec.name, None)  # a retired one of that name
             self.versions[spec.name] = version  # (added last: others' intervals stay)
-        threading.Thread(target=self._open, args=(version,), name=f"load-{name}").start()
+        threading.Thread(
+            target=self._open, args=(version,), name=f"load-{name}", daemon=True
+        ).start()
         return version
 
     def _open(self, version: Version) -> None:
@@ -265,7 +267,8 @@ class Versions:
             return
         with self._cond:
             version.generator, version.batching = generator, batching
-            version.state = "serving"
+            if version.state == "loading":  # (not retired meanwhile)
+                version.state = "serving"
             self._cond.notify_all()
         version.ready.set()
         self._gauges(version)
@@ -316,7 +319,9 @@ class Versions:
             if self.default is version:
                 self._promote(max(rest, key=lambda v: v.weight))
         self._gauges(version)
-        threading.Thread(target=self._drain, args=(version,), name=f"retire-{name}").start()
+        threading.Thread(
+            target=self._drain, args=(version,), name=f"retire-{name}", daemon=True
+        ).start()
         return version
 
     def _drain(self, version: Version) -> None:
@@ -354,6 +359,11 @@ class Versions:
             version.ready.wait()
         failed = [v.info() for v in loading if v.state == "failed"]
         if failed:
+            for version in loading:
+                if version.state == "serving":
+                    self.retire(version.name, record=False)
+            with self._cond:
+                self.history.append(target)  # still there to try again
             raise APIError(409, f"rollback could not reload {failed}; nothing else changed")
         keep = {n: s["weight"] for n, s in wanted.items() if n in live}
         if keep:
