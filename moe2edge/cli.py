@@ -17,6 +17,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "export": ("moe2edge.export.cli", "quantize and export a student as an ONNX bundle"),
     "generate": ("moe2edge.runtime.cli", "generate text from a bundle (streams to stdout)"),
     "serve": ("moe2edge.runtime.serve_cli", "run the on-device text and voice service"),
+    "versions": ("moe2edge.runtime.versions_cli", "load, weigh, retire, roll back served versions"),
     "jetson": ("moe2edge.jetson.cli", "Jetson power modes, telemetry, planner, deployment"),
     "demo": ("moe2edge.demo", "run the whole pipeline on the built-in tiny models"),
 }
@@ -61,7 +62,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def _missing_extra(stage: str, exc: ImportError):
     def handler(_args: argparse.Namespace) -> int:
-        extra = {"generate": "runtime", "serve": "runtime", "demo": "all"}.get(stage, stage)
+        extra = {
+            "generate": "runtime",
+            "serve": "runtime",
+            "versions": "runtime",
+            "demo": "all",
+        }.get(stage, stage)
         print(
             f"moe2edge: error: '{stage}' needs the Python package '{exc.name}', which is not "
             f"installed. Install it with: pip install 'moe2edge[{extra}]'",

@@ -46,6 +46,20 @@ def register(subparsers, name: str, help_text: str, parents=()) -> argparse.Argu
         help="speculative decoding: ngram (prompt lookup), draft (--draft), off "
         "(default: draft with --draft, else off)",
     )
+    p.add_argument(
+        "--version",
+        action="append",
+        default=[],
+        metavar="NAME=DIR[:WEIGHT]",
+        help="one more bundle to serve as version NAME with its weight in the split "
+        "(repeatable; see --version-name)",
+    )
+    p.add_argument(
+        "--version-name",
+        default=None,
+        metavar="NAME[:WEIGHT]",
+        help="the version name (and weight) of BUNDLE (default: the model id, weight 1)",
+    )
     p.add_argument("--no-voice", action="store_true", help="serve text only")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=run)
@@ -55,7 +69,9 @@ def register(subparsers, name: str, help_text: str, parents=()) -> argparse.Argu
 def server_config(args: argparse.Namespace):
     """The ``ServerConfig`` from ``--config``, the flags and ``key=value`` overrides."""
     from moe2edge.runtime.server import load_server_config
+    from moe2edge.runtime.server.config import parse_version
 
+    main_name, _, main_weight = (getattr(args, "version_name", None) or "").partition(":")
     return load_server_config(
         args.config,
         [*args.overrides, *args.set],
@@ -71,19 +87,17 @@ def server_config(args: argparse.Namespace):
         voice_enabled=False if args.no_voice else None,
         draft_bundle=args.draft,
         speculative_decoding=args.speculate or ("draft" if args.draft else None),
+        version_name=main_name or None,
+        version_weight=main_weight or None,
+        versions=[parse_version(v) for v in getattr(args, "version", [])] or None,
     )
 
 
 def speculation_config(config):
     """The server config's speculative decoding settings as a ``SpeculationConfig``."""
-    from moe2edge.runtime.speculative import SpeculationConfig
+    from moe2edge.runtime.server.config import speculation_config as from_config
 
-    return SpeculationConfig(
-        method=config.speculative_decoding,
-        draft_bundle=config.draft_bundle,
-        max_draft_tokens=config.max_draft_tokens,
-        initial_draft_tokens=min(4, config.max_draft_tokens),
-    )
+    return from_config(config)
 
 
 def run(args: argparse.Namespace, step_hook=None, concurrency_limiter=None) -> int:
@@ -91,18 +105,13 @@ def run(args: argparse.Namespace, step_hook=None, concurrency_limiter=None) -> i
     (``moe2edge jetson serve`` passes its power governor here)."""
     import uvicorn
 
-    from moe2edge.runtime.generate import Generator
     from moe2edge.runtime.server import create_app
+    from moe2edge.runtime.server.versions import load_generator
 
     config = server_config(args)
     if config.host not in ("127.0.0.1", "localhost", "::1") and not config.token:
         log.warning("binding %s without a token: anyone on the network can use it", config.host)
-    generator = Generator.from_bundle(
-        args.bundle,
-        device=config.device,
-        threads=config.threads,
-        speculation=speculation_config(config),
-    )
+    generator = load_generator(config, args.bundle)
     app = create_app(
         config, generator=generator, step_hook=step_hook, concurrency_limiter=concurrency_limiter
     )

@@ -9,7 +9,9 @@ duck-typed hooks let a power manager pace the service without the runtime import
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.prefix_cache import PrefixCache
-from moe2edge.runtime.server import openai_api, voice_ws
+from moe2edge.runtime.server import openai_api, versions_api, voice_ws
 from moe2edge.runtime.server.batching import BatchLoop
 from moe2edge.runtime.server.config import ServerConfig
 from moe2edge.runtime.server.metrics import Metrics
@@ -34,6 +36,7 @@ from moe2edge.runtime.server.state import (
     paced_hook,
     require_token,
 )
+from moe2edge.runtime.server.versions import VersionLeases, Versions, load_generator
 from moe2edge.runtime.voice.settings import describe_errors
 
 log = logging.getLogger(__name__)
@@ -107,14 +110,31 @@ def create_app(
     generator: Generator,
     step_hook: Any = None,
     concurrency_limiter: Any = None,
+    loader: Callable[[str], Generator] | None = None,
 ) -> FastAPI:
-    """The service around ``generator`` (a loaded bundle); ``config`` was checked when made."""
+    """The service around ``generator`` (a loaded bundle) and ``config.versions`` (opened
+    here by ``loader``, also used by hot loads; default ``load_generator``); ``config``
+    was checked when made."""
     scheduler = Scheduler(config.slots, config.queue, concurrency_limiter, config.retry_after_s)
     metrics = Metrics()
     model_id = config.model_name or generator.engine.bundle_dir.resolve().name
     paced = paced_hook(step_hook, scheduler)
-    prefixes = PrefixCache(int(config.prefix_cache_mb * 2**20)) if config.prefix_cache_mb else None
-    batching = BatchLoop(generator, config.slots, config.prefill_chunk, paced, metrics, prefixes)
+
+    def make_loop(gen: Generator) -> BatchLoop:  # each version: its own rows and prefix cache
+        mb = config.prefix_cache_mb
+        prefixes = PrefixCache(int(mb * 2**20)) if mb else None
+        return BatchLoop(gen, config.slots, config.prefill_chunk, paced, metrics, prefixes)
+
+    loader = loader or functools.partial(load_generator, config)
+    versions = Versions(model_id, metrics, make_loop, loader)
+    main = versions.add_loaded(
+        config.version_name or model_id,
+        str(generator.engine.bundle_dir),
+        config.version_weight,
+        generator,
+    )
+    for spec in config.versions:
+        versions.add_loaded(spec.name, spec.bundle, spec.weight, loader(spec.bundle))
     metrics.rows.set(config.slots)
     state = ServiceState(
         config=config,
@@ -122,9 +142,11 @@ def create_app(
         scheduler=scheduler,
         metrics=metrics,
         model_id=model_id,
-        batching=batching,
+        batching=main.batching,
         step_hook=paced,
+        versions=versions,
     )
+    versions.attach(state, main)
     if config.voice_enabled:
         state.voice = voice_ws.VoiceResources(state)
 
@@ -133,7 +155,7 @@ def create_app(
         yield
         if state.voice is not None:
             state.voice.close()  # the pre-started espeak-ng processes
-        batching.close()
+        versions.close()
 
     app = FastAPI(
         title="moe2edge", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan
@@ -161,6 +183,7 @@ def create_app(
     app.add_middleware(CountRequests, metrics=metrics)
     app.include_router(openai_api.router)
     app.include_router(voice_ws.router)
+    app.include_router(versions_api.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -176,6 +199,7 @@ def create_app(
             "voice": s.voice is not None,
             "voice_sessions": s.voice.sessions if s.voice else 0,
             "context": s.generator.engine.max_length,
+            "versions": s.versions.describe()["split"],
             **s.scheduler.stats(),
         }
 
@@ -195,6 +219,7 @@ def create_app(
             allow_headers=["*"],
         )
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(VersionLeases)
     return app
 
 

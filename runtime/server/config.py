@@ -15,7 +15,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -34,6 +34,33 @@ from moe2edge.runtime.voice.settings import (
     VadThreshold,
     describe_errors,
 )
+
+VersionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+VersionWeight = Annotated[float, Field(ge=0, le=1e6)]
+
+
+class VersionSpec(BaseModel):
+    """One more bundle the service serves beside the main one (docs/service.md, versions)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: VersionName
+    bundle: str = Field(min_length=1)
+    weight: VersionWeight = 1.0
+
+
+def parse_version(text: str) -> dict[str, Any]:
+    """``NAME=DIR[:WEIGHT]`` (``serve --version``) as a ``VersionSpec``'s fields."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise RuntimeUserError(f"bad version {text!r}: use NAME=DIR or NAME=DIR:WEIGHT")
+    bundle, colon, weight = rest.rpartition(":")
+    if colon and bundle:
+        try:
+            return {"name": name, "bundle": bundle, "weight": float(weight)}
+        except ValueError:
+            pass  # a ':' in the path
+    return {"name": name, "bundle": rest}
 
 
 class ServerConfig(BaseModel):
@@ -91,6 +118,10 @@ class ServerConfig(BaseModel):
     voice_temperature: Temperature = 0.0
     speak_brackets: bool = False  # False: [action tags] are shown but not spoken
     voice_history_turns: HistoryTurns = 4  # finished turns a voice prompt includes (0: none)
+    # versions (runtime/server/versions.py): the main bundle plus more, by a weighted split
+    version_name: VersionName | None = None  # the main bundle's version (default: model id)
+    version_weight: VersionWeight = 1.0  # the main bundle's share of the split
+    versions: list[VersionSpec] = Field(default_factory=list)  # serve --version NAME=DIR:W
 
     @model_validator(mode="after")
     def _files(self) -> ServerConfig:
@@ -104,7 +135,29 @@ class ServerConfig(BaseModel):
             )
         if self.draft_bundle and not (Path(self.draft_bundle) / "manifest.json").is_file():
             raise ValueError(f"draft_bundle {self.draft_bundle} holds no manifest.json")
+        names = [v.name for v in self.versions]
+        if self.version_name is not None:
+            names.append(self.version_name)
+        if len(set(names)) != len(names):
+            raise ValueError(f"version names must be unique (versions, version_name): {names}")
+        for v in self.versions:
+            if not (Path(v.bundle) / "manifest.json").is_file():
+                raise ValueError(f"version {v.name}: bundle {v.bundle} holds no manifest.json")
+        if self.versions and self.version_weight + sum(v.weight for v in self.versions) <= 0:
+            raise ValueError("the version weights (version_weight, versions) sum to 0")
         return self
+
+
+def speculation_config(config: ServerConfig):
+    """The server config's speculative decoding settings as a ``SpeculationConfig``."""
+    from moe2edge.runtime.speculative import SpeculationConfig
+
+    return SpeculationConfig(
+        method=config.speculative_decoding,
+        draft_bundle=config.draft_bundle,
+        max_draft_tokens=config.max_draft_tokens,
+        initial_draft_tokens=min(4, config.max_draft_tokens),
+    )
 
 
 def _override_value(key: str, raw: str) -> Any:

@@ -128,6 +128,38 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        # versions (server/versions.py): requests and generations by the version that served
+        self.version_requests = Counter(
+            "moe2edge_version_requests_total",
+            "Requests (HTTP and voice sessions) routed to each version, by status",
+            ["version", "status"],
+            registry=r,
+        )
+        self.version_seconds = Histogram(
+            "moe2edge_version_request_seconds",
+            "Routed request arrived -> its response (stream) ended, by version",
+            ["version"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.version_tokens = Counter(
+            "moe2edge_version_generated_tokens_total",
+            "Tokens generated, by version",
+            ["version"],
+            registry=r,
+        )
+        self.version_in_flight = Gauge(
+            "moe2edge_version_in_flight",
+            "Requests and voice sessions a version is serving now",
+            ["version"],
+            registry=r,
+        )
+        self.version_weight = Gauge(
+            "moe2edge_version_weight",
+            "Each version's share of the split (0 when it takes no new requests)",
+            ["version"],
+            registry=r,
+        )
 
     def count_speculation(self, proposed: int, accepted: int) -> None:
         """Add one verification's draft tokens: ``proposed``, of which ``accepted`` held."""

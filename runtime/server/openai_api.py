@@ -27,6 +27,7 @@ from moe2edge.runtime.sampling import SamplingParams
 from moe2edge.runtime.server.batching import END, Job
 from moe2edge.runtime.server.scheduler import Overloaded, Slot
 from moe2edge.runtime.server.state import APIError, ServiceState, get_state, require_token
+from moe2edge.runtime.server.versions import session_key
 from moe2edge.runtime.session import render_chat
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
@@ -193,6 +194,7 @@ async def pieces(state: ServiceState, job: Job, queue: asyncio.Queue) -> AsyncIt
             job.abandon()
             state.metrics.cancelled.labels("client_disconnected").inc()
         state.metrics.tokens.inc(len(job.result.token_ids))
+        state.versions.count_tokens(state.version, len(job.result.token_ids))
         state.metrics.prompt_tokens.inc(len(job.prompt_ids))
         state.refresh_gauges()
 
@@ -246,23 +248,28 @@ def sse(obj: Any) -> str:
 # --- routes -------------------------------------------------------------------------------
 
 
+def routed(state: ServiceState, req: _Sampling, request: Request) -> ServiceState:
+    """The state as the version ``req.model`` routes to sees it (``server/versions.py``:
+    a version's name, else the weighted split, sticky per ``X-Session-Id`` or ``user``)."""
+    key = session_key(request.headers, req.user)
+    return state.versions.routed(state, req.model, key, request.scope)
+
+
 @router.get("/models")
 async def list_models(state: State) -> dict:
+    """The service's alias (routed by the split) first, then each serving version."""
     return {
         "object": "list",
         "data": [
-            {
-                "id": state.model_id,
-                "object": "model",
-                "created": state.created,
-                "owned_by": "moe2edge",
-            }
+            {"id": name, "object": "model", "created": state.created, "owned_by": "moe2edge"}
+            for name in state.versions.known()
         ],
     }
 
 
 @router.post("/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, state: State, request: Request):
+    state = routed(state, req, request)
     prompt_ids = chat_prompt(state, req.messages)
     params = sampling_params(
         state, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens
@@ -272,6 +279,7 @@ async def chat_completions(req: ChatCompletionRequest, state: State, request: Re
 
 @router.post("/completions")
 async def completions(req: CompletionRequest, state: State, request: Request):
+    state = routed(state, req, request)
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise APIError(

@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.server.batching import LoopEngine
 from moe2edge.runtime.server.scheduler import Overloaded
-from moe2edge.runtime.server.state import ServiceState, check_token
+from moe2edge.runtime.server.state import APIError, ServiceState, check_token
+from moe2edge.runtime.server.versions import session_key
 from moe2edge.runtime.voice.asr import make_recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE
 from moe2edge.runtime.voice.pipeline import VoiceSession
@@ -263,6 +264,14 @@ async def realtime(websocket: WebSocket) -> None:
         )
         await websocket.close(code=1008, reason="voice disabled")
         return
+    try:  # the version this session talks to (server/versions.py), held until it closes
+        query = websocket.query_params
+        key = session_key(websocket.headers, query.get("session"))
+        routed = state.versions.routed(state, query.get("model"), key, websocket.scope)
+    except APIError as exc:
+        await send(error_event(exc.code or "model_not_found", exc.message, param="model"))
+        await websocket.close(code=1008, reason="unknown model")
+        return
     if not voice.try_open():
         await send(
             error_event(
@@ -319,9 +328,9 @@ async def realtime(websocket: WebSocket) -> None:
             release()
 
     engine = LoopEngine(
-        state.generator.engine, state.batching, hold, chunk=state.config.prefill_chunk
+        routed.generator.engine, routed.batching, hold, chunk=state.config.prefill_chunk
     )
-    generator = Generator(engine, state.generator.tokenizer)
+    generator = Generator(engine, routed.generator.tokenizer)
 
     def open_session() -> VoiceSession:
         release = acquire_slot(True)  # its first prefill (the prompt head) runs now
