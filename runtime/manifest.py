@@ -90,12 +90,10 @@ def structure_problems(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
                 problems.append(f"io.{key} is missing")
         elif (why := member_problem(bundle_dir, name)) is not None:
             problems.append(f"io.{key} {why}")
-        elif name not in files:
+        elif name not in files and key == "model_file":  # the tokenizer: ``tokenizer_path``
             problems.append(
                 f"io.{key} {name!r} is not among the hashed files, so it could not be verified"
             )
-    if not isinstance(io.get("kv_cache"), dict):
-        problems.append("io.kv_cache must be an object (the KV cache contract)")
     if not isinstance(manifest.get("model"), dict):
         problems.append("'model' must be an object")
     if not isinstance(manifest.get("generation"), dict):
