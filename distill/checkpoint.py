@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -142,7 +143,8 @@ def _no_space(exc: BaseException) -> OSError | None:
         if isinstance(exc, OSError) and exc.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
             return exc
         if any(t in str(exc) for t in NO_SPACE_TEXT):
-            return OSError(28, str(exc))
+            limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+            return OSError(27 if limited else 28, str(exc))
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
     return None
 
@@ -454,9 +456,10 @@ def load_checkpoint(path: Path | None, model, optimizer, scheduler, info: DistIn
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        last = (str(exc).strip().splitlines() or [""])[-1][:300]  # DCP's text ends in the cause
         raise DistillError(
-            f"cannot load checkpoint {path} into this model ({type(exc).__name__}: "
-            f"{str(exc)[:300]}); resume from another checkpoint or start over with resume=none"
+            f"cannot load checkpoint {path} into this model ({type(exc).__name__}: {last}); "
+            "resume from another checkpoint or start over with resume=none"
         ) from exc
     training_state = None
     if info.is_main:
