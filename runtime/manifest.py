@@ -49,6 +49,9 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> Path:
     manifest = dict(manifest)
     manifest["format"] = FORMAT_NAME
     manifest["format_version"] = FORMAT_VERSION
+    bad = [why for name in manifest["files"] if (why := member_problem(bundle_dir, name))]
+    if bad:  # checked before hashing: a name may not even point into the bundle
+        raise BundleError(f"refusing to write {bundle_dir / MANIFEST_NAME}: " + "; ".join(bad))
     manifest["files"] = hash_files(bundle_dir, list(manifest["files"]))
     manifest.pop(CHECKSUM_KEY, None)
     problems = structure_problems(bundle_dir, manifest)
