@@ -235,13 +235,14 @@ def write_engine_artifact(bundle: Path, variant: int) -> dict[str, Any]:
     """``build_engine`` into ``bundle/engine`` with the stand-in builder; the plan's sha256."""
     from moe2edge.runtime.tensorrt import build
 
-    old = sys.modules.get("tensorrt")
+    old, old_info = sys.modules.get("tensorrt"), build.device_info
     sys.modules["tensorrt"] = fake_tensorrt(variant)  # type: ignore[assignment]
     build.device_info = lambda: dict(DEVICE)  # type: ignore[assignment]
     try:
         build.build_engine(bundle, max_seq_len=32, max_prefill=8)
-    finally:
+    finally:  # leave the modules as they were (tests share this process)
         _restore("tensorrt", old)
+        build.device_info = old_info  # type: ignore[assignment]
     return {"plan": hashlib.sha256(plan_bytes(variant)).hexdigest()}
 
 
@@ -266,13 +267,14 @@ def load_engine(bundle: Path) -> dict[str, Any]:
             return super().deserialize_cuda_engine(plan)
 
     trt.Runtime = Recording
-    old = sys.modules.get("tensorrt")
+    old, old_info = sys.modules.get("tensorrt"), tensorrt_engine.device_info
     sys.modules["tensorrt"] = trt  # type: ignore[assignment]
     tensorrt_engine.device_info = lambda: dict(DEVICE)  # type: ignore[assignment]
     try:
         tensorrt_engine.TensorRTEngine(bundle, cuda=HostCuda())
     finally:
         _restore("tensorrt", old)
+        tensorrt_engine.device_info = old_info  # type: ignore[assignment]
     return seen
 
 

@@ -217,6 +217,10 @@ class OnnxEngine:
         if max_length is not None and not 1 <= max_length <= context:
             raise BundleError(f"max_length must be in 1..{context} (the bundle's context)")
         self.max_length = int(max_length or context)
+        if not isinstance(io.get("model_file"), str):
+            raise BundleError(
+                f"{self.bundle_dir / 'manifest.json'} names no io.model_file; re-export the bundle"
+            )
         model_file = self.bundle_dir / io["model_file"]
         try:
             self.session = ort.InferenceSession(

@@ -88,10 +88,9 @@ def structure_problems(bundle_dir: Path, manifest: dict[str, Any]) -> list[str]:
             problems.append(f"files entry {name!r} has a bad size {entry['bytes']!r}")
     for key in REFERENCED_FILES:
         name = io.get(key)
-        if name is None:
-            if key == "model_file":  # a bundle without a tokenizer can still run token ids
-                problems.append(f"io.{key} is missing")
-        elif (why := member_problem(bundle_dir, name)) is not None:
+        if name is None:  # the engine refuses a bundle without model_file when it opens it
+            continue
+        if (why := member_problem(bundle_dir, name)) is not None:
             problems.append(f"io.{key} {why}")
         elif name not in files and key == "model_file":  # the tokenizer: ``tokenizer_path``
             problems.append(
@@ -154,7 +153,7 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     problems = []
-    model = manifest["io"]["model_file"]
+    model = manifest["io"].get("model_file") or "model.onnx"
     for extra in sorted(bundle_dir.glob(f"{model}*")):  # external data next to the graph
         if extra.is_file() and extra.name not in manifest["files"]:
             problems.append(f"{extra.name}: next to {model} but not hashed in the manifest")
