@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import resource
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,15 @@ from moe2edge.distill.distributed import (
     raise_together,
 )
 from moe2edge.distill.errors import DistillError
-from moe2edge.fileio import atomic_dir, sha256_file
+from moe2edge.fileio import (
+    DiskFullError,
+    atomic_dir,
+    disk_full_error,
+    member_problem,
+    seal,
+    seal_problem,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +111,42 @@ LATER_KEY_DEFAULTS = {
     "lora_plus_lr_ratio": 16.0,
     "stage_steps": [],
 }
-FORMAT_VERSION = 2  # 1: full-state model.safetensors + optimizer.pt gathered on rank 0
+# 1: full-state model.safetensors + optimizer.pt gathered on rank 0; 2: sharded DCP; 3: the
+# manifest carries ``checksum`` (sha256 of its other keys), checked on load (2 is still read)
+FORMAT_VERSION = 3
+READ_VERSIONS = (2, 3)
+REQUIRED_FILES = (".metadata", "training_state.pt")
+# what torch's writers say when a write runs out of room (they raise no OSError)
+NO_SPACE_TEXT = (
+    "No space left",
+    "File too large",
+    "Disk quota",
+    "unexpected pos",
+    "iostream error",
+)
+
+
+def _state_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def _no_space(exc: BaseException) -> OSError | None:
+    """The no-space error behind ``exc`` (torch and DCP wrap it or only say it in words)."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError) and exc.errno in (28, 27, 122):  # ENOSPC, EFBIG, EDQUOT
+            return exc
+        if any(t in str(exc) for t in NO_SPACE_TEXT):
+            limited = resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+            return OSError(27 if limited else 28, str(exc))
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def config_fingerprint(cfg) -> dict:
@@ -155,7 +199,6 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo)
     the training state, writes the manifest from the ranks' hashes (a few bytes each) and
     renames the directory into place.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = checkpoint_dir(cfg.run_dir, step)
@@ -164,10 +207,34 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo)
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".step-*.tmp"):
             shutil.rmtree(stale, ignore_errors=True)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    needed = _state_bytes(model_state) + _state_bytes(optim_state)
+    try:
+        _write_checkpoint(final, model_state, optim_state, scheduler, step, cfg, info)
+    except DiskFullError as exc:
+        raise DistillError(f"checkpoint of step {step}: {exc.strerror}") from exc
+    except BaseException as exc:
+        cause = None if isinstance(exc, KeyboardInterrupt | SystemExit) else _no_space(exc)
+        if cause is None:
+            raise
+        raise DistillError(
+            f"checkpoint of step {step}: "
+            + disk_full_error(final, needed, cause).strerror
+            + " (the model and optimizer state alone take that much)"
+        ) from exc
+    if info.is_main:
+        prune_checkpoints(root, cfg.keep_checkpoints)
+        log.info("checkpoint %s", final)
+    barrier(info)
+    return final
+
+
+def _write_checkpoint(final: Path, model_state, optim_state, scheduler, step, cfg, info) -> None:
+    import torch.distributed.checkpoint as dcp
+
     tmp = final.with_name(f".{final.name}.tmp")  # the name atomic_dir builds in
     with atomic_dir(final) if info.is_main else nullcontext(tmp) as tmp:
         barrier(info)  # the directory exists before anyone writes into it
-        model_state, optim_state = get_state_dict(model, optimizer)
         writer = dcp.FileSystemWriter(tmp, single_file_per_rank=True, sync_files=True)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.save(state, storage_writer=writer, no_dist=not info.enabled)
@@ -200,12 +267,7 @@ def save_checkpoint(model, optimizer, scheduler, step: int, cfg, info: DistInfo)
                 "torch_version": torch.__version__,
                 "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
-            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    if info.is_main:
-        prune_checkpoints(root, cfg.keep_checkpoints)
-        log.info("checkpoint %s", final)
-    barrier(info)
-    return final
+            (tmp / "manifest.json").write_text(json.dumps(seal(manifest), indent=2))
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -234,17 +296,27 @@ def verify_checkpoint(path: str | Path) -> dict:
             "interrupted copy); pass another checkpoint or resume=auto"
         )
     try:
-        manifest = json.loads(manifest_file.read_text())
+        manifest = json.loads(manifest_file.read_bytes().decode("utf-8"))
         files = manifest["files"]
-    except (json.JSONDecodeError, KeyError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise DistillError(
             f"{manifest_file} is unreadable ({exc}); the checkpoint is damaged"
         ) from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
+    except (KeyError, TypeError, IndexError) as exc:
+        raise DistillError(f"{manifest_file} has no 'files'; the checkpoint is damaged") from exc
+    if manifest.get("format_version") not in READ_VERSIONS:
         raise DistillError(
             f"{path} is in checkpoint format {manifest.get('format_version')}, this version "
-            f"reads format {FORMAT_VERSION} (sharded DCP); finish that run with the moe2edge "
+            f"reads formats {READ_VERSIONS} (sharded DCP); finish that run with the moe2edge "
             "that wrote it, or start over with resume=none"
+        )
+    if manifest["format_version"] >= 3 and (why := seal_problem(manifest)) is not None:
+        raise DistillError(f"{manifest_file} is damaged: {why}; resume from an older checkpoint")
+    problems = _manifest_problems(path, manifest, files)
+    if problems:
+        raise DistillError(
+            f"{manifest_file} is malformed: {'; '.join(problems[:5])}; the checkpoint is "
+            "damaged: resume from an older one (pass its path as resume=)"
         )
 
     def intact(name: str) -> bool:
@@ -264,6 +336,30 @@ def verify_checkpoint(path: str | Path) -> dict:
                 "as resume=)"
             )
     return manifest
+
+
+def _manifest_problems(path: Path, manifest: dict, files) -> list[str]:
+    """Names outside the checkpoint, entries without sha256/size, files nobody hashed."""
+    if not isinstance(files, dict):
+        return ["'files' is not an object"]
+    problems = []
+    for name, entry in files.items():
+        if (why := member_problem(path, name)) is not None:
+            problems.append(f"files entry {why}")
+        elif not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("bytes"), int)
+        ):
+            problems.append(f"files entry {name!r} lacks a sha256 and a size")
+    problems += [f"{name} is not listed in files" for name in REQUIRED_FILES if name not in files]
+    on_disk = {p.name for p in path.iterdir() if p.name != "manifest.json"}
+    problems += [f"{name} is on disk but not hashed" for name in sorted(on_disk - set(files))]
+    if not isinstance(manifest.get("step"), int):
+        problems.append("step is not an integer")
+    if not isinstance(manifest.get("config_fingerprint", {}), dict):
+        problems.append("config_fingerprint is not an object")
+    return problems
 
 
 def supersede_checkpoints(run_dir: str | Path) -> Path | None:
@@ -349,20 +445,35 @@ def load_checkpoint(path: Path | None, model, optimizer, scheduler, info: DistIn
 
     model_state, optim_state = get_state_dict(model, optimizer)  # the shapes to read into
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not info.enabled)
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=state["model"],
-        optim_state_dict=state["optimizer"],
-    )
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(path), no_dist=not info.enabled)
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # DCP's CheckpointException is a BaseException
+        last = (str(exc).strip().splitlines() or [""])[-1][:300]  # DCP's text ends in the cause
+        raise DistillError(
+            f"cannot load checkpoint {path} into this model ({type(exc).__name__}: {last}); "
+            "resume from another checkpoint or start over with resume=none"
+        ) from exc
     training_state = None
     if info.is_main:
-        training_state = torch.load(path / "training_state.pt", weights_only=True)
+        try:
+            training_state = torch.load(path / "training_state.pt", weights_only=True)
+        except Exception as exc:
+            raise DistillError(f"cannot read {path / 'training_state.pt'}: {exc}") from exc
     training_state = broadcast_object(training_state, info)
-    scheduler.load_state_dict(training_state["scheduler"])
-    rngs = training_state["rng"]
-    set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+    try:
+        scheduler.load_state_dict(training_state["scheduler"])
+        rngs = training_state["rng"]
+        set_rng_state(rngs[info.rank] if len(rngs) == info.world_size else rngs[0])
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        raise DistillError(f"{path / 'training_state.pt'} is malformed ({exc})") from exc
     log.info("resumed from %s at step %d", path, training_state["step"])
     return int(training_state["step"])
 

@@ -10,7 +10,7 @@ from typing import Any
 import onnx
 
 from moe2edge.export.errors import ExportError
-from moe2edge.fileio import atomic_dir
+from moe2edge.fileio import DiskFullError, atomic_dir
 from moe2edge.runtime.manifest import MANIFEST_NAME, read_manifest, write_manifest
 
 ONNX_DTYPES = {
@@ -83,8 +83,11 @@ def write_bundle(
     bundle_dir = Path(bundle_dir)
     if bundle_dir.exists() and not overwrite:
         raise ExportError(f"{bundle_dir} already exists; pass --overwrite to replace it")
-    with atomic_dir(bundle_dir) as tmp:
-        write_manifest(tmp, fill(tmp))
+    try:
+        with atomic_dir(bundle_dir) as tmp:
+            write_manifest(tmp, fill(tmp))
+    except DiskFullError as exc:
+        raise ExportError(f"bundle {bundle_dir}: {exc.strerror}") from exc
     return bundle_dir
 
 

@@ -212,7 +212,7 @@ def derived_bundle(
         manifest = {
             k: v
             for k, v in parent_manifest.items()
-            if k not in ("files", "parity", "accuracy", "format", "format_version")
+            if k not in ("files", "parity", "accuracy", "format", "format_version", "checksum")
         }
         manifest.update(
             target=target,

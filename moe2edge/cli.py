@@ -28,6 +28,7 @@ USER_ERROR_CLASSES = {
     "moe2edge.export.errors": "ExportError",
     "moe2edge.runtime.errors": "RuntimeUserError",
     "moe2edge.jetson.errors": "JetsonError",
+    "moe2edge.fileio": "DiskFullError",  # an artifact writer ran out of space
 }
 
 

@@ -9,15 +9,109 @@ so that the device runtime can use it too.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import resource
 import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
+
+# errors that mean "no room": a full disk, a quota, a file-size limit (RLIMIT_FSIZE)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+CHECKSUM_KEY = "checksum"
+
+
+class DiskFullError(OSError):
+    """An artifact could not be written for lack of space; the message names the path, the
+    bytes it needed and the space there was. Nothing half-written is left behind."""
+
+
+def disk_full_error(
+    path: str | Path, needed: int | None, exc: OSError, at_least: bool = False
+) -> DiskFullError:
+    """A DiskFullError for ``exc`` (an ENOSPC/EDQUOT/EFBIG while writing ``path``);
+    ``at_least``: ``needed`` is what was written before the space ran out."""
+    path = Path(path)
+    where = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        free = f"{shutil.disk_usage(where).free:,} bytes free on {where}"
+    except OSError:
+        free = "free space unknown"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if exc.errno == errno.EFBIG and limit != resource.RLIM_INFINITY:
+        free += f", file size limit (ulimit -f) {limit:,} bytes"
+    if needed is None:
+        need = "needs more space"
+    else:
+        need = f"needs {'more than ' if at_least else ''}{needed:,} bytes"
+    err = DiskFullError(
+        exc.errno,
+        f"not enough space to write {path}: it {need} ({free}; {os.strerror(exc.errno or 0)}). "
+        "Nothing was left half-written; free some space (or write elsewhere) and run again",
+    )
+    err.filename = str(path)
+    return err
+
+
+def is_no_space(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, OSError)
+        and not isinstance(exc, DiskFullError)
+        and (exc.errno in NO_SPACE_ERRNOS)
+    )
+
+
+def canonical_sha256(obj: dict[str, Any]) -> str:
+    """sha256 of ``obj`` without its ``checksum`` key, as canonical JSON."""
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def seal(obj: dict[str, Any]) -> dict[str, Any]:
+    """``obj`` plus ``checksum``: the sha256 of its other keys, so an edit or a flipped bit
+    anywhere in a manifest or index is noticed on load (``seal_problem``)."""
+    return {
+        **{k: v for k, v in obj.items() if k != CHECKSUM_KEY},
+        CHECKSUM_KEY: canonical_sha256(obj),
+    }
+
+
+def seal_problem(obj: Any) -> str | None:
+    """Why ``obj`` (a parsed manifest) is not intact, or None when its checksum matches."""
+    if not isinstance(obj, dict):
+        return f"it holds a JSON {type(obj).__name__}, not an object"
+    want = obj.get(CHECKSUM_KEY)
+    if not isinstance(want, str):
+        return f"it has no {CHECKSUM_KEY!r}"
+    if canonical_sha256(obj) != want:
+        return f"its {CHECKSUM_KEY} does not match its content (edited or damaged after it was written)"
+    return None
+
+
+def member_problem(root: str | Path, name: Any) -> str | None:
+    """Why ``name`` (a file name from a manifest) is not a plain relative path inside ``root``
+    (absolute, ``..``, empty, a symlink leading out), or None when it is one."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        return f"{name!r} is not a file name"
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or name.startswith("~"):
+        return f"{name!r} is an absolute path; manifests name files relative to their directory"
+    if any(part in ("..", "") for part in name.split("/")) or ".." in pure.parts:
+        return f"{name!r} leaves its directory (..); manifests name files inside it"
+    root = Path(root)
+    try:
+        inside = (root / name).resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        return f"{name!r} cannot be resolved ({exc})"
+    if not inside:
+        return f"{name!r} is a symlink that leads out of {root}"
+    return None
 
 
 def sha256_file(path: str | Path, block_bytes: int = 1 << 20) -> str:
@@ -50,14 +144,17 @@ def atomic_write(path: str | Path, data: bytes | str) -> Path:
     # a unique sibling opened with "x" (not mkstemp): the file gets the umask's mode, as a
     # plain open would, so a service running as another user can still read the artifact
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    raw = data.encode("utf-8") if isinstance(data, str) else data
     try:
         with open(tmp, "xb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.write(raw)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise disk_full_error(path, len(raw), exc) from exc  # type: ignore[arg-type]
         raise
     fsync_dir(path.parent)
     return path
@@ -84,7 +181,8 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
 
     ``with atomic_dir(out) as tmp: write files into tmp``. On success every file is fsynced,
     a previous ``out`` is moved aside and removed only after the new one is in place; on an
-    exception (or a kill) only the ``.tmp`` sibling is left, which no reader ever opens.
+    exception (or a kill) only the ``.tmp`` sibling is left, which no reader ever opens;
+    a full disk is a ``DiskFullError`` naming ``final`` (the ``.tmp`` is removed).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +199,16 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         os.replace(tmp, final)
         fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as exc:
+        written = _tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_no_space(exc):
+            raise disk_full_error(final, written or None, exc, at_least=True) from exc  # type: ignore[arg-type]
         raise
+
+
+def _tree_bytes(root: Path) -> int:
+    try:
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    except OSError:
+        return 0

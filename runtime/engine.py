@@ -202,20 +202,37 @@ class OnnxEngine:
         self.device = device
         self.ort_device = "cpu" if device == "cpu" else "cuda"
         io = self.manifest["io"]
-        self.kv = io["kv_cache"]
-        self.num_layers = int(self.kv["num_layers"])
-        self.kv_dtype = NUMPY_DTYPES[self.kv["dtype"]]
-        self.shared_buffer = bool(self.kv.get("shared_buffer", False))
-        context = int(self.kv.get("max_length") or io["max_sequence_length"])
+        try:
+            self.kv = io["kv_cache"]
+            self.num_layers = int(self.kv["num_layers"])
+            self.kv_dtype = NUMPY_DTYPES[self.kv["dtype"]]
+            self.shared_buffer = bool(self.kv.get("shared_buffer", False))
+            context = int(self.kv.get("max_length") or io["max_sequence_length"])
+            self._name("past_key", 0), int(self.kv["num_kv_heads"]), int(self.kv["head_dim"])
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            raise BundleError(
+                f"{self.bundle_dir / 'manifest.json'}: the io contract's kv_cache is malformed "
+                f"({type(exc).__name__}: {exc}); re-export the bundle"
+            ) from exc
         if max_length is not None and not 1 <= max_length <= context:
             raise BundleError(f"max_length must be in 1..{context} (the bundle's context)")
         self.max_length = int(max_length or context)
+        if not isinstance(io.get("model_file"), str):
+            raise BundleError(
+                f"{self.bundle_dir / 'manifest.json'} names no io.model_file; re-export the bundle"
+            )
         model_file = self.bundle_dir / io["model_file"]
-        self.session = ort.InferenceSession(
-            str(model_file),
-            sess_options=session_options(threads, spinning),
-            providers=PROVIDERS[device],
-        )
+        try:
+            self.session = ort.InferenceSession(
+                str(model_file),
+                sess_options=session_options(threads, spinning),
+                providers=PROVIDERS[device],
+            )
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile errors
+            raise BundleError(
+                f"ONNX Runtime cannot load {model_file} ({type(exc).__name__}: {exc}); "
+                "re-export the bundle"
+            ) from exc
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         expected = {self._name("past_key", i) for i in range(self.num_layers)} | {"input_ids"}
@@ -227,6 +244,8 @@ class OnnxEngine:
                 f"{model_file} lacks inputs {sorted(expected - self.input_names)} "
                 "named in the manifest's io contract; re-export the bundle"
             )
+        if "logits" not in self.output_names:
+            raise BundleError(f"{model_file} has no 'logits' output; re-export the bundle")
         self.logits_to_keep = LOGITS_TO_KEEP in self.input_names
         logits_shape = self.session.get_outputs()[self.output_names.index("logits")].shape
         vocab = logits_shape[-1] if isinstance(logits_shape[-1], int) else None

@@ -26,6 +26,7 @@ from moe2edge.runtime.chat_template import ChatTemplate
 from moe2edge.runtime.detokenize import StreamDecoder
 from moe2edge.runtime.engine import KVCache, open_engine
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
+from moe2edge.runtime.manifest import tokenizer_path
 from moe2edge.runtime.sampling import Sampler, SamplingParams
 from moe2edge.runtime.speculative import SpeculationConfig, Speculator, check_draft
 
@@ -214,11 +215,7 @@ class Generator:
 
         ``speculation`` with method ``draft`` opens its draft bundle on the same device."""
         engine = open_engine(bundle_dir, device, threads, verify, max_length, spinning)
-        tokenizer_file = Path(bundle_dir) / engine.manifest["io"].get(
-            "tokenizer_file", "tokenizer.json"
-        )
-        if not tokenizer_file.is_file():
-            raise BundleError(f"bundle {bundle_dir} has no {tokenizer_file.name}; re-export it")
+        tokenizer_file = tokenizer_path(bundle_dir, engine.manifest)
         draft = None
         if speculation is not None and speculation.method == "draft":
             speculation.validate()
@@ -227,7 +224,19 @@ class Generator:
                 raise BundleError(f"draft bundle {draft_dir} has no manifest.json")
             draft = open_engine(draft_dir, device, threads, verify, None, spinning)
             check_draft(engine.manifest, draft.manifest, draft_dir)
-        return cls(engine, Tokenizer.from_file(str(tokenizer_file)), speculation, draft)
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as exc:  # tokenizers raises plain Exceptions for a damaged file
+            raise BundleError(
+                f"{tokenizer_file} is not a tokenizer file ({exc}); re-export the bundle"
+            ) from exc
+        try:
+            return cls(engine, tokenizer, speculation, draft)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(
+                f"{Path(bundle_dir) / 'manifest.json'}: its generation settings are malformed "
+                f"({type(exc).__name__}: {exc}); re-export the bundle"
+            ) from exc
 
     def with_speculation(
         self, speculation: SpeculationConfig | None, draft_engine: Any = None

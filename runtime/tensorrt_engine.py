@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import json
 import logging
 import threading
 from collections.abc import Sequence
@@ -52,6 +51,8 @@ from moe2edge.runtime.tensorrt.plan import (
     ENGINE_MANIFEST,
     check_engine_matches_bundle,
     check_engine_matches_device,
+    read_engine_manifest,
+    read_plan,
 )
 
 log = logging.getLogger(__name__)
@@ -208,13 +209,12 @@ class TensorRTEngine:
         self.bundle_dir = Path(bundle_dir)
         self.manifest = verify_bundle(bundle_dir) if verify else read_manifest(bundle_dir)
         engine_dir = Path(engine_dir) if engine_dir else self.bundle_dir / "engine"
-        meta_path = engine_dir / ENGINE_MANIFEST
-        if not meta_path.is_file():
+        if not (engine_dir / ENGINE_MANIFEST).is_file():
             raise BundleError(
                 f"no TensorRT engine at {engine_dir}: build it on this device with "
                 f"`moe2edge jetson build-engine {bundle_dir}`"
             )
-        self.engine_meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.engine_meta = read_engine_manifest(engine_dir)
         check_engine_matches_bundle(self.engine_meta, self.manifest)
         check_engine_matches_device(self.engine_meta, device_info())
         trt = self.trt = import_tensorrt()
@@ -231,7 +231,7 @@ class TensorRTEngine:
         self.logger = trt.Logger(trt.Logger.WARNING)
         # The runtime must outlive every engine it deserializes: keep it as long as the engine.
         self.runtime = trt.Runtime(self.logger)
-        plan = (engine_dir / self.engine_meta["plan"]).read_bytes()
+        plan = read_plan(engine_dir, self.engine_meta)  # size and sha256 checked
         self.engine = self.runtime.deserialize_cuda_engine(plan)
         if self.engine is None:
             raise BundleError(f"TensorRT could not load {engine_dir}: rebuild the engine here")

@@ -47,7 +47,7 @@ def test_student_is_a_standard_hf_checkpoint(tiny_run):
 
 def test_bundle_manifest_describes_io_precision_hashes_and_generation(tiny_run):
     manifest = verify_bundle(tiny_run["bundle"])
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2 and len(manifest["checksum"]) == 64
     assert manifest["precision"]["weights"] == "fp32"
     assert set(manifest["files"]) >= {"model.onnx", "tokenizer.json", "config.json"}
     kv = manifest["io"]["kv_cache"]

@@ -23,7 +23,7 @@ from moe2edge.distill.pipeline import distill_student, make_tokenizer
 from moe2edge.distill.teacher import load_teacher
 from moe2edge.distill.teacher_server import Faults, TeacherServer
 from moe2edge.distill.tokenizer import load_tokenizer, tokenizer_hash
-from moe2edge.fileio import sha256_file
+from moe2edge.fileio import seal, sha256_file
 from moe2edge.rows import read_rows
 from tests._train_common import train_config
 from tests.conftest import PYTHON, ROOT, subprocess_env
@@ -354,7 +354,7 @@ def test_cached_lengths_must_match_the_tokenized_examples(setup, tmp_path):
     shutil.copytree(setup["root"] / "local", stale)
     index = json.loads((stale / "index.json").read_text())
     index["dataset"]["sha256"] = sha256_file(other)
-    (stale / "index.json").write_text(json.dumps(index))
+    (stale / "index.json").write_text(json.dumps(seal(index)))  # a forged, resealed index
     cfg = train_config(setup, tmp_path / "run", teacher=None, teacher_cache=stale, train_data=other)
     with pytest.raises(DistillError, match=rf"example {first} of .*other.jsonl encodes to"):
         distill_student(cfg)

@@ -261,7 +261,11 @@ def test_engine_matches_device(tmp_path):
         with pytest.raises(BundleError, match="built for another device") as err:
             trt_plan.check_engine_matches_device({**eng, key: other}, DEVICE)
         assert isinstance(err.value, RuntimeUserError) and "build-engine" in str(err.value)
-    (tmp_path / "engine.json").write_text(json.dumps(eng))
+    (tmp_path / "model.plan").write_bytes(b"PLAN")
+    meta = trt_plan.engine_manifest(
+        tmp_path / "model.plan", eng, trt_precision.precision_plan("fp32"), [], model_file="m"
+    )
+    (tmp_path / "engine.json").write_text(json.dumps(meta))
     trt_plan.check_engine_matches_device(tmp_path, DEVICE)  # directory or file path
     with pytest.raises(BundleError, match="does not exist"):
         trt_plan.check_engine_matches_device(tmp_path / "nope" / "engine.json", DEVICE)

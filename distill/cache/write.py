@@ -28,7 +28,7 @@ from moe2edge.distill.cache.scorers import Scorer, local_scorer
 from moe2edge.distill.data import encode_rows, read_data
 from moe2edge.distill.errors import DistillError
 from moe2edge.distill.tokenizer import check_vocab_matches, load_tokenizer, tokenizer_hash
-from moe2edge.fileio import atomic_write, atomic_write_json, sha256_file
+from moe2edge.fileio import DiskFullError, atomic_write, atomic_write_json, seal, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,21 @@ def _resume_value(header: dict, key: str):
 
 
 def write_cache(
+    out_dir: str | Path,
+    seqs: list[list[int]],
+    scorer: Scorer,
+    header: dict,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict:
+    """``_write_cache``; a full disk is a DistillError naming the file and the space needed
+    (the shards written before it are kept, the next run resumes)."""
+    try:
+        return _write_cache(out_dir, seqs, scorer, header, on_shard)
+    except DiskFullError as exc:
+        raise DistillError(f"teacher cache {out_dir}: {exc.strerror}") from exc
+
+
+def _write_cache(
     out_dir: str | Path,
     seqs: list[list[int]],
     scorer: Scorer,
@@ -169,7 +184,7 @@ def _commit_index(path: Path, index: dict) -> None:
     index["tokens"] = tokens
     index["bytes"] = sum(s["bytes"] for s in shards)
     index["bytes_per_token"] = round(index["bytes"] / tokens, 3) if tokens else None
-    atomic_write_json(path, index)
+    atomic_write_json(path, seal(index))
 
 
 def build_cache(

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moe2edge.fileio import atomic_write, atomic_write_json, sha256_file
+from moe2edge.fileio import DiskFullError, atomic_write, atomic_write_json, sha256_file
 from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.manifest import read_manifest
 from moe2edge.runtime.tensorrt.device import device_info, import_tensorrt
@@ -162,21 +162,26 @@ def build_engine(
             "for memory needs swap or a smaller --workspace-gb"
         )
     seconds = time.monotonic() - start
-    plan_path = atomic_write(out / PLAN_NAME, bytes(serialized))
-    _save_timing_cache(config, cache_path)
-    sha = manifest.get("files", {}).get(name, {}).get("sha256") or sha256_file(onnx_path)
-    meta = engine_manifest(
-        plan_path,
-        device,
-        prec,
-        profiles,
-        bundle=str(bundle_dir),
-        model_file=name,
-        model_sha256=sha,
-        workspace_bytes=int(workspace_bytes),
-        builder_optimization_level=optimization_level,
-        build_seconds=round(seconds, 1),
-    )
-    path = atomic_write_json(out / ENGINE_MANIFEST, meta)
+    # The plan, then engine.json with its sha256: a kill between the two leaves a plan that the
+    # old engine.json's sha256 refuses, so nothing half-built is ever loaded.
+    try:
+        plan_path = atomic_write(out / PLAN_NAME, bytes(serialized))
+        _save_timing_cache(config, cache_path)
+        sha = manifest.get("files", {}).get(name, {}).get("sha256") or sha256_file(onnx_path)
+        meta = engine_manifest(
+            plan_path,
+            device,
+            prec,
+            profiles,
+            bundle=str(bundle_dir),
+            model_file=name,
+            model_sha256=sha,
+            workspace_bytes=int(workspace_bytes),
+            builder_optimization_level=optimization_level,
+            build_seconds=round(seconds, 1),
+        )
+        path = atomic_write_json(out / ENGINE_MANIFEST, meta)
+    except DiskFullError as exc:
+        raise BundleError(f"TensorRT engine {out}: {exc.strerror}") from exc
     log.info("engine written to %s in %.0f s", plan_path, seconds)
     return path
