@@ -18,6 +18,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "generate": ("moe2edge.runtime.cli", "generate text from a bundle (streams to stdout)"),
     "serve": ("moe2edge.runtime.serve_cli", "run the on-device text and voice service"),
     "jetson": ("moe2edge.jetson.cli", "Jetson power modes, telemetry, planner, deployment"),
+    "profile": ("moe2edge.jetson.profile_cli", "per-layer/operator time and memory of a bundle"),
+    "bench": ("moe2edge.jetson.bench_suite", "the standard benchmark: TTFT, decode, concurrency"),
     "demo": ("moe2edge.demo", "run the whole pipeline on the built-in tiny models"),
 }
 
@@ -62,6 +64,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def _missing_extra(stage: str, exc: ImportError):
     def handler(_args: argparse.Namespace) -> int:
         extra = {"generate": "runtime", "serve": "runtime", "demo": "all"}.get(stage, stage)
+        extra = "runtime" if stage in ("profile", "bench") else extra
         print(
             f"moe2edge: error: '{stage}' needs the Python package '{exc.name}', which is not "
             f"installed. Install it with: pip install 'moe2edge[{extra}]'",
