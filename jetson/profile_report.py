@@ -167,7 +167,6 @@ def phase_table(runs: list[dict], nodes: list[list[dict]], walls: list[float]) -
         layer["us"] += e["dur"]
         layer["nodes"] += 1
         layer["output_bytes"] += out_b
-        layer["parameter_bytes"] += float(args.get("parameter_size", 0) or 0)
         layer[f"{block_of(name) or 'all'}_us"] += e["dur"]
         o = ops[op]
         o["us"] += e["dur"]
@@ -188,7 +187,6 @@ def phase_table(runs: list[dict], nodes: list[list[dict]], walls: list[float]) -
             "share_pct": share(d["us"]),
             "nodes": int(d["nodes"] / n),
             "output_bytes": int(d["output_bytes"] / n),
-            "parameter_bytes": int(d["parameter_bytes"] / n),
         }
         for block in ("attn", "mlp", "norm"):
             if d.get(f"{block}_us"):
@@ -258,6 +256,10 @@ def trace_events(events: list[dict], steps: Sequence[str]) -> dict[str, Any]:
     return {"traceEvents": out, "displayTimeUnit": "ms"}
 
 
+def blocks(row: dict[str, Any]) -> str:
+    return " / ".join(str(row.get(f"{b}_ms", "-")) for b in ("attn", "mlp", "norm"))
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The tables of ``result`` as Markdown."""
     cov = result["coverage"]
@@ -281,12 +283,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"## {phase}: {p['run_ms']} ms per step (operators {p['node_ms']} ms, "
             f"{p['covered_pct']}%; wall {p['wall_ms']} ms; {p['steps']} steps)",
             "",
-            "| layer | ms | share % | nodes | output bytes | parameter bytes |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| layer | ms | share % | attn / mlp / norm ms | nodes | output bytes |",
+            "|---|---:|---:|---|---:|---:|",
         ]
         lines += [
-            f"| {r['layer']} | {r['ms']} | {r['share_pct']} | {r['nodes']} | "
-            f"{r['output_bytes']} | {r['parameter_bytes']} |"
+            f"| {r['layer']} | {r['ms']} | {r['share_pct']} | {blocks(r)} | {r['nodes']} | "
+            f"{r['output_bytes']} |"
             for r in p["by_layer"]
         ]
         lines += [
