@@ -139,14 +139,18 @@ def aggregate(
 OFF_CPU_GAP_US = 1000  # the executor itself never takes this long between two operators
 
 
-def off_cpu_gaps(run: dict, nodes: list[dict]) -> float:
-    """Microseconds of the run's gaps of at least ``OFF_CPU_GAP_US`` between operators."""
+def run_gaps(run: dict, nodes: list[dict]) -> list[float]:
+    """Microseconds between the run's start, its operators and its end."""
     edges = [run["ts"]]
     for e in sorted(nodes, key=lambda e: e["ts"]):
         edges += [e["ts"], e["ts"] + e["dur"]]
     edges.append(run["ts"] + run["dur"])
-    gaps = (edges[i + 1] - edges[i] for i in range(0, len(edges) - 1, 2))
-    return float(sum(g for g in gaps if g >= OFF_CPU_GAP_US))
+    return [max(edges[i + 1] - edges[i], 0) for i in range(0, len(edges) - 1, 2)]
+
+
+def off_cpu_gaps(run: dict, nodes: list[dict]) -> float:
+    """Microseconds of the run's gaps of at least ``OFF_CPU_GAP_US`` between operators."""
+    return float(sum(g for g in run_gaps(run, nodes) if g >= OFF_CPU_GAP_US))
 
 
 def phase_table(runs: list[dict], nodes: list[list[dict]], walls: list[float]) -> dict:
@@ -202,6 +206,8 @@ def phase_table(runs: list[dict], nodes: list[list[dict]], walls: list[float]) -
         }
         for op, d in sorted(ops.items(), key=lambda kv: -kv[1]["us"])
     ]
+    gaps = [g for run, ns in zip(runs, nodes, strict=True) for g in run_gaps(run, ns)]
+    off_us = sum(g for g in gaps if g >= OFF_CPU_GAP_US) / n
     top = sorted(per_node.items(), key=lambda kv: -kv[1]["us"])[:10]
     arena = [
         float(e["args"][k]) for e in flat for k in ("mem_arena_held",) if k in e.get("args", {})
@@ -212,6 +218,10 @@ def phase_table(runs: list[dict], nodes: list[list[dict]], walls: list[float]) -
         "node_ms": round(node_us / 1e3, 4),
         "wall_ms": round(sum(walls) / n * 1e3, 4),
         "covered_pct": round(100 * node_us / run_us, 2) if run_us else 0.0,
+        # the rest of run_ms: the executor between operators (with the profiler's own
+        # bookkeeping, a few us per operator) and gaps >= 1 ms with the thread off the CPU
+        "between_ops_ms": round((sum(gaps) / n - off_us) / 1e3, 4),
+        "off_cpu_ms": round(off_us / 1e3, 4),
         "by_layer": by_layer,
         "by_op": by_op,
         "top_nodes": [
@@ -281,7 +291,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"## {phase}: {p['run_ms']} ms per step (operators {p['node_ms']} ms, "
-            f"{p['covered_pct']}%; wall {p['wall_ms']} ms; {p['steps']} steps)",
+            f"{p['covered_pct']}%; between operators {p['between_ops_ms']} ms; off the CPU "
+            f"{p['off_cpu_ms']} ms; wall {p['wall_ms']} ms; {p['steps']} steps)",
             "",
             "| layer | ms | share % | attn / mlp / norm ms | nodes | output bytes |",
             "|---|---:|---:|---|---:|---:|",

@@ -175,8 +175,20 @@ def batching(result: dict[str, Any]) -> dict[str, Any] | None:
         m["unprofiled"].get("batch_decode_ms"),
         m["batch_rows"],
     )
-    if not rows or tb is None:
-        return None
+    if not rows or tb is None:  # this graph runs one forward per row (runtime/batch.py)
+        planned = planner_batch_gain(result, 4)
+        return {
+            "name": "batching",
+            "change": "moe2edge export fast STUDENT OUT (GroupQueryAttention graph: rows share "
+            "one decode step), then moe2edge serve OUT --slots 4",
+            "metric": "aggregate decode tokens/s at 4 streams vs 1",
+            "expected_gain": planned["aggregate_gain"],
+            "basis": {
+                "this_graph": f"{result.get('graph')}: one forward per row, no gain from slots",
+                "decode_ms_batch1": round(t1, 3),
+                "planner_on_jetson": planned,
+            },
+        }
     per_row = max((tb - t1) / (rows - 1), 0.0)  # the throughput model: step = t1 + (B-1) x per_row
     curve = {str(b): round(b * t1 / (t1 + (b - 1) * per_row), 3) for b in (1, 2, 4, 8)}
     return {
