@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_WORK = ROOT / "runs" / "bench-profile"
+VOCAB = 4096  # the student's vocabulary: the demo BPE (768) plus filler tokens
 
 
 def cpu_model() -> str:
@@ -54,7 +55,12 @@ def prepare(work: Path, preset: str = "100m", seed: int = 0) -> dict[str, Path]:
         return found
     work = work / preset
     paths = {"fp32": work / "bundle_fp32", "int4": work / "bundle_int4", "source": work}
-    if all((paths[p] / "manifest.json").is_file() for p in ("fp32", "int4")):
+    built = all((paths[p] / "manifest.json").is_file() for p in ("fp32", "int4"))
+    if (
+        built
+        and json.loads((paths["fp32"] / "manifest.json").read_text())["model"]["vocab_size"]
+        == VOCAB
+    ):
         return paths
     import torch
 
@@ -68,12 +74,16 @@ def prepare(work: Path, preset: str = "100m", seed: int = 0) -> dict[str, Path]:
     data = write_demo_data(work / "data", seed=seed, train_size=2000, eval_size=8)
     make_tokenizer(data["train"], work / "tokenizer", vocab_size=768)
     tokenizer = load_tokenizer(work / "tokenizer")
+    # one text token per id up to VOCAB, so every id the random model emits is text; and a
+    # vocabulary unlike the hidden size: onnxruntime-genai 0.18's builder wires the lm_head
+    # to layer 0's output when vocab_size == hidden_size (the 100m preset's 768)
+    tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), VOCAB)])
     model = build_student(preset, vocab_size=len(tokenizer), seed=seed)
     student = work / "student"
     model.save_pretrained(student)
     tokenizer.save_pretrained(student)
-    built = run_builder(student, {p: work / f"genai_{p}" for p in ("fp32", "int4")})
-    for precision, src in built.items():
+    sources = run_builder(student, {p: work / f"genai_{p}" for p in ("fp32", "int4")})
+    for precision, src in sources.items():
         export_fast(student, paths[precision], precision, builder_dir=src, overwrite=True)
     return paths
 

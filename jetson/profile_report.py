@@ -133,7 +133,33 @@ def aggregate(
         "definition": "sum of ONNX Runtime Node event durations / sum of its model_run "
         "(session.run) durations, over the runs of the measured phases",
     }
-    return {"phases": phases, "coverage": coverage, "steps": [p for p, _ in steps]}
+    warnings = structure_warnings(phases.get("decode") or next(iter(phases.values())))
+    for w in warnings:
+        log.warning("%s", w)
+    return {
+        "phases": phases,
+        "coverage": coverage,
+        "steps": [p for p, _ in steps],
+        "warnings": warnings,
+    }
+
+
+def structure_warnings(phase: dict[str, Any]) -> list[str]:
+    """What the per-layer table says is odd about the graph: decoder layers that run fewer
+    operators than the others (a layer's MLP cut off), no final norm before the LM head."""
+    counts = {r["layer"]: r["nodes"] for r in phase["by_layer"] if LAYER.fullmatch(r["layer"])}
+    out = []
+    if counts:
+        usual = max(set(counts.values()), key=list(counts.values()).count)
+        for layer, n in counts.items():
+            if n < usual:
+                out.append(
+                    f"{layer} runs {n} operators where the other layers run {usual}: part of "
+                    "it is not on the path to the logits; check the export (the LM head input)"
+                )
+        if "final_norm" not in {r["layer"] for r in phase["by_layer"]}:
+            out.append("no final norm runs before the LM head; check the export")
+    return out
 
 
 OFF_CPU_GAP_US = 1000  # the executor itself never takes this long between two operators

@@ -108,6 +108,7 @@ def test_tables_by_layer_and_operator(profiled):
     assert decode["node_ms"] + rest == pytest.approx(decode["run_ms"], abs=0.01)
     assert profiled["phases"]["prefill"]["output_bytes_per_step"] > decode["output_bytes_per_step"]
     assert profiled["memory"]["rss_mb"] > 0
+    assert profiled["warnings"] == []  # every layer runs the same operators
     md = Path(profiled["tables_file"]).read_text()
     assert "## decode" in md and "| MatMul |" in md and "layers.1" in md
 
@@ -183,3 +184,15 @@ def test_bad_input_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert "is not a bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_structure_warning_names_a_layer_cut_short():
+    from moe2edge.jetson.profile_report import structure_warnings
+
+    rows = [{"layer": "embed_tokens", "nodes": 1}]
+    rows += [{"layer": f"layers.{i}", "nodes": 10 if i < 3 else 5} for i in range(4)]
+    rows += [{"layer": "lm_head", "nodes": 1}]
+    warnings = structure_warnings({"by_layer": rows})
+    assert len(warnings) == 2
+    assert warnings[0].startswith("layers.3 runs 5 operators where the other layers run 10")
+    assert "no final norm" in warnings[1]
