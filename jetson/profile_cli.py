@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
         if p:
             top = ", ".join(f"{r['op']} {r['share_pct']}%" for r in p["by_op"][:3])
             print(f"{phase}: {p['run_ms']} ms per step; {top}")
+    for warning in result.get("warnings", []):
+        print(f"warning: {warning}")
     print(
         f"tables: {result['tables_file']}\ntrace (Perfetto / chrome://tracing): {result['trace_file']}"
     )

@@ -310,6 +310,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"({cov['node_ms']} of {cov['session_run_ms']} ms over {cov['runs']} runs; "
         f"{cov['of_step_wall_pct']}% of the steps' wall time {cov['step_wall_ms']} ms).",
     ]
+    lines += [f"\n**warning**: {w}" for w in result.get("warnings", [])]
     for phase in ("prefill", "decode", "batch_decode", "verify", "reuse_tail"):
         p = result["phases"].get(phase)
         if not p:
