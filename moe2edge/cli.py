@@ -19,6 +19,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "serve": ("moe2edge.runtime.serve_cli", "run the on-device text and voice service"),
     "versions": ("moe2edge.runtime.versions_cli", "load, weigh, retire, roll back served versions"),
     "jetson": ("moe2edge.jetson.cli", "Jetson power modes, telemetry, planner, deployment"),
+    "profile": ("moe2edge.jetson.profile_cli", "per-layer/operator time and memory of a bundle"),
+    "bench": ("moe2edge.jetson.bench_suite", "the standard benchmark: TTFT, decode, concurrency"),
     "demo": ("moe2edge.demo", "run the whole pipeline on the built-in tiny models"),
 }
 
@@ -67,6 +69,8 @@ def _missing_extra(stage: str, exc: ImportError):
             "generate": "runtime",
             "serve": "runtime",
             "versions": "runtime",
+            "profile": "runtime",
+            "bench": "runtime",
             "demo": "all",
         }.get(stage, stage)
         print(

@@ -146,8 +146,13 @@ def spinning_mode(spinning: str | bool | None) -> str:
     return mode
 
 
-def session_options(threads: int = 0, spinning: str | bool | None = "run") -> ort.SessionOptions:
+def session_options(
+    threads: int = 0, spinning: str | bool | None = "run", profile_prefix: str | None = None
+) -> ort.SessionOptions:
     """ORT options: all graph optimizations, ``threads`` intra-op threads (0: one per core).
+
+    ``profile_prefix``: turn on ONNX Runtime's profiler, which writes a Chrome-trace JSON
+    starting with this path when ``session.end_profiling()`` is called (``moe2edge profile``).
 
     ``spinning`` is what the intra-op workers do between operators: ``run`` (default) they
     busy-wait while a run lasts and stop the moment it returns (``force_spinning_stop``), so
@@ -166,6 +171,9 @@ def session_options(threads: int = 0, spinning: str | bool | None = "run") -> or
     )
     if mode == "run":
         options.add_session_config_entry("session.force_spinning_stop", "1")
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return options
 
 
@@ -177,6 +185,7 @@ class OnnxEngine:
     shared-buffer cache allocates (default: the bundle's context). ``spinning``: ``run``
     (default; ORT's workers spin only while a step runs), ``on`` (ORT's default: they keep
     spinning after it) or ``off`` (see ``session_options`` and docs/runtime.md).
+    ``profile_prefix``: run under ONNX Runtime's profiler (``session_options``).
     """
 
     def __init__(
@@ -187,6 +196,7 @@ class OnnxEngine:
         verify: bool = True,
         max_length: int | None = None,
         spinning: str | bool | None = "run",
+        profile_prefix: str | None = None,
     ):
         self.bundle_dir = Path(bundle_dir)
         self.manifest = verify_bundle(bundle_dir) if verify else read_manifest(bundle_dir)
@@ -225,7 +235,7 @@ class OnnxEngine:
         try:
             self.session = ort.InferenceSession(
                 str(model_file),
-                sess_options=session_options(threads, spinning),
+                sess_options=session_options(threads, spinning, profile_prefix),
                 providers=PROVIDERS[device],
             )
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/NoSuchFile errors
