@@ -95,7 +95,7 @@ class ServerConfig(BaseModel):
     speak_brackets: bool = False  # False: [action tags] are shown but not spoken
     voice_history_turns: HistoryTurns = 4  # finished turns a voice prompt includes (0: none)
     wake_word: WakeWord | None = None  # e.g. "hey robot": speech is ignored until it is heard
-    wake_threshold: WakeThreshold = 1e-30  # pocketsphinx kws_threshold (bench/voice.py tunes it)
+    wake_threshold: WakeThreshold = 1e-40  # pocketsphinx kws_threshold (bench/voice.py tunes it)
     wake_timeout_ms: WakeTimeoutMs = 5000.0  # after the phrase, how long the command may wait
 
     @model_validator(mode="after")

@@ -314,7 +314,8 @@ class VoiceSession:
         if self.vad.in_speech and not self._utterance:
             self._preroll = deque(self.wake.audio_since(end))
             now = self._samples - self._origin
-            self._on_speech_start(VadEvent(SPEECH_START, end - self._origin, now))
+            start = end - self._origin
+            self._on_speech_start(VadEvent(SPEECH_START, start, now, start, 1.0))
 
     def _at_silent_window(self) -> None:
         """A window of silence in an utterance: at its first window the partial becomes

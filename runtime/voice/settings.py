@@ -78,7 +78,7 @@ class VoiceSettings:
     # wake mode (runtime/voice/wake.py): speech is ignored until the phrase is spotted; then
     # the rest of that utterance or the next one (within wake_timeout_ms) is the command
     wake_word: WakeWord | None = None  # e.g. "hey robot"; None: every utterance is a turn
-    wake_threshold: WakeThreshold = 1e-30
+    wake_threshold: WakeThreshold = 1e-40
     wake_timeout_ms: WakeTimeoutMs = 5000.0
 
     def update(self, **values: Any) -> None:
