@@ -95,6 +95,9 @@ class VoiceResources:
             audio_chunk_ms=c.audio_chunk_ms,
             audio_lead_ms=c.audio_lead_ms,
             history_turns=c.voice_history_turns,
+            wake_word=c.wake_word,
+            wake_threshold=c.wake_threshold,
+            wake_timeout_ms=c.wake_timeout_ms,
         )
 
     def try_open(self) -> bool:
@@ -153,6 +156,9 @@ def session_view(s: VoiceSettings) -> dict:
             "audio_chunk_ms": s.audio_chunk_ms,
             "speak_brackets": s.speak_brackets,
             "history_turns": s.history_turns,
+            "wake_word": s.wake_word,
+            "wake_threshold": s.wake_threshold,
+            "wake_timeout_ms": s.wake_timeout_ms,
         },
     }
 

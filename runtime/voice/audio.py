@@ -214,3 +214,21 @@ def wav_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     buf = io.BytesIO()
     _write(buf, samples, sample_rate)
     return buf.getvalue()
+
+
+def mix_at_snr(
+    speech: np.ndarray, noise: np.ndarray, snr_db: float, active_threshold: float = 0.02
+) -> np.ndarray:
+    """``speech`` plus ``noise`` scaled so the speech's active-frame power (20 ms frames
+    with a peak above ``active_threshold``) is ``snr_db`` above the noise's mean power."""
+    speech = np.asarray(speech, dtype=np.float32)
+    noise = np.resize(np.asarray(noise, dtype=np.float32), len(speech))
+    n = len(speech) // 320 * 320
+    frames = speech[:n].reshape(-1, 320)
+    active = frames[np.abs(frames).max(axis=1) > active_threshold]
+    p_speech = float(np.mean(active.astype(np.float64) ** 2)) if len(active) else 0.0
+    p_noise = float(np.mean(noise.astype(np.float64) ** 2))
+    if p_speech == 0 or p_noise == 0:
+        return speech.copy()
+    gain = np.sqrt(p_speech / (p_noise * 10 ** (snr_db / 10)))
+    return np.clip(speech + gain * noise, -1, 1).astype(np.float32)

@@ -55,6 +55,7 @@ from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, VoiceConversati
 from moe2edge.runtime.voice.settings import VoiceSettings
 from moe2edge.runtime.voice.tts import Synthesizer
 from moe2edge.runtime.voice.vad import SPEECH_START, WINDOW_SAMPLES, VadEvent, VoiceActivityDetector
+from moe2edge.runtime.voice.wake import WakeGate
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class VoiceSession:
         self.prompt = VoiceConversation(generator, self.settings.history_turns, conversation)
         self._scorer = turn_end_scorer  # None: the student's own when turn_end_scorer is set
         self._configure_endpoint()
+        s = self.settings
+        self.wake = self._wake_gate(s.wake_word, s.wake_threshold, s.wake_timeout_ms)
         self.acquire_slot, self.step_hook, self.metrics = acquire_slot, step_hook, metrics
         self._inbox: queue.Queue = queue.Queue()
         self.max_backlog = 1500  # queued frames (30 s of 20 ms frames) before frames are refused
@@ -139,7 +142,15 @@ class VoiceSession:
             **{f.name: getattr(self.settings, f.name) for f in fields(VoiceSettings)}
         )
         probe.update(**values)  # raises before anything changes
-        self.call(lambda: self._apply(values))
+        keys = ("wake_word", "wake_threshold", "wake_timeout_ms")
+        gate = self.wake
+        if any(k in values for k in keys):  # a bad phrase is refused here, not in the pipeline
+            gate = self._wake_gate(probe.wake_word, probe.wake_threshold, probe.wake_timeout_ms)
+        self.call(lambda: self._apply(values, gate))
+
+    @staticmethod
+    def _wake_gate(phrase: str | None, threshold: float, timeout_ms: float = 5000.0):
+        return None if phrase is None else WakeGate(phrase, threshold, timeout_ms)
 
     def close(self, timeout: float = 2.0) -> None:
         if self._closed:
@@ -206,8 +217,9 @@ class VoiceSession:
         self._judged = 0
         self._silent_windows = 0
 
-    def _apply(self, values: dict[str, Any]) -> None:
+    def _apply(self, values: dict[str, Any], gate: WakeGate | None = None) -> None:
         self.settings.update(**values)
+        self.wake = gate if self.settings.wake_word is not None else None
         s = self.settings
         self.vad.threshold = s.vad_threshold
         self.vad.off_threshold = max(0.01, s.vad_threshold - 0.15)
@@ -273,14 +285,37 @@ class VoiceSession:
                 self.settings.preroll_ms * SAMPLE_RATE / 1000
             ):
                 self._preroll_samples -= len(self._preroll.popleft()) // 2
+        gate = self.wake
+        woke = gate.feed(pcm, self._samples, self._utterance) if gate is not None else None
         for event in events:
             if event.kind == SPEECH_START:
-                self._on_speech_start(event)
+                if gate is None or gate.awake:  # wake mode: only once the phrase was heard
+                    self._on_speech_start(event)
             elif self._utterance:
                 self._on_speech_end(event)
+            elif gate is not None:
+                gate.spotter.reset()  # speech without the phrase ended: search afresh
+        if woke is not None:
+            self._on_wake(woke)
         if new_window and self._utterance and self._silent_windows:
             self._at_silent_window()
         self._maybe_draft()
+
+    def _on_wake(self, end: int) -> None:
+        """The wake word ended at stream sample ``end``: in the middle of speech, the rest
+        of it opens the utterance (the command); else the next speech does."""
+        self.emit(
+            {
+                "type": "wake",
+                "phrase": self.wake.phrase,
+                "audio_end_ms": self._ms(end - self._origin),
+            }
+        )
+        if self.vad.in_speech and not self._utterance:
+            self._preroll = deque(self.wake.audio_since(end))
+            now = self._samples - self._origin
+            start = end - self._origin
+            self._on_speech_start(VadEvent(SPEECH_START, start, now, start, 1.0))
 
     def _at_silent_window(self) -> None:
         """A window of silence in an utterance: at its first window the partial becomes
@@ -412,6 +447,8 @@ class VoiceSession:
                 "transcript": transcript,
             }
         )
+        if transcript and self.wake is not None:
+            self.wake.close()  # the command was heard: the next one needs the phrase again
         draft, self.draft = self.draft, None
         if not transcript:
             if draft is not None:

@@ -38,6 +38,9 @@ MaxFrameMs = Annotated[float, Field(ge=20, le=10_000)]
 HistoryTurns = Annotated[int, Field(ge=0, le=64)]
 Endpointing = Literal["fixed", "predictive"]
 TurnEndWeight = Annotated[float, Field(ge=0, le=1)]
+WakeWord = Annotated[str, Field(min_length=1, max_length=64)]
+WakeThreshold = Annotated[float, Field(ge=1e-80, le=1)]  # pocketsphinx kws_threshold
+WakeTimeoutMs = Annotated[float, Field(gt=0, le=60_000)]
 
 STRICT = ConfigDict(validate_assignment=True, allow_inf_nan=False, strict=True, extra="forbid")
 
@@ -72,6 +75,11 @@ class VoiceSettings:
     audio_lead_ms: AudioLeadMs = 300.0
     max_frame_ms: MaxFrameMs = 1000.0
     history_turns: HistoryTurns = 4  # finished turns later prompts include (0: none)
+    # wake mode (runtime/voice/wake.py): speech is ignored until the phrase is spotted; then
+    # the rest of that utterance or the next one (within wake_timeout_ms) is the command
+    wake_word: WakeWord | None = None  # e.g. "hey robot"; None: every utterance is a turn
+    wake_threshold: WakeThreshold = 1e-40
+    wake_timeout_ms: WakeTimeoutMs = 5000.0
 
     def update(self, **values: Any) -> None:
         """Change settings, all or none: ValueError naming each unknown or bad value."""
