@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.server.batching import LoopEngine
+from moe2edge.runtime.server.guard import BEARER_PROTOCOL, origin_allowed, ws_credentials
 from moe2edge.runtime.server.scheduler import Overloaded
 from moe2edge.runtime.server.state import ServiceState, check_token
 from moe2edge.runtime.voice.asr import make_recognizer
@@ -228,7 +229,17 @@ def parse_session_update(session: Any) -> dict[str, Any]:
 async def realtime(websocket: WebSocket) -> None:
     state: ServiceState = websocket.app.state.service
     voice: VoiceResources | None = state.voice
-    await websocket.accept()
+    config = state.config
+    if not origin_allowed(websocket, config.ws_origins):
+        # before accepting: the handshake is answered 403 (a page of another site)
+        log.warning("voice WebSocket from origin %r refused", websocket.headers.get("origin"))
+        await websocket.close(code=1008, reason="origin not allowed")
+        return
+    presented, subprotocol = ws_credentials(websocket)
+    in_query = "token" in websocket.query_params
+    if presented is None and in_query and config.ws_query_token:
+        presented = websocket.query_params.get("token")
+    await websocket.accept(subprotocol=subprotocol)
     sent = 0
 
     async def send(event: dict) -> None:
@@ -239,15 +250,24 @@ async def realtime(websocket: WebSocket) -> None:
             state.metrics.ws_errors.labels(event["error"].get("code", "")).inc()
         await websocket.send_text(json.dumps(event))
 
-    auth = websocket.headers.get("authorization", "")
-    presented = (
-        auth[7:] if auth.lower().startswith("bearer ") else websocket.query_params.get("token")
-    )
+    if in_query and not config.ws_query_token:
+        await send(
+            error_event(
+                "token_in_query",
+                "a token in the URL's query string is refused (URLs are logged and kept in "
+                "history): send 'Authorization: Bearer <token>' or the WebSocket subprotocol "
+                f"'{BEARER_PROTOCOL}<token>'",
+                type="authentication_error",
+            )
+        )
+        await websocket.close(code=1008, reason="token in query string")
+        return
     if not check_token(state, presented):
         await send(
             error_event(
                 "invalid_api_key",
-                "missing or wrong token: send 'Authorization: Bearer <token>' or ?token=<token>",
+                "missing or wrong token: send 'Authorization: Bearer <token>' or the "
+                f"WebSocket subprotocol '{BEARER_PROTOCOL}<token>'",
                 type="authentication_error",
             )
         )
