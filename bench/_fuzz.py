@@ -190,15 +190,14 @@ def _messages(speech: list[bytes]) -> st.SearchStrategy:
     )  # fmt: skip
     binary = st.one_of(
         st.binary(max_size=4000),  # garbage, odd lengths included
-        st.integers(1, 50).map(lambda n: bytes(640) * n),  # silence
+        st.integers(1, 25).map(lambda n: bytes(640) * n),  # silence
         st.just(bytes(70_000)),
         st.just(np.full(320, 32767, "<i2").tobytes()),  # full-scale
     )
-    return st.one_of(
-        text.map(lambda t: ("text", t)),
-        binary.map(lambda b: ("bytes", b)),
-        st.sampled_from(range(len(speech))).map(lambda i: ("speech", i)),
-    )
+    texts, binaries = text.map(lambda t: ("text", t)), binary.map(lambda b: ("bytes", b))
+    spoken = st.sampled_from(range(len(speech))).map(lambda i: ("speech", i))
+    # about 1 message in 12 is speech (it costs the server a transcript and a reply)
+    return st.one_of(*[texts] * 8, *[binaries] * 3, spoken)
 
 
 def ws_sequences(n: int, speech: list[bytes], seed: int = 0) -> list[dict]:
@@ -206,28 +205,49 @@ def ws_sequences(n: int, speech: list[bytes], seed: int = 0) -> list[dict]:
     close straight after sending without waiting for answers."""
     plan = st.fixed_dictionaries(
         {
-            "messages": st.lists(_messages(speech), min_size=0, max_size=12),
+            "messages": st.lists(_messages(speech), min_size=0, max_size=10),
             "end": st.sampled_from(["close", "close", "abort", "close_now"]),
         }
     )
     return _draw(plan, n, seed)
 
 
-async def _run_sequence(url: str, seq: dict, speech: list[bytes], headers: dict) -> dict:
+async def _open(url: str, headers: dict, out: dict):
+    """A session (its ``session.created`` read), waiting while all voice sessions are in use
+    (a closed session is given back a moment after its client leaves)."""
     from websockets.asyncio.client import connect
+
+    for _ in range(300):
+        ws = await connect(url, additional_headers=headers, max_size=None, open_timeout=60,
+                           close_timeout=5)  # fmt: skip
+        first = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        if first.get("type") == "session.created":
+            return ws
+        await ws.close()
+        if first.get("error", {}).get("code") != "server_busy":
+            out["abnormal"] += 1
+            out["note"] = f"first event {first}"
+            return None
+        out["busy"] += 1
+        await asyncio.sleep(0.1)
+    out["note"] = "voice sessions busy for 30 s"
+    out["abnormal"] += 1
+    return None
+
+
+async def _run_connection(url: str, plan: list[dict], speech: list[bytes], headers: dict) -> dict:
+    """One WebSocket carrying the sequences of ``plan`` one after another, each ended by a
+    probe that the server must answer (an unknown event: an error event naming it); the last
+    sequence's ``end`` says how the connection ends."""
     from websockets.exceptions import ConnectionClosed
 
-    out = {"server_errors": 0, "abnormal": 0, "errors": Counter(), "note": None}
-    probe = json.dumps({"type": "moe2edge.probe", "event_id": "probe"})
+    out = {"server_errors": 0, "abnormal": 0, "errors": Counter(), "note": None, "busy": 0}
+    ws, aborted = None, False
     try:
-        async with connect(url, additional_headers=headers, max_size=None, open_timeout=60,
-                           close_timeout=5) as ws:  # fmt: skip
-            first = json.loads(await asyncio.wait_for(ws.recv(), 60))
-            if first.get("type") != "session.created":
-                out["note"] = f"first event {first}"
-                code = ws.close_code
-                out["abnormal"] += first.get("error", {}).get("code") != "server_busy"
-                return out
+        ws = await _open(url, headers, out)
+        if ws is None:
+            return out
+        for n, seq in enumerate(plan):
             for kind, payload in seq["messages"]:
                 if kind == "speech":
                     pcm = speech[payload]
@@ -235,28 +255,33 @@ async def _run_sequence(url: str, seq: dict, speech: list[bytes], headers: dict)
                         await ws.send(pcm[i : i + 640 * 5])
                 else:
                     await ws.send(payload)
-            if seq["end"] == "close_now":
-                await ws.close()
-                return out
-            await ws.send(probe)
+            last = n == len(plan) - 1
+            if last and seq["end"] == "close_now":  # leave without waiting for the answers
+                break
+            probe = f"probe-{n}"
+            await ws.send(json.dumps({"type": "moe2edge.probe", "event_id": probe}))
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                event = json.loads(await asyncio.wait_for(ws.recv(), deadline - time.monotonic()))
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    out["abnormal"] += 1
+                    out["note"] = "no answer to the probe in 60 s"
+                    return out
+                event = json.loads(await asyncio.wait_for(ws.recv(), left))
                 if event.get("type") == "error":
                     err = event.get("error", {})
                     out["errors"][err.get("code")] += 1
-                    if err.get("type") == "server_error":
-                        out["server_errors"] += 1
-                    if err.get("event_id") == "probe":
+                    out["server_errors"] += err.get("type") == "server_error"
+                    if err.get("event_id") == probe:
                         break
-            else:
-                out["abnormal"] += 1
-                out["note"] = "no answer to the probe in 60 s"
-            if seq["end"] == "abort":
+            if last and seq["end"] == "abort":  # the TCP connection dropped, no close frame
+                aborted = True
                 ws.transport.abort()
+                return out
+        await ws.close()
     except ConnectionClosed as exc:
         code = exc.rcvd.code if exc.rcvd else None
-        if code not in NORMAL_CLOSES:
+        if not aborted and code not in NORMAL_CLOSES:
             out["abnormal"] += 1
             out["note"] = f"closed {code} {exc.rcvd.reason if exc.rcvd else 'without a close frame'}"
     except (OSError, TimeoutError) as exc:
@@ -266,31 +291,41 @@ async def _run_sequence(url: str, seq: dict, speech: list[bytes], headers: dict)
 
 
 def ws_fuzz(ws_url: str, sequences: int, speech: list[bytes], seed: int = 0,
-            concurrency: int = 3, headers: dict | None = None) -> dict:  # fmt: skip
-    """Run ``sequences`` hypothesis-made sessions, ``concurrency`` at a time."""
+            concurrency: int = 3, headers: dict | None = None,
+            per_connection: int = 4) -> dict:  # fmt: skip
+    """Run ``sequences`` hypothesis-made sequences, 1 to ``per_connection`` a connection,
+    ``concurrency`` connections at a time."""
     plans = ws_sequences(sequences, speech, seed)
-    totals = {"server_errors": 0, "abnormal": 0}
+    rng = random.Random(seed)
+    groups, i = [], 0
+    while i < len(plans):  # 1-4 sequences a connection
+        k = rng.randint(1, per_connection)
+        groups.append(plans[i : i + k])
+        i += k
+    totals = {"server_errors": 0, "abnormal": 0, "busy": 0}
     codes: Counter = Counter()
     notes: list[str] = []
 
     async def main() -> None:
         gate = asyncio.Semaphore(concurrency)
 
-        async def one(seq: dict) -> None:
+        async def one(group: list[dict]) -> None:
             async with gate:
-                r = await _run_sequence(ws_url, seq, speech, headers or {})
-            totals["server_errors"] += r["server_errors"]
-            totals["abnormal"] += r["abnormal"]
+                r = await _run_connection(ws_url, group, speech, headers or {})
+            for key in ("server_errors", "abnormal", "busy"):
+                totals[key] += r[key if key != "abnormal" else "abnormal"]
             codes.update(r["errors"])
             if r["note"] and len(notes) < 10:
                 notes.append(r["note"])
 
-        await asyncio.gather(*(one(s) for s in plans))
+        await asyncio.gather(*(one(g) for g in groups))
 
     started = time.perf_counter()
     asyncio.run(main())
     return {
         "sequences": len(plans),
+        "connections": len(groups),
+        "busy_retries": totals["busy"],
         "messages": sum(len(p["messages"]) for p in plans),
         "abnormal_closes": totals["abnormal"],
         "server_errors": totals["server_errors"],
