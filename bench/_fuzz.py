@@ -11,7 +11,6 @@ import asyncio
 import base64
 import json
 import logging
-import math
 import random
 import time
 from collections import Counter
@@ -21,8 +20,8 @@ from typing import Any
 import numpy as np
 import requests
 from hypothesis import HealthCheck, Phase, Verbosity, given, settings
-from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 
 log = logging.getLogger("reliability.fuzz")
 _QUIET = dict(
@@ -125,7 +124,9 @@ _numbers = st.one_of(
 _scalars = st.one_of(st.none(), st.booleans(), _numbers, st.text(max_size=40))
 _json = st.recursive(
     _scalars,
-    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=12), c, max_size=4)),
+    lambda c: st.one_of(
+        st.lists(c, max_size=4), st.dictionaries(st.text(max_size=12), c, max_size=4)
+    ),
     max_leaves=12,
 )
 _settings = st.sampled_from(
@@ -283,7 +284,9 @@ async def _run_connection(url: str, plan: list[dict], speech: list[bytes], heade
         code = exc.rcvd.code if exc.rcvd else None
         if not aborted and code not in NORMAL_CLOSES:
             out["abnormal"] += 1
-            out["note"] = f"closed {code} {exc.rcvd.reason if exc.rcvd else 'without a close frame'}"
+            out["note"] = (
+                f"closed {code} {exc.rcvd.reason if exc.rcvd else 'without a close frame'}"
+            )
     except (OSError, TimeoutError) as exc:
         out["abnormal"] += 1
         out["note"] = f"{type(exc).__name__}: {exc}"
@@ -333,5 +336,3 @@ def ws_fuzz(ws_url: str, sequences: int, speech: list[bytes], seed: int = 0,
         "seconds": round(time.perf_counter() - started, 1),
         "notes": notes,
     }
-
-

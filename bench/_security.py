@@ -67,7 +67,10 @@ def control_token_checks(results: list[dict], demo_generator) -> None:
             attacked = [(r, f"{t} {injection} {control}") for r, t in benign]
             base_ids = render_chat(gen, benign)
             ids = render_chat(gen, attacked)
-            count = lambda xs: sorted(x for x in xs if x in added)  # noqa: E731
+
+            def count(xs: list[int], added: dict = added) -> list[int]:
+                return sorted(x for x in xs if x in added)
+
             _check(
                 results,
                 f"control_tokens_as_text[{name}]",
@@ -145,8 +148,11 @@ def server_checks(results: list[dict], served) -> None:
             "too_large": json.dumps({"messages": [{"role": "user", "content": "x" * 300_000}]}),
         }
         statuses = {
-            k: c.post("/v1/chat/completions", content=v, headers={**auth,
-                      "Content-Type": "application/json"}).status_code  # fmt: skip
+            k: c.post(
+                "/v1/chat/completions",
+                content=v,
+                headers={**auth, "Content-Type": "application/json"},
+            ).status_code  # fmt: skip
             for k, v in bad.items()
         }
         _check(results, "bad_bodies_4xx", all(400 <= s < 500 for s in statuses.values()), statuses)
@@ -176,7 +182,9 @@ def server_checks(results: list[dict], served) -> None:
         event and event["error"]["code"] == "invalid_api_key" and code == 1008,
         {"close": code},
     )
-    event, code, _ = _first_event(ws_url, additional_headers={**auth, "Origin": "http://evil.example"})
+    event, code, _ = _first_event(
+        ws_url, additional_headers={**auth, "Origin": "http://evil.example"}
+    )
     _check(results, "ws_foreign_origin_refused", event is None and code == 403, {"status": code})
     same = f"http://127.0.0.1:{served.port}"
     event, code, _ = _first_event(ws_url, additional_headers={**auth, "Origin": same})
@@ -205,7 +213,9 @@ def configured_checks(results: list[dict], served) -> None:
     kiosk = "http://kiosk.local"
     event, code, _ = _first_event(served.ws_url, additional_headers={"Origin": kiosk})
     _check(results, "ws_origin_allow_list", event and event["type"] == "session.created", code)
-    event, code, _ = _first_event(served.ws_url, additional_headers={"Origin": "http://evil.example"})
+    event, code, _ = _first_event(
+        served.ws_url, additional_headers={"Origin": "http://evil.example"}
+    )
     _check(results, "ws_origin_not_listed_refused", event is None and code == 403, code)
     time.sleep(1.0 + 5 / 2)  # the two handshakes' share of the bucket back
     with httpx.Client(base_url=served.url, timeout=30) as c:

@@ -131,7 +131,10 @@ class Soak:
     def overload(self, until: float) -> None:
         """Every few seconds, more requests at once than slots + queue: some must get 429."""
         body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 12}
-        with httpx.Client(base_url=self.served.url, timeout=60) as c, ThreadPoolExecutor(16) as pool:
+        with (
+            httpx.Client(base_url=self.served.url, timeout=60) as c,
+            ThreadPoolExecutor(16) as pool,
+        ):
             while time.monotonic() < until:
                 statuses = list(pool.map(
                     lambda _: c.post("/v1/chat/completions", json=body).status_code, range(16)
@@ -158,7 +161,10 @@ class Soak:
         deadline = time.monotonic() + timeout
         while True:
             s = self.sample(phase)
-            if not (s["active"] or s["queued"] or s["voice_sessions"]) or time.monotonic() > deadline:
+            if (
+                not (s["active"] or s["queued"] or s["voice_sessions"])
+                or time.monotonic() > deadline
+            ):
                 time.sleep(12.0)  # anyio's idle worker threads end after 10 s
                 return self.sample(phase)
             time.sleep(0.5)
@@ -178,14 +184,23 @@ class Soak:
             "warmup_seconds": self.warmup_s,
             "requests": requests,
             "counts": dict(sorted(self.counts.items())),
-            "rss_mb": {"baseline": base["rss_mb"], "after": end["rss_mb"],
-                       "max": max(s["rss_mb"] for s in self.samples)},  # fmt: skip
+            "rss_mb": {
+                "baseline": base["rss_mb"],
+                "after": end["rss_mb"],
+                "max": max(s["rss_mb"] for s in self.samples),
+            },  # fmt: skip
             "rss_growth_pct": round(growth, 2),
-            "threads": {"baseline": base["threads"], "after": end["threads"],
-                        "max": max(s["threads"] for s in self.samples)},  # fmt: skip
+            "threads": {
+                "baseline": base["threads"],
+                "after": end["threads"],
+                "max": max(s["threads"] for s in self.samples),
+            },  # fmt: skip
             "leaked_threads": max(0, end["threads"] - base["threads"]),
-            "fds": {"baseline": base["fds"], "after": end["fds"],
-                    "max": max(s["fds"] for s in self.samples)},  # fmt: skip
+            "fds": {
+                "baseline": base["fds"],
+                "after": end["fds"],
+                "max": max(s["fds"] for s in self.samples),
+            },  # fmt: skip
             "leaked_fds": max(0, end["fds"] - base["fds"]),
             "slots_after": (end["active"] or 0) + (end["queued"] or 0),
             "voice_sessions_after": end["voice_sessions"],

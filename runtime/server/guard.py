@@ -55,8 +55,10 @@ class RateLimit:
 
     async def __call__(self, scope, receive, send) -> None:
         path = scope.get("path", "")
-        if self.rate <= 0 or scope["type"] not in ("http", "websocket") or not path.startswith(
-            "/v1/"
+        if (
+            self.rate <= 0
+            or scope["type"] not in ("http", "websocket")
+            or not path.startswith("/v1/")
         ):
             return await self.app(scope, receive, send)
         client = (scope.get("client") or ("unknown", 0))[0]
