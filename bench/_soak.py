@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
@@ -41,8 +43,14 @@ class Soak:
     def chat(self, until: float, stream: bool, hang_up: bool) -> None:
         import openai
 
-        client = openai.OpenAI(base_url=f"{self.served.url}/v1", api_key="x", max_retries=0,
-                               timeout=60)  # fmt: skip
+        with openai.OpenAI(
+            base_url=f"{self.served.url}/v1", api_key="x", max_retries=0, timeout=60
+        ) as client:  # fmt: skip (closed: no connection left open)
+            self._chat(client, until, stream, hang_up)
+
+    def _chat(self, client, until: float, stream: bool, hang_up: bool) -> None:
+        import openai
+
         i = 0
         while time.monotonic() < until:
             i += 1
@@ -166,8 +174,21 @@ class Soak:
                 or time.monotonic() > deadline
             ):
                 time.sleep(12.0)  # anyio's idle worker threads end after 10 s
-                return self.sample(phase)
+                s = self.sample(phase)
+                s["open"] = self._open_fds()
+                return s
             time.sleep(0.5)
+
+    def _open_fds(self) -> list[str]:
+        """What the server's descriptors point at (to name a leak)."""
+        fd_dir = Path(f"/proc/{self.proc.pid}/fd")
+        out = []
+        for fd in fd_dir.iterdir():
+            try:
+                out.append(os.readlink(fd))
+            except OSError:
+                pass
+        return sorted(out)
 
     def run(self) -> dict:
         self.t0 = time.monotonic()
@@ -202,6 +223,7 @@ class Soak:
                 "max": max(s["fds"] for s in self.samples),
             },  # fmt: skip
             "leaked_fds": max(0, end["fds"] - base["fds"]),
+            "fds_new": sorted(set(end["open"]) - set(base["open"])),
             "slots_after": (end["active"] or 0) + (end["queued"] or 0),
             "voice_sessions_after": end["voice_sessions"],
             "server_alive": self.served.alive(),

@@ -3,7 +3,8 @@
 See docs/voice-protocol.md. Binary messages are 16 kHz mono PCM16 audio; text messages are
 JSON client events. Every problem with a message (bad audio, wrong sample rate, oversized,
 invalid JSON, unknown event) is answered with an ``error`` event and the connection stays
-open; only a missing token (1008) or a full house (1013) closes it.
+open; only a missing token or one in the query string (1008) or a full house (1013) closes
+it, and a foreign Origin is refused at the handshake (403; runtime/server/guard.py).
 """
 
 from __future__ import annotations
