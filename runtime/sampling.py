@@ -51,17 +51,22 @@ def apply_repetition_penalty(
         seen = np.unique(np.asarray(previous, dtype=np.int64))
         seen = seen[(seen >= 0) & (seen < out.size)]
         chosen = out[seen]
-        out[seen] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
+        with np.errstate(over="ignore", under="ignore"):  # +-inf: filtered_probs clips it
+            out[seen] = np.where(chosen > 0, chosen / penalty, chosen * penalty)
     return out
 
 
 def filtered_probs(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     """Probabilities after temperature, top-k and top-p (the smallest set reaching top_p)."""
-    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    # Shifted before scaling and clipped (a repetition penalty near 0 makes logits infinite):
+    # finite at any temperature, down to the smallest float (5e-324 is close to greedy).
+    scaled = np.clip(np.asarray(logits, dtype=np.float64), -1e300, 1e300)
+    with np.errstate(over="ignore"):
+        scaled = (scaled - scaled.max()) / temperature
     if top_k and top_k < scaled.size:
         kth = np.partition(scaled, -top_k)[-top_k]
         scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max())
+    probs = np.exp(scaled)
     probs /= probs.sum()
     if top_p < 1.0:
         order = np.argsort(-probs, kind="stable")

@@ -22,6 +22,7 @@ Every call reports what it ran and how long it took (``AppendStats``, ``Generati
 from __future__ import annotations
 
 import copy
+import re
 import threading
 import time
 import weakref
@@ -33,6 +34,7 @@ import numpy as np
 
 from moe2edge.runtime.engine import KVCache
 from moe2edge.runtime.generate import GenerationResult, Generator
+from moe2edge.runtime.plain_text import encode_plain, has_control
 from moe2edge.runtime.sampling import SamplingParams
 from moe2edge.runtime.speculative import common_prefix_len
 
@@ -118,6 +120,10 @@ def user_tokens(generator: Generator, text: str, final: bool = True) -> list[int
     no text yet, the head tokens every text starts with (``_head_ids``).
     """
     template = generator.prompt_template
+    if has_control(generator.tokenizer, text):  # the template's tokens, the text as plain text
+        head, _, tail = template.partition("{prompt}")
+        ids = generator.encode(head.format()) + encode_plain(generator.tokenizer, text)
+        return ids + (generator.encode(tail.format()) if final else [])
     if final:
         return generator.encode(template.format(prompt=text))
     if "{prompt}" not in template:
@@ -127,7 +133,7 @@ def user_tokens(generator: Generator, text: str, final: bool = True) -> list[int
 
 def assistant_tokens(generator: Generator, text: str) -> list[int]:
     """An assistant turn: `` text`` and the end-of-turn token."""
-    return generator.encode(f" {text}") + generator.eos_token_ids[:1]
+    return encode_plain(generator.tokenizer, f" {text}") + generator.eos_token_ids[:1]
 
 
 def _chat_messages(messages: list[tuple[str, str]]) -> list[dict[str, str]]:
@@ -149,12 +155,34 @@ def _template_ids(
     chat, template = _chat_messages(messages), generator.chat_template
     if not chat:
         return generator.with_bos([])
+    if any(has_control(generator.tokenizer, m["content"]) for m in chat):
+        return generator.with_bos(_marked_ids(generator, chat, partial))
     if partial:
         marked = chat[:-1] + [{"role": "user", "content": _MARK}]
         head = template.render(marked, True).partition(_MARK)[0]
         return generator.with_bos(_head_ids(generator, head, chat[-1]["content"]))
     text = template.render(chat, chat[-1]["role"] != "assistant")
     return generator.with_bos(generator.encode(text))
+
+
+def _marked_ids(generator: Generator, chat: list[dict[str, str]], partial: bool) -> list[int]:
+    """The conversation with the template's own text (its control tokens) encoded as usual
+    and every message's content as plain text (``encode_plain``): for contents that hold a
+    control token's string, which must not open or close a turn. ``partial``: up to and
+    including the last message's text so far."""
+    marks = [f"\x00MOE2EDGE{i}\x00" for i in range(len(chat))]
+    marked = [{**m, "content": mark} for m, mark in zip(chat, marks, strict=True)]
+    text = generator.chat_template.render(marked, partial or chat[-1]["role"] != "assistant")
+    if partial:
+        text = text.partition(marks[-1])[0] + marks[-1]
+    content = dict(zip(marks, (m["content"] for m in chat), strict=True))
+    ids: list[int] = []
+    for piece in re.split("(" + "|".join(map(re.escape, marks)) + ")", text):
+        if piece in content:
+            ids += encode_plain(generator.tokenizer, content[piece])
+        elif piece:
+            ids += generator.encode(piece)
+    return ids
 
 
 def render_chat(

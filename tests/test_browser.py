@@ -115,7 +115,7 @@ def test_page_talks_with_a_fake_microphone(tiny_run, tmp_path) -> None:
         page = httpx.get(srv.url + "/")
         assert page.status_code == 200 and "Start talking" in page.text
         assert httpx.get(srv.url + "/static/app.js").status_code == 200
-        proc, tools = launch(f"{srv.url}/?autostart=1&token=page-token", wav, tmp_path / "profile")
+        proc, tools = launch(f"{srv.url}/?autostart=1#token=page-token", wav, tmp_path / "profile")
         state = {}
         try:
             deadline = time.time() + 40

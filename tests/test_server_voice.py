@@ -24,6 +24,7 @@ from tests.server_helpers import ServerThread, bad_numbers, frames, numeric_fiel
 
 pytestmark = require_tool("espeak-ng", install="apt-get install espeak-ng (make system-deps)")
 SILENCE = bytes(640)
+AUTH = {"Authorization": "Bearer t0k"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_bad_messages_get_error_events_and_the_session_goes_on(server, tiny_run)
         ws.recv(timeout=5)
     assert closed.value.rcvd.code == 1008
 
-    with connect(server.ws_url + "?token=t0k") as ws:
+    with connect(server.ws_url, additional_headers=AUTH) as ws:
         created = recv(ws)
         assert created["type"] == "session.created"
         assert created["session"]["input_audio_sample_rate"] == SAMPLE_RATE
@@ -212,7 +213,7 @@ def test_session_update_refuses_nan_infinity_and_out_of_range(server, name, path
     usable (NaN / Infinity go over the wire as the bare JSON literals Python reads)."""
     info = VoiceSettings.__pydantic_fields__[name]
     bad = bad_numbers(info, VOICE_NUMBERS[name])
-    with connect(server.ws_url + "?token=t0k") as ws:
+    with connect(server.ws_url, additional_headers=AUTH) as ws:
         created = recv(ws)["session"]
         for label, value in bad:
             message = json.dumps({"type": "session.update", "session": _session(path, value)})
@@ -302,7 +303,7 @@ def test_speech_during_a_reply_cancels_it(server) -> None:
 
 
 def test_client_managed_turns_with_commit(server) -> None:
-    with connect(server.ws_url + "?token=t0k") as ws:
+    with connect(server.ws_url, additional_headers=AUTH) as ws:
         recv(ws)
         ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
         assert until(ws, "session.updated")[-1]["session"]["turn_detection"] is None

@@ -27,6 +27,7 @@ from moe2edge.runtime.prefix_cache import PrefixCache
 from moe2edge.runtime.server import openai_api, versions_api, voice_ws
 from moe2edge.runtime.server.batching import BatchLoop
 from moe2edge.runtime.server.config import ServerConfig
+from moe2edge.runtime.server.guard import RateLimit, redact_access_log
 from moe2edge.runtime.server.metrics import Metrics
 from moe2edge.runtime.server.scheduler import Scheduler
 from moe2edge.runtime.server.state import (
@@ -220,6 +221,8 @@ def create_app(
         )
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     app.add_middleware(VersionLeases)
+    app.add_middleware(RateLimit, rate=config.rate_limit_rps, burst=config.rate_limit_burst)
+    redact_access_log()
     return app
 
 

@@ -79,7 +79,12 @@ class ServerConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     token: str | None = None  # bearer token; None: no authentication
     model_name: str | None = None  # the id /v1/models reports (default: the bundle's folder name)
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)  # empty: no CORS (closed)
+    # web origins that may open the voice WebSocket besides the page's own ("*": any)
+    ws_origins: list[str] = Field(default_factory=list)
+    ws_query_token: bool = False  # UNSAFE: also take ?token= on the WebSocket (it gets logged)
+    rate_limit_rps: float = Field(20.0, ge=0, le=1e6)  # per client address, on /v1/; 0: off
+    rate_limit_burst: int = Field(60, ge=1, le=1 << 20)  # requests a client may send at once
     # engine
     device: Literal["cpu", "cuda", "tensorrt", "tensorrt-native"] = "cpu"
     threads: int = Field(1, ge=1, le=256)  # ORT intra-op threads per session (1: batch-1, 2 cores)

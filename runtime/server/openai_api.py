@@ -34,14 +34,19 @@ router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
 State = Annotated[ServiceState, Depends(get_state)]
 
 
+# Every field has a size or range limit (besides the body's, max_body_bytes).
+Text = Annotated[str, Field(max_length=1 << 20)]
+Name = Annotated[str, Field(max_length=256)]
+
+
 class TextPart(BaseModel):
     type: Literal["text", "input_text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=1024)] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -63,27 +68,27 @@ class _Sampling(BaseModel):
     # Infinity (which Python's JSON parser reads from the literals) are refused: a 400.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
-    model: str | None = None
+    model: Name | None = None
     max_tokens: MaxTokens | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, le=1 << 20)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     seed: int | None = Field(None, ge=0, le=2**64 - 1)  # numpy's generator takes no negatives
-    stop: str | list[str] | None = None
+    stop: Name | Annotated[list[Name], Field(max_length=4)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=128)  # only 1 is served; sampling_params says so
-    user: str | None = None
+    user: Name | None = None
 
 
 class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(..., min_length=1)
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=4096)
     max_completion_tokens: MaxTokens | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str]
+    prompt: Text | Annotated[list[Text], Field(max_length=16)]
     echo: bool = False
 
 

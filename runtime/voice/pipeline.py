@@ -163,6 +163,10 @@ class VoiceSession:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def running(self) -> bool:
+        """Whether the session's thread is still going (``close`` waits for it a while)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait_idle(self, timeout: float = 10.0) -> bool:
         """Block until queued audio is processed, no reply is running and its turn is in
         the history (for tests)."""

@@ -2,7 +2,16 @@
 // reply text, timings; reply audio (response.audio.delta, base64 PCM16) -> speakers.
 "use strict";
 const params = new URLSearchParams(location.search);
-const token = params.get("token") || "";
+// The token comes in the address's fragment (/#token=...), which the browser never sends to
+// the server (a query string lands in access logs); the page sends it as a header (HTTP) or
+// the WebSocket subprotocol moe2edge.bearer.<token>, never in a URL.
+const fragment = new URLSearchParams(location.hash.slice(1));
+const token = fragment.get("token") || params.get("token") || "";
+if (params.has("token")) {  // an old-style link: keep the token out of the history from now on
+  params.delete("token");
+  const rest = params.toString();
+  history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+}
 // Chromium's noise suppression and auto gain control cost pocketsphinx most of its accuracy
 // (4/4 commands right without them, 1/4 with them, in tests/test_browser.py's setup), so they
 // are off unless ?processing=1; echo cancellation stays on so the device does not hear itself.
@@ -135,8 +144,8 @@ async function start() {
     sink.gain.value = 0;
     source.connect(node).connect(sink).connect(ctx.destination);
     const scheme = location.protocol === "https:" ? "wss://" : "ws://";
-    const query = token ? `?token=${encodeURIComponent(token)}` : "";
-    ws = new WebSocket(`${scheme}${location.host}/v1/realtime${query}`);
+    const protocols = token ? ["moe2edge", `moe2edge.bearer.${token}`] : [];
+    ws = new WebSocket(`${scheme}${location.host}/v1/realtime`, protocols);
     ws.binaryType = "arraybuffer";
     ws.onmessage = (e) => { if (typeof e.data === "string") onEvent(JSON.parse(e.data)); };
     ws.onclose = (e) => { setStatus(`closed (${e.code}${e.reason ? ": " + e.reason : ""})`, e.code === 1000 ? "" : "error"); stop(); };
