@@ -85,6 +85,7 @@ def start_server(bundles: dict[str, Path], slots: int, queue: int) -> tuple[subp
         sys.executable, "-m", "moe2edge.cli", "serve", str(bundles["a"]), "--port", str(port),
         "--no-voice", "--token", TOKEN, "--slots", str(slots), "--queue", str(queue),
         "--threads", "1", "--log-level", "warning", "--set", "model_name=home",
+        "--set", "rate_limit_rps=0",  # one client sends all 1000 requests: no per-client limit
         "--version-name", "a:90", "--version", f"b={bundles['b']}:10",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
