@@ -146,6 +146,12 @@ class Decoding:
         self._consumed += len(tokens)
         return tokens
 
+    def unforce(self, count: int) -> None:
+        """Give back the last ``count`` forced tokens (they will be chosen again later)."""
+        if count > 0:
+            self.constraint.matcher.rollback(count)
+            self._consumed -= count
+
     def admit_draft(
         self, draft: list[int], q: np.ndarray | None
     ) -> tuple[list[int], np.ndarray | None]:

@@ -278,11 +278,14 @@ class BatchLoop:
             return
         if self.step_hook is not None:
             self.step_hook()
-        # tokens a grammar forces run in one run of their row (as a verify does)
-        forced = [(j, f) for j in jobs if (f := j.decoding.forced(j.cache))]
-        alone = {id(job) for job, _ in forced}
+        # tokens a grammar forces: a run of their row alone (as a verify) when that pays,
+        # else the first one is the row's next token of the batched run
+        forced = {id(j): f for j in jobs if (f := j.decoding.forced(j.cache))}
+        picked = self._speculating(jobs, forced)
+        fast = [(j, forced[id(j)]) for j in picked if id(j) in forced]
+        alone = {id(job) for job, _ in fast}
         verifies = []
-        for job in self._speculating([j for j in jobs if id(j) not in alone]):
+        for job in [j for j in picked if id(j) not in alone]:
             limit = job.decoding.draft_limit(job.cache)
             draft, q = job.decoding.admit_draft(
                 *job.speculator.propose(job.cache, job.next_token, job.decoding.sampler, limit)
@@ -302,8 +305,13 @@ class BatchLoop:
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(jobs))
         for job, row in zip(batched, logits, strict=True):
+            tokens = forced.get(id(job))
+            if tokens:  # forced: no choice to make; the rest is forced again next step
+                job.decoding.unforce(len(tokens) - 1)
+                self._choose(job, tokens[:1])
+                continue
             self._choose(job, [job.decoding.choose(row, job.cache.tokens)])
-        for job, tokens in forced:
+        for job, tokens in fast:
             try:
                 row = self.engine.forward([job.next_token, *tokens], job.cache)
             except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
@@ -330,18 +338,29 @@ class BatchLoop:
             self._choose(job, chosen)
 
     @staticmethod
-    def _speculating(jobs: list[Job]) -> list[Job]:
-        """The rows that verify proposals of their own this step: the set that gives the
-        most tokens per engine run, taking each row's recent accepted count per verify as
-        what its next verify gains. With s rows verifying out of n: n tokens plus their
-        gains, over s runs and one batched run for the others (none when s == n)."""
+    def _speculating(jobs: list[Job], forced: dict[int, list[int]] | None = None) -> list[Job]:
+        """The rows that run alone this step (a verify, or forced tokens): the set that
+        gives the most tokens per engine run, taking each row's recent accepted count per
+        verify as what its next verify gains, and a row's forced tokens as what its run
+        gains. With s rows alone out of n: n tokens plus their gains, over s runs and one
+        batched run for the others (none when s == n)."""
+        forced = forced or {}
+
+        def gain(j: Job) -> float:  # forced tokens are certain gains
+            return len(forced[id(j)]) if id(j) in forced else j.expected_accepted
+
         candidates = sorted(
-            (j for j in jobs if j.speculator is not None and j.decoding.draft_limit(j.cache) > 0),
-            key=lambda j: -j.expected_accepted,
+            (
+                j
+                for j in jobs
+                if id(j) in forced
+                or (j.speculator is not None and j.decoding.draft_limit(j.cache) > 0)
+            ),
+            key=lambda j: -gain(j),
         )
         n, best, best_rate, gained = len(jobs), 0, 1.0 * len(jobs), 0.0
         for s, job in enumerate(candidates, start=1):
-            gained += job.expected_accepted
+            gained += gain(job)
             rate = (n + gained) / (s + (s < n))
             if rate > best_rate:
                 best, best_rate = s, rate

@@ -176,7 +176,9 @@ def reply_grammar(
     else:
         free = text if text is not None else "TEXT"
         after = ""
-    body = f"{calls} {after}".strip()
+    # a reply's first token may carry a space ("Ġ[" after the demo's prompt template)
+    lead = '" "? ' if fmt == "bracket" else ""
+    body = f"{lead}{calls} {after}".strip()
     start = body if choice != "auto" else f"{free} | {body}"
     lines = [f"start: {start}", "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
     lines += rules
@@ -211,7 +213,7 @@ def _convert(raw: str, schema: dict[str, Any]) -> Any:
 
 
 def _parse_bracket(text: str, tools: dict[str, Tool]) -> tuple[list[ToolCall], str]:
-    calls, at = [], 0
+    calls, at = [], len(text) - len(text.lstrip(" "))
     while True:
         match = _BRACKET_CALL.match(text, at)
         if not match:
@@ -337,7 +339,7 @@ class ToolStream:
             opener, closer = (
                 ("[", "]") if self.fmt == "bracket" else ("<tool_call>", "</tool_call>")
             )
-            text = self.buffer.lstrip(" \n") if self.calls or self.fmt == "json" else self.buffer
+            text = self.buffer.lstrip(" \n")
             if not text:
                 return events
             if opener.startswith(text[: len(opener)]) and len(text) < len(opener):
