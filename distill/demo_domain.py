@@ -358,3 +358,47 @@ def is_wellformed(reply: str) -> bool:
     if not actions or not text.startswith(head + " "):
         return False
     return text[len(head) + 1 :] in reply_forms(actions)
+
+
+def demo_tools() -> list[dict]:
+    """The domain's actions as OpenAI function tools, one per intent (named as the action:
+    ``lights.dim``), arguments ``room`` (a room id) and ``value`` where the intent takes one
+    (its allowed values). A client passes them as ``tools=``; a bracket-format bundle writes
+    a call as the action string (``[lights.dim room=dining_room value=30]``)."""
+    tools = []
+    for intent in INTENTS:
+        props: dict = {"room": {"type": "string", "enum": [room_id(r) for r in ROOMS]}}
+        if intent.values:
+            kind = "integer" if isinstance(intent.values[0], int) else "string"
+            props["value"] = {"type": kind, "enum": list(intent.values)}
+            if intent.unit:
+                props["value"]["description"] = intent.unit
+        device, verb = intent.name.split(".")
+        tools.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": intent.name,
+                    "description": f"{verb} the {device} in a room",
+                    "parameters": {
+                        "type": "object",
+                        "properties": props,
+                        "required": list(props),
+                        "additionalProperties": False,
+                    },
+                    "strict": True,
+                },
+            }
+        )
+    return tools
+
+
+def tool_call_action(name: str, arguments: dict) -> str | None:
+    """The canonical action string of a demo tool call (None: not a domain action)."""
+    intent = BY_NAME.get(name)
+    room = _ROOM_BY_ID.get(arguments.get("room", ""))
+    if intent is None or room is None:
+        return None
+    value = arguments.get("value")
+    action = action_string(intent, room, value)
+    return action if parse_action(action) is not None else None

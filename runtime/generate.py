@@ -12,6 +12,7 @@ before anything runs; a reply that fills the context stops with ``finish_reason=
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from moe2edge.runtime.chat_template import ChatTemplate
+from moe2edge.runtime.constrained import Constraint, Grammars
 from moe2edge.runtime.detokenize import StreamDecoder
 from moe2edge.runtime.engine import KVCache, open_engine
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
@@ -101,8 +103,11 @@ class Decoding:
         cache_length: int,
         started: float | None = None,
         speculator: Speculator | None = None,
+        constraint: Constraint | None = None,
     ):
         self.params, self.result, self.speculator = params, result, speculator
+        self.constraint = constraint  # a grammar every chosen token must follow
+        self._consumed = 0  # tokens the constraint took ahead of ``push`` (forced ones)
         self.sampler = Sampler(params)
         self.max_length = generator.engine.max_length
         self.stop_ids = set(params.stop_token_ids) | (
@@ -125,10 +130,53 @@ class Decoding:
             self.max_length - cache.length - 1,
         )
 
+    def choose(self, logits: np.ndarray, previous: list[int]) -> int:
+        """The next token from ``logits`` (masked by the constraint, if any)."""
+        if self.constraint is not None:
+            logits = self.constraint.mask(logits)
+        return self.sampler(logits, previous)
+
+    def forced(self, cache: KVCache) -> list[int]:
+        """Tokens the constraint forces after the last one pushed (taken by it now; the
+        caller runs them with that token in one engine run and pushes them next)."""
+        if self.constraint is None or self.done:
+            return []
+        tokens = self.constraint.forced(self.draft_limit(cache))
+        for token in tokens:
+            self.constraint.consume(token)
+        self._consumed += len(tokens)
+        return tokens
+
+    def unforce(self, count: int) -> None:
+        """Give back the last ``count`` forced tokens (they will be chosen again later)."""
+        if count > 0:
+            self.constraint.matcher.rollback(count)
+            self._consumed -= count
+
+    def admit_draft(
+        self, draft: list[int], q: np.ndarray | None
+    ) -> tuple[list[int], np.ndarray | None]:
+        """Speculative proposals cut at the first one the constraint refuses."""
+        if self.constraint is None or not draft:
+            return draft, q
+        n = self.constraint.valid_prefix(draft)
+        return draft[:n], (q[:n] if q is not None and n else None)
+
+    def mask_rows(self, rows: np.ndarray, draft: list[int]) -> np.ndarray:
+        """A verify's rows of logits, each masked as its position allows (no constraint: as
+        they are)."""
+        return rows if self.constraint is None else self.constraint.mask_rows(rows, draft)
+
     def push(self, token: int) -> str:
         """Take the next chosen token; the text now final (ends the reply when it should)."""
         result = self.result
         self.chosen += 1
+        if self.constraint is not None and token not in self.stop_ids:
+            if self._consumed:
+                self._consumed -= 1
+            elif not self.constraint.consume(token):
+                result.finish_reason = "stop"
+                return self._end("")
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
             result.ttft_ms = (self.first_token_at - self.started) * 1000
@@ -246,6 +294,12 @@ class Generator:
             check_draft(self.engine.manifest, draft_engine.manifest, draft_engine.bundle_dir)
         return Generator(self.engine, self.tokenizer, speculation, draft_engine)
 
+    @functools.cached_property
+    def grammars(self) -> Grammars:
+        """Grammars compiled against this bundle's tokenizer (constrained decoding)."""
+        vocab = int(self.engine.manifest["model"]["vocab_size"])
+        return Grammars(self.tokenizer.to_str(), vocab, self.eos_token_ids)
+
     def new_speculator(self) -> Speculator | None:
         """Per-sequence speculation state (None: off). A conversation keeps one across turns,
         so the draft model prefills only what is new."""
@@ -290,8 +344,10 @@ class Generator:
         step_hook: Callable[[], None] | None = None,
         cancel: threading.Event | None = None,
         speculator: Speculator | None = None,
+        constraint: Constraint | None = None,
     ) -> Iterator[str]:
-        """Yield reply text pieces. ``cache`` may hold earlier turns (continued in place)."""
+        """Yield reply text pieces. ``cache`` may hold earlier turns (continued in place).
+        ``constraint``: a grammar the reply follows (runtime/constrained.py)."""
         cache = cache if cache is not None else self.engine.new_cache()
         if not prompt_ids:
             raise ValueError("an empty prompt has nothing to continue; pass at least one token")
@@ -301,7 +357,7 @@ class Generator:
         started = time.perf_counter()
         logits = self.engine.forward(prompt_ids, cache)
         yield from self.decode(
-            logits, cache, params, result, step_hook, cancel, started, speculator
+            logits, cache, params, result, step_hook, cancel, started, speculator, constraint
         )
 
     def decode(
@@ -314,6 +370,7 @@ class Generator:
         cancel: threading.Event | None = None,
         started: float | None = None,
         speculator: Speculator | None = None,
+        constraint: Constraint | None = None,
     ) -> Iterator[str]:
         """The decode loop from the logits of the cache's last position.
 
@@ -325,8 +382,8 @@ class Generator:
         params = params or SamplingParams(max_new_tokens=self.default_max_new_tokens)
         result = result if result is not None else GenerationResult()
         speculator = speculator if speculator is not None else self.new_speculator()
-        decoding = Decoding(self, params, result, cache.length, started, speculator)
-        tokens = [decoding.sampler(logits, cache.tokens)]
+        decoding = Decoding(self, params, result, cache.length, started, speculator, constraint)
+        tokens = [decoding.choose(logits, cache.tokens)]
         try:
             while True:
                 for token in tokens:
@@ -339,12 +396,17 @@ class Generator:
                         return
                 if step_hook is not None:
                     step_hook()
-                if speculator is None:
-                    logits = self.engine.forward([token], cache)
-                    tokens = [decoding.sampler(logits, cache.tokens)]
+                forced = decoding.forced(cache)
+                if forced or speculator is None:  # forced tokens: one run for all of them
+                    logits = self.engine.forward([token, *forced], cache)
+                    tokens = [*forced, decoding.choose(logits, cache.tokens)]
                     continue
-                tokens, proposed, accepted = speculator.step(
-                    self.engine, cache, token, decoding.sampler, decoding.draft_limit(cache)
+                draft, q = decoding.admit_draft(
+                    *speculator.propose(cache, token, decoding.sampler, decoding.draft_limit(cache))
+                )
+                rows = self.engine.forward([token, *draft], cache, all_logits=True)
+                tokens, proposed, accepted = speculator.settle(
+                    cache, token, draft, q, decoding.mask_rows(rows, draft), decoding.sampler
                 )
                 result.proposed_tokens += proposed
                 result.accepted_tokens += accepted

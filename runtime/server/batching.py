@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from moe2edge.runtime.batch import KVBatch
+from moe2edge.runtime.constrained import Constraint
 from moe2edge.runtime.generate import Decoding, GenerationResult, Generator
 from moe2edge.runtime.kv_cache import KVCache
 from moe2edge.runtime.prefix_cache import PrefixCache
@@ -59,8 +60,10 @@ class Job:
         emit: Callable[[Any], None],
         release_slot: Callable[[], None],
         arrived: float | None = None,
+        constraint: Constraint | None = None,
     ):
         self.prompt_ids = [int(t) for t in prompt_ids]
+        self.constraint = constraint  # a grammar the reply follows (runtime/constrained.py)
         self.params, self.emit, self.release_slot = params, emit, release_slot
         self.result = GenerationResult(prompt_tokens=len(self.prompt_ids))
         self.cancel = threading.Event()
@@ -250,9 +253,14 @@ class BatchLoop:
                 if job.speculator is not None:  # a prior: half of a first draft accepted
                     job.expected_accepted = job.speculator.draft_length / 2
                 job.decoding = Decoding(
-                    self.generator, job.params, job.result, job.cache.length, job.admitted
+                    self.generator,
+                    job.params,
+                    job.result,
+                    job.cache.length,
+                    job.admitted,
+                    constraint=job.constraint,
                 )
-                self._choose(job, [job.decoding.sampler(logits, job.cache.tokens)])
+                self._choose(job, [job.decoding.choose(logits, job.cache.tokens)])
 
     def _decode(self) -> None:
         """One step for every job with a token to run: one batched run of one token per
@@ -270,15 +278,21 @@ class BatchLoop:
             return
         if self.step_hook is not None:
             self.step_hook()
+        # tokens a grammar forces: a run of their row alone (as a verify) when that pays,
+        # else the first one is the row's next token of the batched run
+        forced = {id(j): f for j in jobs if (f := j.decoding.forced(j.cache))}
+        picked = self._speculating(jobs, forced)
+        fast = [(j, forced[id(j)]) for j in picked if id(j) in forced]
+        alone = {id(job) for job, _ in fast}
         verifies = []
-        for job in self._speculating(jobs):
+        for job in [j for j in picked if id(j) not in alone]:
             limit = job.decoding.draft_limit(job.cache)
-            draft, q = job.speculator.propose(
-                job.cache, job.next_token, job.decoding.sampler, limit
+            draft, q = job.decoding.admit_draft(
+                *job.speculator.propose(job.cache, job.next_token, job.decoding.sampler, limit)
             )
             if draft:
                 verifies.append((job, draft, q))
-        alone = {id(job) for job, _, _ in verifies}
+        alone |= {id(job) for job, _, _ in verifies}
         batched = [j for j in jobs if id(j) not in alone]
         try:
             logits = self.batch.forward([j.cache for j in batched], [j.next_token for j in batched])
@@ -291,7 +305,19 @@ class BatchLoop:
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(jobs))
         for job, row in zip(batched, logits, strict=True):
-            self._choose(job, [job.decoding.sampler(row, job.cache.tokens)])
+            tokens = forced.get(id(job))
+            if tokens:  # forced: no choice to make; the rest is forced again next step
+                job.decoding.unforce(len(tokens) - 1)
+                self._choose(job, tokens[:1])
+                continue
+            self._choose(job, [job.decoding.choose(row, job.cache.tokens)])
+        for job, tokens in fast:
+            try:
+                row = self.engine.forward([job.next_token, *tokens], job.cache)
+            except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
+                self._finish(job, exc)
+                continue
+            self._choose(job, [*tokens, job.decoding.choose(row, job.cache.tokens)])
         for job, draft, q in verifies:
             token = job.next_token
             try:
@@ -299,6 +325,7 @@ class BatchLoop:
             except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
                 self._finish(job, exc)
                 continue
+            rows = job.decoding.mask_rows(rows, draft)
             chosen, proposed, accepted = job.speculator.settle(
                 job.cache, token, draft, q, rows, job.decoding.sampler
             )
@@ -311,18 +338,29 @@ class BatchLoop:
             self._choose(job, chosen)
 
     @staticmethod
-    def _speculating(jobs: list[Job]) -> list[Job]:
-        """The rows that verify proposals of their own this step: the set that gives the
-        most tokens per engine run, taking each row's recent accepted count per verify as
-        what its next verify gains. With s rows verifying out of n: n tokens plus their
-        gains, over s runs and one batched run for the others (none when s == n)."""
+    def _speculating(jobs: list[Job], forced: dict[int, list[int]] | None = None) -> list[Job]:
+        """The rows that run alone this step (a verify, or forced tokens): the set that
+        gives the most tokens per engine run, taking each row's recent accepted count per
+        verify as what its next verify gains, and a row's forced tokens as what its run
+        gains. With s rows alone out of n: n tokens plus their gains, over s runs and one
+        batched run for the others (none when s == n)."""
+        forced = forced or {}
+
+        def gain(j: Job) -> float:  # forced tokens are certain gains
+            return len(forced[id(j)]) if id(j) in forced else j.expected_accepted
+
         candidates = sorted(
-            (j for j in jobs if j.speculator is not None and j.decoding.draft_limit(j.cache) > 0),
-            key=lambda j: -j.expected_accepted,
+            (
+                j
+                for j in jobs
+                if id(j) in forced
+                or (j.speculator is not None and j.decoding.draft_limit(j.cache) > 0)
+            ),
+            key=lambda j: -gain(j),
         )
         n, best, best_rate, gained = len(jobs), 0, 1.0 * len(jobs), 0.0
         for s, job in enumerate(candidates, start=1):
-            gained += job.expected_accepted
+            gained += gain(job)
             rate = (n + gained) / (s + (s < n))
             if rate > best_rate:
                 best, best_rate = s, rate

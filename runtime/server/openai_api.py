@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,6 +29,16 @@ from moe2edge.runtime.server.batching import END, Job
 from moe2edge.runtime.server.scheduler import Overloaded, Slot
 from moe2edge.runtime.server.state import APIError, ServiceState, get_state, require_token
 from moe2edge.runtime.server.versions import session_key
+from moe2edge.runtime.server.structured import (
+    AssistantToolCall,
+    Plan,
+    ResponseFormat,
+    ToolChoice,
+    ToolParam,
+    history_text,
+    plan,
+)
+from moe2edge.runtime.server.tools import tool_format
 from moe2edge.runtime.session import render_chat
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
@@ -45,8 +56,10 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | Annotated[list[TextPart], Field(max_length=1024)] | None = None
+    tool_calls: Annotated[list[AssistantToolCall], Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, Field(max_length=256)] | None = None  # a tool turn: its call
 
     def text(self) -> str:
         if self.content is None:
@@ -85,6 +98,11 @@ class _Sampling(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=4096)
     max_completion_tokens: MaxTokens | None = None
+    # structured outputs (server/structured.py)
+    tools: list[ToolParam] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -101,10 +119,11 @@ def chat_prompt(state: ServiceState, messages: list[ChatMessage]) -> list[int]:
     same conversation to; for the demo's turn-by-turn format, as the voice pipeline renders
     its history: the prompt template for user turns, `` reply`` and the end-of-turn token for
     assistant turns, system text leading the first user turn)."""
-    if messages[-1].role != "user":
-        raise APIError(400, "the last message must have role 'user'", param="messages")
+    if messages[-1].role not in ("user", "tool"):
+        raise APIError(400, "the last message must have role 'user' or 'tool'", param="messages")
+    fmt = tool_format(state.generator.engine.manifest)
     try:
-        return render_chat(state.generator, [(m.role, m.text()) for m in messages])
+        return render_chat(state.generator, [history_text(m, fmt) for m in messages])
     except ValueError as exc:  # the chat template refused the conversation
         raise APIError(400, str(exc), param="messages") from exc
 
@@ -205,7 +224,12 @@ async def pieces(state: ServiceState, job: Job, queue: asyncio.Queue) -> AsyncIt
 
 
 def new_job(
-    state: ServiceState, prompt_ids: list[int], params: SamplingParams, slot: Slot, arrived: float
+    state: ServiceState,
+    prompt_ids: list[int],
+    params: SamplingParams,
+    slot: Slot,
+    arrived: float,
+    shape: Plan | None = None,
 ) -> tuple[Job, asyncio.Queue]:
     """A job whose pieces arrive on the returned queue (put there from the loop's thread)."""
     loop = asyncio.get_running_loop()
@@ -224,7 +248,8 @@ def new_job(
         except RuntimeError:
             pass
 
-    return Job(prompt_ids, params, emit, release, arrived=arrived), queue
+    constraint = shape.constraint if shape is not None else None
+    return Job(prompt_ids, params, emit, release, arrived=arrived, constraint=constraint), queue
 
 
 def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
@@ -242,7 +267,9 @@ def usage(result: GenerationResult, prompt_tokens: int) -> dict[str, Any]:
     }
 
 
-def finish_reason(result: GenerationResult) -> str:
+def finish_reason(result: GenerationResult, called: bool = False) -> str:
+    if called and result.finish_reason == "stop":
+        return "tool_calls"
     return "stop" if result.finish_reason == "stop" else "length"
 
 
@@ -279,7 +306,10 @@ async def chat_completions(req: ChatCompletionRequest, state: State, request: Re
     params = sampling_params(
         state, req, len(prompt_ids), req.max_completion_tokens or req.max_tokens
     )
-    return await _complete(state, req, prompt_ids, params, request, chat=True)
+    shape = await run_in_threadpool(  # compiling a grammar may take milliseconds
+        plan, state, req.tools, req.tool_choice, req.parallel_tool_calls, req.response_format
+    )
+    return await _complete(state, req, prompt_ids, params, request, chat=True, shape=shape)
 
 
 @router.post("/completions")
@@ -313,10 +343,12 @@ async def _complete(
     params: SamplingParams,
     request: Request,
     chat: bool,
+    shape: Plan | None = None,
 ):
+    shape = shape or Plan()
     arrived = time.perf_counter()
     slot = await acquire(state)
-    job, queue = new_job(state, prompt_ids, params, slot, arrived)
+    job, queue = new_job(state, prompt_ids, params, slot, arrived, shape)
     result = job.result
     created = int(time.time())
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -331,7 +363,8 @@ async def _complete(
             job.abandon()  # (nothing left to stop once it ended)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(result)}
         if chat:
-            choice["message"] = {"role": "assistant", "content": text}
+            choice["message"], called = shape.message(text)
+            choice["finish_reason"] = finish_reason(result, called)
         else:
             choice.update(text=text, logprobs=None)
         return JSONResponse(
@@ -340,10 +373,14 @@ async def _complete(
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    def chunk(delta: str | None = None, reason: str | None = None, role: bool = False) -> str:
+    def chunk(
+        delta: str | dict | None = None, reason: str | None = None, role: bool = False
+    ) -> str:
         if chat:
             d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
-            if delta is not None:
+            if isinstance(delta, dict):
+                d.update(delta)
+            elif delta is not None:
                 d["content"] = delta
             ch = {"index": 0, "delta": d, "finish_reason": reason}
             obj = {**base, "object": "chat.completion.chunk", "choices": [ch]}
@@ -359,8 +396,15 @@ async def _complete(
             if chat:
                 yield chunk(role=True)
             async for piece in pieces(state, job, queue):
-                yield chunk(piece)
-            yield chunk(reason=finish_reason(result))
+                if not chat:
+                    yield chunk(piece)
+                    continue
+                for delta in shape.stream(piece):
+                    yield chunk(delta)
+            if chat:
+                for delta in shape.stream(None):
+                    yield chunk(delta)
+            yield chunk(reason=finish_reason(result, shape.streamed_calls > 0))
             if include_usage:
                 yield sse(
                     {
