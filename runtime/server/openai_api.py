@@ -28,7 +28,6 @@ from moe2edge.runtime.sampling import SamplingParams
 from moe2edge.runtime.server.batching import END, Job
 from moe2edge.runtime.server.scheduler import Overloaded, Slot
 from moe2edge.runtime.server.state import APIError, ServiceState, get_state, require_token
-from moe2edge.runtime.server.versions import session_key
 from moe2edge.runtime.server.structured import (
     AssistantToolCall,
     Plan,
@@ -39,6 +38,7 @@ from moe2edge.runtime.server.structured import (
     plan,
 )
 from moe2edge.runtime.server.tools import tool_format
+from moe2edge.runtime.server.versions import session_key
 from moe2edge.runtime.session import render_chat
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_token)])
