@@ -272,9 +272,10 @@ def test_speech_during_a_reply_cancels_it(server) -> None:
         # the cut reply is remembered as heard: the audio played up to the barge-in
         truncated = until(ws, "conversation.item.truncated", timeout=5, feed_silence=True)[-1]
         assert truncated["item_id"] == done["output"][0]["id"]
+        # (events are read after the interruption is sent: their arrival times are late)
         started = next(e for e in events if e["type"] == "input_audio_buffer.speech_started")
         played_ms = 1000 * (started["_at"] - first[-1]["_at"])
-        assert abs(truncated["audio_end_ms"] - played_ms) < 100, (truncated, played_ms)
+        assert 150 <= truncated["audio_end_ms"] <= played_ms, (truncated, played_ms)
         assert truncated["audio_end_ms"] <= 1000 * heard_s + 1
         # what was sent stayed close to real time: cut long before the reply's end
         assert heard_s < time.perf_counter() - t_audio + 0.5

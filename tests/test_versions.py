@@ -62,7 +62,13 @@ def expected(bundles) -> dict[str, str]:
 
 
 def serve(bundles, hook=None, **overrides) -> ServerThread:
-    overrides = {"voice_enabled": False, "token": TOKEN, "version_name": "a", **overrides}
+    overrides = {
+        "voice_enabled": False,
+        "token": TOKEN,
+        "version_name": "a",
+        "rate_limit_rps": 0,  # one client sends many requests here
+        **overrides,
+    }
     config = ServerConfig(**overrides)
     generator = Generator.from_bundle(bundles["a"], threads=1)
     return ServerThread(create_app(config, generator=generator, step_hook=hook))
@@ -315,7 +321,10 @@ def test_voice_session_routed_and_held(bundles, tiny_run) -> None:
     with serve(bundles, voice_enabled=True, grammar=str(tiny_run["grammar"]),
                versions=versions) as srv:  # fmt: skip
         admin = httpx.Client(base_url=srv.url, headers=AUTH, timeout=30)
-        with pytest.raises(ConnectionClosed), connect(f"{srv.ws_url}?token={TOKEN}&model=x") as ws:
+        with (
+            pytest.raises(ConnectionClosed),
+            connect(f"{srv.ws_url}?model=x", additional_headers=AUTH) as ws,
+        ):
             event = json.loads(ws.recv(timeout=10))
             assert (
                 event["error"]["code"] == "model_not_found" and "a, b" in event["error"]["message"]
@@ -327,7 +336,7 @@ def test_voice_session_routed_and_held(bundles, tiny_run) -> None:
                 v for v in admin.get("/admin/versions").json()["versions"] if v["name"] == "b"
             )
 
-        with connect(f"{srv.ws_url}?token={TOKEN}&model=b") as ws:
+        with connect(f"{srv.ws_url}?model=b", additional_headers=AUTH) as ws:
             assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
             assert b()["in_flight"] == 1
             ws.send(json.dumps({"type": "session.update", "session": {"turn_detection": None}}))
