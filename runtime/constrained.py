@@ -152,6 +152,13 @@ class Constraint:
             return []
         return [int(t) for t in self.matcher.compute_ff_tokens()[:limit]]
 
+    def accepts(self, token: int, is_stop: bool = False) -> bool:
+        """Whether the grammar admits ``token`` next (state unchanged). An end token is
+        admitted only where the grammar may end (``validate_tokens`` says 0 for it)."""
+        if is_stop:
+            return bool(self.matcher.is_accepting())
+        return self.valid_prefix([token]) == 1
+
     def valid_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading ``tokens`` the grammar accepts from here (state unchanged)."""
         return int(self.matcher.validate_tokens([int(t) for t in tokens])) if tokens else 0

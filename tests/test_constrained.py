@@ -9,6 +9,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import numpy as np
 import openai
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
@@ -169,3 +170,26 @@ def test_bad_tools_and_schemas_are_400(generator) -> None:
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "foo"}}}}})  # fmt: skip
         bad("schema", response_format={"type": "json_schema", "json_schema": {"name": "x"}})
         bad("name", tools=[{"type": "function", "function": {"name": "has space"}}])
+
+
+def test_greedy_fast_path_chooses_what_the_full_mask_would(generator) -> None:
+    """Greedy decoding keeps the model's argmax when the grammar accepts it (one check, no
+    vocabulary mask): over random logits it must pick exactly the masked argmax."""
+    from moe2edge.runtime.generate import Decoding, GenerationResult
+
+    grammar = json_schema_grammar(Setting.model_json_schema())
+    fast = generator.grammars.constraint(grammar)
+    reference = generator.grammars.constraint(grammar)
+    decoding = Decoding(generator, SamplingParams(), GenerationResult(), 0, None, None, fast)
+    rng = np.random.default_rng(0)
+    vocab = generator.engine.vocab_size
+    for _ in range(40):
+        logits = rng.normal(size=vocab).astype(np.float32)
+        if rng.random() < 0.5:  # often the model's top choice is what the grammar wants
+            allowed = np.flatnonzero(reference.allowed())
+            logits[rng.choice(allowed)] += 10
+        chosen = decoding.choose(logits, [])
+        assert chosen == int(np.argmax(reference.mask(logits)))
+        if chosen in decoding.stop_ids:
+            break
+        assert fast.consume(chosen) and reference.consume(chosen)
