@@ -33,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/ last: its gguf.py (the llama.cpp benchmark) must not shadow the gguf package
+sys.path.append(str(Path(__file__).resolve().parent))
 
 from _served import Served  # noqa: E402
 from machine import cpu_name  # noqa: E402
@@ -65,9 +66,21 @@ def fuzz(paths: dict, work: Path, http_cases: int, ws_sequences: int, seed: int)
         ws["server_errors"] += srv.crashes() - crashes
         http["server_errors"] += crashes
         http["server_alive"] = ws["server_alive"] = srv.alive()
-        health = srv.health()
-    ws["slots_after"] = health["active"] + health["queued"]
+        ws["slots_after"] = _slots_settled(srv)
     return {"http_fuzz": http, "ws_fuzz": ws}
+
+
+def _slots_settled(srv: Served, timeout_s: float = 10.0) -> int:
+    """Slots in use or queued once the last clients' replies have wound down (a reply
+    cancelled by its socket's close gives its slot back at its next step): a leaked slot
+    stays counted."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = srv.health()
+        busy = health["active"] + health["queued"]
+        if busy == 0 or time.monotonic() > deadline:
+            return busy
+        time.sleep(0.2)
 
 
 def soak(paths: dict, work: Path, seconds: float) -> dict:

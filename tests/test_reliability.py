@@ -25,13 +25,14 @@ for module in ("schemathesis", "hypothesis", "psutil"):
 
 @pytest.fixture(scope="module")
 def bench(tiny_run):
-    sys.path.insert(0, str(BENCH))
+    sys.path.append(str(BENCH))  # last: bench/gguf.py must not shadow the gguf package
     try:
         import reliability
 
         yield reliability, {"bundle": tiny_run["bundle"], "grammar": tiny_run["grammar"]}
     finally:
-        sys.path.remove(str(BENCH))
+        while str(BENCH) in sys.path:
+            sys.path.remove(str(BENCH))
 
 
 def test_fuzzing_finds_no_server_error(bench, tmp_path) -> None:

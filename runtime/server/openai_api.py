@@ -29,6 +29,7 @@ from moe2edge.runtime.server.batching import END, Job
 from moe2edge.runtime.server.scheduler import Overloaded, Slot
 from moe2edge.runtime.server.state import APIError, ServiceState, get_state, require_token
 from moe2edge.runtime.server.structured import (
+    MAX_TOOLS,
     AssistantToolCall,
     Plan,
     ResponseFormat,
@@ -99,7 +100,7 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=4096)
     max_completion_tokens: MaxTokens | None = None
     # structured outputs (server/structured.py)
-    tools: list[ToolParam] | None = None
+    tools: Annotated[list[ToolParam], Field(max_length=MAX_TOOLS)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None

@@ -33,7 +33,7 @@ from moe2edge.runtime.server.tools import (
 )
 
 # OpenAI allows [A-Za-z0-9_-]; dots too here (the demo's actions are named lights.dim ...)
-ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+ToolName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$", max_length=64)]
 MAX_TOOLS = 128
 
 
@@ -67,7 +67,7 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 
 class JSONSchemaFormat(_Strict):
     name: str = Field("response", max_length=64)
-    description: str | None = None
+    description: str | None = Field(None, max_length=4096)
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
@@ -78,12 +78,12 @@ class ResponseFormat(_Strict):
 
 
 class CallFunction(_Strict):
-    name: str
-    arguments: str = "{}"
+    name: str = Field(..., max_length=256)
+    arguments: str = Field("{}", max_length=65536)
 
 
 class AssistantToolCall(_Strict):
-    id: str | None = None
+    id: str | None = Field(None, max_length=256)
     type: Literal["function"] = "function"
     function: CallFunction
 
