@@ -42,7 +42,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:  # last: bench/gguf.py is no gguf
+    sys.path.append(str(Path(__file__).resolve().parent))
 import _artifact_kit as kit  # noqa: E402
 from _corruptions import MUTATORS, STEP, mutate  # noqa: E402
 

@@ -19,7 +19,7 @@ from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.manifest import read_manifest, verify_bundle, write_manifest
 from tests.conftest import PYTHON, ROOT, subprocess_env
 
-sys.path.insert(0, str(ROOT / "bench"))
+sys.path.append(str(ROOT / "bench"))  # last: bench/gguf.py must not shadow gguf
 import _artifact_kit as kit  # noqa: E402
 import reliability_artifacts as rel  # noqa: E402
 
