@@ -42,6 +42,7 @@ def start_server(
         sys.executable, "-m", "moe2edge.cli", "serve", str(bundle), "--port", str(port),
         "--no-voice", "--slots", str(slots), "--queue", str(slots), "--threads", str(threads),
         "--log-level", "warning", "--set", f"max_new_tokens_limit={1 << 16}",
+        "--set", "rate_limit_rps=0",  # one client standing in for many users
         "--speculate", speculate,
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -85,6 +85,7 @@ def start_server(bundle: Path, slots: int, threads: int) -> tuple[subprocess.Pop
     port = free_port()
     cmd = [
         sys.executable, "-m", "moe2edge.cli", "serve", str(bundle), "max_new_tokens_limit=4096",
+        "rate_limit_rps=0",  # the benchmark is one client standing in for many users
         "--host", "127.0.0.1", "--port", str(port), "--no-voice", "--slots", str(slots),
         "--queue", str(slots), "--threads", str(threads), "--log-level", "warning",
     ]  # fmt: skip
