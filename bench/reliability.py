@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--soak-seconds", type=float, default=600.0)
     p.add_argument("--fault-trials", type=int, default=50)
     p.add_argument("--disk-trials", type=int, default=20)
-    p.add_argument("--mutations", type=int, default=200)
+    p.add_argument("--mutations", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parts", nargs="+", default=["fuzz", "soak", "artifacts", "security"],
                    choices=["fuzz", "soak", "artifacts", "security"])  # fmt: skip
