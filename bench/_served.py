@@ -24,6 +24,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, tail, timeout_s: float = 120.0) -> None:
+    """Return once ``url``/health answers 200; RuntimeError (with ``tail()``, the server's
+    last output) if ``proc`` exits or ``timeout_s`` passes (the process is then killed)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {tail()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"server did not become healthy in {timeout_s:.0f} s: {tail()}")
+
+
 class Served:
     """A server process for ``bundle`` with ``settings`` (config key -> value)."""
 
@@ -48,18 +65,12 @@ class Served:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.__exit__()
-        raise RuntimeError(f"server did not become healthy in 120 s: {self.tail()}")
+        try:
+            wait_healthy(self.proc, self.url, self.tail)
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:

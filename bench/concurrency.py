@@ -16,22 +16,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _served import free_port, wait_healthy  # bench/_served.py (bench/ is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "turn on the kitchen lights and dim the office lights to forty percent"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(
@@ -47,20 +41,8 @@ def start_server(
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            httpx.get(url + "/health", timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("serve did not come up in 120 s") from None
-            time.sleep(0.2)
+    wait_healthy(proc, url, lambda: proc.stderr.read().decode()[-2000:] if proc.poll() else "")
+    return proc, url
 
 
 async def one_stream(client, url: str, new_tokens: int) -> tuple[int, list[float]]:

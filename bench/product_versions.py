@@ -29,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _served import free_port, wait_healthy  # noqa: E402  (bench/_served.py)
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 PROMPTS = ["turn on the kitchen lights", "dim the office lights to forty percent", "hello"]
@@ -71,15 +71,7 @@ def tiny_bundles(root: Path, seeds: dict[str, int]) -> dict[str, Path]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(bundles: dict[str, Path], slots: int, queue: int) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     port = free_port()
     cmd = [
         sys.executable, "-m", "moe2edge.cli", "serve", str(bundles["a"]), "--port", str(port),
@@ -92,18 +84,8 @@ def start_server(bundles: dict[str, Path], slots: int, queue: int) -> tuple[subp
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            httpx.get(url + "/health", timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("serve did not come up in 120 s") from None
-            time.sleep(0.2)
+    wait_healthy(proc, url, lambda: proc.stderr.read().decode()[-2000:] if proc.poll() else "")
+    return proc, url
 
 
 async def split_phase(url: str, requests: int, sticky: int, concurrency: int) -> dict:
