@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moe2edge.runtime.constrained import Constraint
 from moe2edge.runtime.engine import KVCache
 from moe2edge.runtime.generate import GenerationResult, Generator
 from moe2edge.runtime.plain_text import encode_plain, has_control
@@ -378,8 +379,10 @@ class Conversation:
         result: GenerationResult | None = None,
         cancel: threading.Event | None = None,
         step_hook: Callable[[], None] | None = None,
+        constraint: Constraint | None = None,
     ) -> Iterator[str]:
-        """Generate from what the conversation holds; yields text pieces.
+        """Generate from what the conversation holds; yields text pieces (``constraint``: a
+        grammar the reply follows, runtime/constrained.py).
 
         However the reply ends (done, cancelled, an error, or the caller no longer reading:
         ``break``, ``close()``, a new call on the conversation), the conversation then holds
@@ -388,7 +391,7 @@ class Conversation:
         """
         with self._lock:
             self._end_open_stream()
-            stream = self._generate(params, result, cancel, step_hook)
+            stream = self._generate(params, result, cancel, step_hook, constraint)
             self._open_stream = weakref.ref(stream)  # weak: a dropped stream closes at once
             return stream
 
@@ -398,6 +401,7 @@ class Conversation:
         result: GenerationResult | None,
         cancel: threading.Event | None,
         step_hook: Callable[[], None] | None,
+        constraint: Constraint | None = None,
     ) -> Iterator[str]:
         # The lock guards the setup and the bookkeeping, not the decode steps in between: a
         # stream may be resumed from another thread (Starlette iterates a streaming response
@@ -428,6 +432,7 @@ class Conversation:
                 _AnyEvent(self._cancel, cancel),
                 started,
                 self._speculator,
+                constraint,
             )
         finally:  # every chosen token but the last one is in the cache
             with self._lock:

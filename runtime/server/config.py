@@ -133,11 +133,21 @@ class ServerConfig(BaseModel):
     wake_word: WakeWord | None = None  # e.g. "hey robot": speech is ignored until it is heard
     wake_threshold: WakeThreshold = 1e-40  # pocketsphinx kws_threshold (not yet tuned)
     wake_timeout_ms: WakeTimeoutMs = 5000.0  # after the phrase, how long the command may wait
+    # actions in the voice path (runtime/server/voice_actions.py, docs/voice-protocol.md)
+    voice_tools: str | None = None  # JSON file: the tools a voice session has by default
+    action_webhook_url: str | None = None  # each validated action is POSTed here; None: off
+    action_webhook_timeout_ms: float = Field(1000.0, ge=10, le=60_000)
+    action_failed_reply: str = Field("Sorry, I could not do that.", max_length=200)  # "": silent
 
     @model_validator(mode="after")
     def _files(self) -> ServerConfig:
         if self.piper_model and not Path(self.piper_model).is_file():
             raise ValueError(f"piper_model file {self.piper_model} does not exist")
+        if self.voice_tools and not Path(self.voice_tools).is_file():
+            raise ValueError(f"voice_tools file {self.voice_tools} does not exist")
+        url = self.action_webhook_url
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError(f"action_webhook_url {url!r} must be an http:// or https:// URL")
         if self.grammar and not Path(self.grammar).is_file():
             raise ValueError(f"grammar file {self.grammar} does not exist")
         if self.speculative_decoding == "draft" and not self.draft_bundle:

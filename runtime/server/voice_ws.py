@@ -29,7 +29,14 @@ from moe2edge.runtime.server.batching import LoopEngine
 from moe2edge.runtime.server.guard import BEARER_PROTOCOL, origin_allowed, ws_credentials
 from moe2edge.runtime.server.scheduler import Overloaded
 from moe2edge.runtime.server.state import APIError, ServiceState, check_token
+from moe2edge.runtime.server.tools import ToolError
 from moe2edge.runtime.server.versions import session_key
+from moe2edge.runtime.server.voice_actions import (
+    SessionActions,
+    VoiceActions,
+    record_call_output,
+    tools_update,
+)
 from moe2edge.runtime.voice.asr import make_recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE
 from moe2edge.runtime.voice.pipeline import VoiceSession
@@ -51,6 +58,7 @@ CLIENT_EVENTS = (
     "input_audio_buffer.clear",
     "response.cancel",
     "conversation.item.truncate",
+    "conversation.item.create",
 )
 
 
@@ -69,11 +77,13 @@ class VoiceResources:
         # recognizers of ended sessions, reused: making one takes ~0.4 s of CPU (pocketsphinx
         # with a grammar), each utterance starts afresh (``start_utterance``)
         self._idle = [self.make_recognizer()]  # fail at start-up (bad grammar), not per call
+        self.actions = VoiceActions(cfg, state.generator)  # default tools, the webhook
 
     def close(self) -> None:
         close = getattr(self.synthesizer, "close", None)
         if close is not None:
             close()
+        self.actions.close()
 
     def make_recognizer(self):
         opts = dict(self.config.recognizer_options)
@@ -323,6 +333,14 @@ async def realtime(websocket: WebSocket) -> None:
         )
         await websocket.close(code=1013, reason="voice sessions full")
         return
+    try:
+        session_id = new_id("sess")
+        actions = voice.actions.session(routed.generator, session_id)
+    except (ToolError, ValueError) as exc:  # the default tools do not fit this version
+        voice.closed()
+        await send(error_event("invalid_tools", str(exc), type="server_error"))
+        await websocket.close(code=1011, reason="voice tools do not fit the model")
+        return
     state.metrics.voice_sessions.inc()
     loop = asyncio.get_running_loop()
     outbox: asyncio.Queue = asyncio.Queue()
@@ -391,6 +409,7 @@ async def realtime(websocket: WebSocket) -> None:
                 acquire_slot=acquire_slot,
                 step_hook=state.step_hook,
                 metrics=state.metrics,
+                actions=actions.for_reply,
             ).start()
         finally:
             release()
@@ -413,10 +432,10 @@ async def realtime(websocket: WebSocket) -> None:
         emit(
             {
                 "type": "session.created",
-                "session": {"id": new_id("sess"), **session_view(session.settings)},
+                "session": {"id": session_id, **session_view(session.settings), **actions.view()},
             }
         )
-        await _receive_loop(websocket, state, session, emit)
+        await _receive_loop(websocket, state, session, emit, actions)
     except WebSocketDisconnect:
         pass
     finally:
@@ -438,7 +457,7 @@ async def _try_acquire(state: ServiceState):
 
 
 async def _receive_loop(
-    websocket: WebSocket, state: ServiceState, session: VoiceSession, emit
+    websocket: WebSocket, state: ServiceState, session: VoiceSession, emit, actions: SessionActions
 ) -> None:
     limit = state.config.max_ws_message_bytes
     while True:
@@ -472,7 +491,7 @@ async def _receive_loop(
             )
             continue
         try:
-            _handle_event(session, event, arrived, emit)
+            _handle_event(session, event, arrived, emit, actions)
         except Exception as exc:  # never let one bad event end the session
             log.exception("voice event %r failed", event.get("type"))
             emit(error_event("server_error", f"this event failed: {exc}", type="server_error"))
@@ -493,7 +512,9 @@ def _push(session: VoiceSession, pcm: bytes, arrived: float, emit, event_id: Any
         )
 
 
-def _handle_event(session: VoiceSession, event: dict, arrived: float, emit) -> None:
+def _handle_event(
+    session: VoiceSession, event: dict, arrived: float, emit, actions: SessionActions
+) -> None:
     kind, event_id = event["type"], event.get("event_id")
     if not isinstance(event_id, str | int) or isinstance(event_id, bool):
         event_id = None  # echoed in error events: only an id, never a NaN
@@ -514,14 +535,24 @@ def _handle_event(session: VoiceSession, event: dict, arrived: float, emit) -> N
     elif kind == "session.update":
         try:
             changes = parse_session_update(event.get("session"))
+            tools = tools_update(event["session"], actions)
             session.update(**changes)
         except (ValueError, TypeError) as exc:
             code = "unsupported_sample_rate" if "sample rate" in str(exc) else "invalid_session"
             emit(error_event(code, str(exc), param="session", event_id=event_id))
             return
-        session.call(
-            lambda: emit({"type": "session.updated", "session": session_view(session.settings)})
-        )
+
+        def updated() -> None:  # in order with the audio: replies after it have the new tools
+            if tools is not None:
+                actions.apply(tools)
+            view = session_view(session.settings) | actions.view()
+            emit({"type": "session.updated", "session": view})
+
+        session.call(updated)
+    elif kind == "conversation.item.create":  # a function_call_output: into the history
+        problem = record_call_output(session, event.get("item"), actions, emit)
+        if problem is not None:
+            emit(error_event(*problem, event_id=event_id))
     elif kind == "input_audio_buffer.commit":
         session.commit()
         session.call(lambda: emit({"type": "input_audio_buffer.committed"}))

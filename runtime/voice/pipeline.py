@@ -78,9 +78,10 @@ class VoiceSession:
         step_hook: Callable[[], None] | None = None,
         metrics: Any = None,
         turn_end_scorer: TurnEndScorer | None = None,
+        actions: Callable[[Reply], Any] | None = None,  # a reply's tool calls (see Reply)
     ) -> None:
         self.generator, self.asr, self.tts = generator, recognizer, synthesizer
-        self.emit = emit
+        self.emit, self.actions = emit, actions
         self.settings = settings or VoiceSettings()
         self.vad = vad or VoiceActivityDetector(
             threshold=self.settings.vad_threshold,
@@ -467,10 +468,8 @@ class VoiceSession:
         if draft is not None and usable:
             draft.times.last_voiced, draft.times.endpoint = times.last_voiced, times.endpoint
             draft.times.final_transcript = times.final_transcript
-            draft.times.audio_end_ms, draft.times.endpoint_ms = (
-                times.audio_end_ms,
-                times.endpoint_ms,
-            )
+            draft.times.audio_end_ms = times.audio_end_ms
+            draft.times.endpoint_ms = times.endpoint_ms
             draft.times.extra.update(times.extra, drafted=True)
             self.reply = draft
             draft.release()
@@ -526,6 +525,7 @@ class VoiceSession:
             acquire_slot=self.acquire_slot,
             step_hook=self.step_hook,
             on_done=self._on_reply_done,
+            actions=self.actions,
         )
 
     def _on_reply_done(self, reply: Reply) -> None:

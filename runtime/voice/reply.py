@@ -259,6 +259,7 @@ class Reply:
         acquire_slot: Callable[[bool], Callable[[], None]] | None = None,
         step_hook: Callable[[], None] | None = None,
         on_done: Callable[[Reply], None] | None = None,
+        actions: Callable[[Reply], Any] | None = None,
     ) -> None:
         self.id = new_id("resp")
         self.generator, self.synthesizer = generator, synthesizer
@@ -289,6 +290,8 @@ class Reply:
         self.cancelled_at: float | None = None
         if not held:
             self.gate.set()
+        # its tool calls (runtime/server/voice_actions.py): feed/close, settle before speaking
+        self.actions = actions(self) if actions is not None else None
         self._emit({"type": "response.created", "response": self._response_obj()})
 
     # --- control (any thread) -------------------------------------------------------------
@@ -368,7 +371,8 @@ class Reply:
             )
             if self.error:
                 obj["status_details"]["error"] = {"message": self.error}
-            obj["output"] = [
+            calls = self.actions.calls if self.actions is not None else []
+            obj["output"] = calls + [
                 {
                     "id": self.output_item_id,
                     "type": "message",
@@ -391,12 +395,19 @@ class Reply:
                 max_new_tokens=self.options.max_new_tokens, temperature=self.options.temperature
             )
             self.conversation.sync(self.prompt_ids)  # the rest of it: most was prefilled
+            actions = self.actions
             for piece in self.conversation.stream(
-                params, self.result, cancel=self.cancel_event, step_hook=self.step_hook
+                params,
+                self.result,
+                cancel=self.cancel_event,
+                step_hook=self.step_hook,
+                constraint=actions.constraint if actions is not None else None,
             ):
                 if self.times.first_token is None:
                     self.times.first_token = time.perf_counter()
                 self._emit({"type": "response.text.delta", "response_id": self.id, "delta": piece})
+                if actions is not None and not actions.feed(piece):
+                    break  # an invalid action: nothing more is generated or spoken
                 self._text_q.put(piece)
                 if self.cancel_event.is_set():
                     break
@@ -422,6 +433,8 @@ class Reply:
         finally:
             if release_slot is not None:
                 release_slot()
+            if self.actions is not None:  # before the end of the text: calls are known first
+                self.actions.close(cancelled=self.cancel_event.is_set())
             self._text_q.put(None)
             self._generated.set()
 
@@ -454,43 +467,60 @@ class Reply:
                 return
 
     def _speak(self) -> None:
-        chunk = max(1, int(self.options.audio_chunk_ms * SAMPLE_RATE / 1000))
-        lead_s = self.options.audio_lead_ms / 1000
-        play_start, sent_s = None, 0.0
         try:
             for phrase, audio in self._chunks():
-                pcm = float32_to_pcm16(audio)
-                for i in range(0, len(audio), chunk):
-                    if play_start is None:
-                        self.gate.wait()
-                        play_start = self.play_start = time.perf_counter()
-                    wait = play_start + sent_s - lead_s - time.perf_counter()
-                    if (wait > 0 and self.cancel_event.wait(wait)) or self.cancel_event.is_set():
-                        break
-                    data = pcm[2 * i : 2 * (i + chunk)]
-                    if i == 0:
-                        self.phrases.append((sent_s, len(audio) / SAMPLE_RATE, phrase))
-                    if self.times.first_audio is None:
-                        self.times.first_audio = time.perf_counter()
-                    self._emit(
-                        {
-                            "type": "response.audio.delta",
-                            "response_id": self.id,
-                            "delta": base64.b64encode(data).decode("ascii"),
-                        }
-                    )
-                    sent_s += len(data) / 2 / SAMPLE_RATE
-                    self.sent_s = sent_s
+                if not self._send(phrase, audio):
+                    break
+            actions = self.actions
+            if actions is not None and not self.cancel_event.is_set():
+                self.gate.wait()  # an action-only reply: its calls are carried out now
+                if not self._discarded and not actions.settle(self.cancel_event):
+                    if actions.fallback and not self.cancel_event.is_set():
+                        fallback = actions.fallback  # spoken instead of the confirmation
+                        self._send(fallback, self.synthesizer.synthesize(fallback), True)
         except Exception as exc:
             log.exception("voice reply synthesis failed")
             self.error = f"speech synthesis failed: {exc}"
             self.cancel_event.set()
         finally:
-            self._finish(sent_s)
+            self._finish(self.sent_s)
+
+    def _send(self, phrase: str, audio, settled: bool = False) -> bool:
+        """Send a phrase's audio in chunks, at most ``audio_lead_ms`` ahead of real-time
+        playback. The first waits for the release and for the reply's actions (``settled``:
+        already judged). False: stop (cancelled, or an action failed)."""
+        chunk = max(1, int(self.options.audio_chunk_ms * SAMPLE_RATE / 1000))
+        lead_s = self.options.audio_lead_ms / 1000
+        pcm = float32_to_pcm16(audio)
+        for i in range(0, len(audio), chunk):
+            if self.play_start is None:
+                self.gate.wait()
+                if not (settled or self.actions is None or self.actions.settle(self.cancel_event)):
+                    return False
+                self.play_start = time.perf_counter()
+            wait = self.play_start + self.sent_s - lead_s - time.perf_counter()
+            if (wait > 0 and self.cancel_event.wait(wait)) or self.cancel_event.is_set():
+                return False
+            data = pcm[2 * i : 2 * (i + chunk)]
+            if i == 0:
+                self.phrases.append((self.sent_s, len(audio) / SAMPLE_RATE, phrase))
+            if self.times.first_audio is None:
+                self.times.first_audio = time.perf_counter()
+            self._emit(
+                {
+                    "type": "response.audio.delta",
+                    "response_id": self.id,
+                    "delta": base64.b64encode(data).decode("ascii"),
+                }
+            )
+            self.sent_s += len(data) / 2 / SAMPLE_RATE
+        return True
 
     def _finish(self, audio_s: float) -> None:
         self.gate.wait()  # a draft is finished only once it is released or discarded
         self._generated.wait()  # the generation thread has stopped and freed its slot
+        if self.actions is not None and self.actions.problem and not self.error:
+            self.error = self.actions.problem  # the reply did not do what it says: failed
         if self.error and self.reason is None:
             self.status = "failed"
         elif self.cancel_event.is_set():
