@@ -21,8 +21,10 @@ from websockets.sync.client import connect
 from moe2edge.distill.demo_domain import demo_tools
 from moe2edge.runtime import Generator
 from moe2edge.runtime.server import ServerConfig, create_app
-from moe2edge.runtime.server.tools import validate_arguments
-from moe2edge.runtime.voice import SAMPLE_RATE
+from moe2edge.runtime.server.tools import tool_format, validate_arguments
+from moe2edge.runtime.server.voice_actions import ActionWebhook, SessionActions, parse_tools
+from moe2edge.runtime.voice import SAMPLE_RATE, EspeakSynthesizer
+from moe2edge.runtime.voice.reply import Reply, ReplyOptions, TurnTimes, VoiceConversation
 from tests.conftest import require_tool
 from tests.server_helpers import ServerThread, frames, speech
 from tests.test_server_voice import AUTH, errors_for, recv, until
@@ -133,7 +135,9 @@ def test_validated_action_events_webhook_then_confirmation(server, webhook) -> N
         assert calls and done["output"][-1]["type"] == "message"
         # each call: added, arguments delta and done, item done, in that order
         for index, call in enumerate(calls):
-            mine = [e for e in events if e.get("output_index") == index and e["type"] in CALL_EVENTS]
+            mine = [
+                e for e in events if e.get("output_index") == index and e["type"] in CALL_EVENTS
+            ]
             assert [e["type"] for e in mine] == list(CALL_EVENTS), mine
             added, delta, args_done, item_done = mine
             assert added["item"]["type"] == "function_call"
@@ -242,3 +246,43 @@ def test_bad_tools_are_refused_by_session_update(server) -> None:
         assert "arm.move" in refused({"tools": [nested]})  # the bracket format cannot write it
         ws.send(json.dumps({"type": "session.update", "session": {}}))
         assert until(ws, "session.updated")[-1]["session"]["tools"] == []  # nothing changed
+        # an update is checked over the one before it, even before that one is applied
+        ws.send(json.dumps({"type": "session.update", "session": {"tools": TOOLS[:2]}}))
+        ws.send(json.dumps({"type": "session.update", "session": {"tool_choice": "required"}}))
+        first, second = until(ws, "session.updated")[-1], until(ws, "session.updated")[-1]
+        assert [t["name"] for t in first["session"]["tools"]] == [t["name"] for t in TOOLS[:2]]
+        assert second["session"]["tool_choice"] == "required"
+
+
+def test_a_dropped_draft_calls_no_webhook_a_released_one_does(tiny_run, webhook) -> None:
+    """A held reply (a draft made during the end silence) validates its calls but sends
+    nothing; dropped, nothing reaches the webhook, released, its calls do."""
+    generator = Generator.from_bundle(tiny_run["bundle"], threads=1)
+    hook = ActionWebhook(webhook.url, TIMEOUT_MS)
+    actions = SessionActions(
+        generator, tool_format(generator.engine.manifest), parse_tools(TOOLS), hook, FALLBACK
+    )
+    actions.set(None, "required")
+    webhook.mode, webhook.received[:] = "ok", []
+    outcomes = []
+    for release in (False, True):
+        events: list[dict] = []
+        prompt = VoiceConversation(generator, history_turns=0)
+        ids = prompt.prompt("turn off the kitchen lights")
+        reply = Reply(generator, EspeakSynthesizer(), events.append, "turn off the kitchen lights",
+                      "item_x", prompt.fork(), ids, ReplyOptions(max_new_tokens=24), TurnTimes(),
+                      held=True, actions=actions.for_reply).start()  # fmt: skip
+        assert reply.actions.decided.wait(20) and reply.actions.calls  # validated while held
+        time.sleep(0.3)
+        assert events == [] and webhook.received == []
+        reply.release() if release else reply.discard()
+        assert reply.done.wait(20)
+        outcomes.append([b["call_id"] for _, b in webhook.received])
+        webhook.received[:] = []
+        if release:
+            assert [c["call_id"] for c in reply.actions.calls] == outcomes[-1]
+            assert any(e["type"] == "response.output_item.done" for e in events)
+        else:
+            assert events == []
+    hook.close()
+    assert outcomes[0] == [] and outcomes[1]

@@ -12,12 +12,13 @@ Per reply (``ReplyActions``), on the generation thread: each call, once its clos
 or tag arrives, is checked; a valid one is announced (``response.output_item.added``,
 ``response.function_call_arguments.delta`` / ``.done``, ``response.output_item.done``), an
 invalid or malformed one is an ``invalid_action`` error and ends the reply's generation.
-On the speech thread, before the reply's first audio and only once the reply is released
-(a draft sends nothing anywhere): ``settle`` waits until the calls are known (no wait
-beyond that: the spoken text comes after the calls anyway) and, with a webhook, POSTs each
-call and waits for a 2xx. If anything failed the confirmation is not spoken: the fallback
-phrase (``action_failed_reply``) is, and the reply ends ``failed``. See
-docs/voice-protocol.md.
+With a webhook, a thread of the reply's own POSTs its calls once the reply is released (a
+draft that is dropped sends nothing anywhere) and its calls are known, while the first
+phrase is synthesized. Before the reply's first audio the speech thread's ``settle`` waits
+for the calls to be known (no wait beyond that: the spoken text comes after the calls
+anyway) and, with a webhook, for its 2xx. If anything failed the confirmation is not
+spoken: the fallback phrase (``action_failed_reply``) is, and the reply ends ``failed``.
+See docs/voice-protocol.md.
 """
 
 from __future__ import annotations
@@ -172,14 +173,16 @@ class SessionActions:
         self.tools: list[FunctionDef] = []
         self.choice = "auto"
         self._grammar: str | None = None
+        self.accepted: tuple[list, str, Any] = ([], "auto", None)  # the latest session.update's
         self.call_ids: set[str] = set()  # calls made in this session (function_call_output)
         self.set(tools, "auto")
 
     def check(self, tools: list[FunctionDef] | None, choice: str | None) -> tuple[list, str, Any]:
-        """(tools, choice, grammar) after a ``session.update``; ValueError if they cannot be
-        used together or written in the bundle's format (nothing changes then)."""
-        tools = self.tools if tools is None else tools
-        choice = self.choice if choice is None else choice
+        """(tools, choice, grammar) after a ``session.update`` (over the last one accepted,
+        which may not be applied yet); ValueError if they cannot be used together or
+        written in the bundle's format (nothing changes then)."""
+        tools = self.accepted[0] if tools is None else tools
+        choice = self.accepted[1] if choice is None else choice
         if choice not in CHOICES and choice not in [t.name for t in tools]:
             raise ValueError(f"session.tool_choice names {choice!r}, which is not among the tools")
         if choice == "required" and not tools:
@@ -200,7 +203,8 @@ class SessionActions:
         return tools, choice, source
 
     def set(self, tools: list[FunctionDef] | None, choice: str | None) -> None:
-        self.apply(self.check(tools, choice))
+        self.accepted = self.check(tools, choice)
+        self.apply(self.accepted)
 
     def apply(self, checked: tuple[list, str, Any]) -> None:
         """Use what ``check`` returned (on the session's input thread, in order with audio)."""
@@ -236,6 +240,9 @@ class ReplyActions:
         self.fallback = owner.fallback
         self.decided = threading.Event()  # every call of the reply is known (or one failed)
         self._settled: bool | None = None
+        self._posted = threading.Event()  # the webhook has answered every call (or failed)
+        if owner.webhook is not None:
+            threading.Thread(target=self._post, name=f"act-{reply.id}", daemon=True).start()
 
     # --- generation thread ----------------------------------------------------------------
 
@@ -309,29 +316,42 @@ class ReplyActions:
 
     def settle(self, cancel: threading.Event) -> bool:
         """Whether the reply may speak its confirmation: its calls are known and valid and,
-        with a webhook, each one was acknowledged (2xx). Call once the reply is released."""
-        if self._settled is not None:
-            return self._settled
-        while not self.decided.wait(0.02):
+        with a webhook, each one was acknowledged (2xx). Called by the speech thread once
+        the reply is released; waits for nothing else."""
+        if self.owner.webhook is None:
+            return self._valid(cancel)
+        while not self._posted.wait(0.02):
             if cancel.is_set():
-                return False  # cut before its calls were known: nothing is carried out
-        ok = self.problem is None
-        webhook = self.owner.webhook
-        if ok and self.calls and webhook is not None:
-            started = time.perf_counter()
-            for item, args in zip(self.calls, self._args, strict=True):
-                problem = webhook.post(self._payload(item, args))
-                if problem is not None:
-                    log.warning("voice action %s failed: %s", item["call_id"], problem)
-                    self.fail("action_webhook_failed",
-                              f"{problem} (call {item['call_id']}, {item['name']})")  # fmt: skip
-                    ok = False
-                    break
-            self.reply.times.extra["action_webhook_ms"] = round(
+                return False
+        return bool(self._settled)
+
+    def _valid(self, cancel: threading.Event) -> bool:
+        while not self.decided.wait(0.02) and not cancel.is_set():
+            pass
+        # cut (or a dropped draft) before its calls were carried out: none is
+        return not cancel.is_set() and self.problem is None
+
+    def _post(self) -> None:
+        """(Its own thread, from the reply's start.) Once the reply is released and its calls
+        are known, POST them in order: in parallel with the synthesis of its first phrase."""
+        reply = self.reply
+        reply.gate.wait()  # set on release, or on cancel (a dropped draft)
+        ok = self._valid(reply.cancel_event)
+        started = time.perf_counter()
+        for item, args in zip(self.calls if ok else [], self._args, strict=False):
+            problem = self.owner.webhook.post(self._payload(item, args))
+            if problem is not None:
+                log.warning("voice action %s failed: %s", item["call_id"], problem)
+                self.fail("action_webhook_failed",
+                          f"{problem} (call {item['call_id']}, {item['name']})")  # fmt: skip
+                ok = False
+                break
+        if ok and self.calls:
+            reply.times.extra["action_webhook_ms"] = round(
                 1000 * (time.perf_counter() - started), 1
             )
         self._settled = ok
-        return ok
+        self._posted.set()
 
     def _payload(self, item: dict[str, Any], args: dict[str, Any]) -> dict[str, Any]:
         return {

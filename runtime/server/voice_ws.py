@@ -541,6 +541,8 @@ def _handle_event(
             code = "unsupported_sample_rate" if "sample rate" in str(exc) else "invalid_session"
             emit(error_event(code, str(exc), param="session", event_id=event_id))
             return
+        if tools is not None:  # the next update is checked over this one
+            actions.accepted = tools
 
         def updated() -> None:  # in order with the audio: replies after it have the new tools
             if tools is not None:
