@@ -16,10 +16,12 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from pydantic import ValidationError
 from websockets.sync.client import connect
 
 from moe2edge.distill.demo_domain import demo_tools
 from moe2edge.runtime import Generator
+from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.server import ServerConfig, create_app
 from moe2edge.runtime.server.tools import tool_format, validate_arguments
 from moe2edge.runtime.server.voice_actions import ActionWebhook, SessionActions, parse_tools
@@ -84,8 +86,12 @@ def webhook():
 
 
 @pytest.fixture(scope="module")
-def server(tiny_run, webhook):
-    generator = Generator.from_bundle(tiny_run["bundle"], threads=1)
+def generator(tiny_run) -> Generator:
+    return Generator.from_bundle(tiny_run["bundle"], threads=1)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, webhook, generator):
     config = ServerConfig(
         grammar=str(tiny_run["grammar"]),
         token="t0k",
@@ -214,7 +220,7 @@ def test_invalid_action_is_an_error_and_reaches_no_webhook(server, webhook) -> N
         events = turn(ws, "turn off the kitchen lights")
         errors = [e["error"] for e in events if e["type"] == "error"]
         assert [e["code"] for e in errors] == ["invalid_action"], errors
-        assert "not a well-formed bracket call" in errors[0]["message"]
+        assert errors[0]["message"].startswith("the reply's action '[")  # "[f room=..."
         assert not any(e["type"] in CALL_EVENTS for e in events)
         done = events[-1]["response"]
         assert done["status"] == "failed"
@@ -254,10 +260,9 @@ def test_bad_tools_are_refused_by_session_update(server) -> None:
         assert second["session"]["tool_choice"] == "required"
 
 
-def test_a_dropped_draft_calls_no_webhook_a_released_one_does(tiny_run, webhook) -> None:
+def test_a_dropped_draft_calls_no_webhook_a_released_one_does(generator, webhook) -> None:
     """A held reply (a draft made during the end silence) validates its calls but sends
     nothing; dropped, nothing reaches the webhook, released, its calls do."""
-    generator = Generator.from_bundle(tiny_run["bundle"], threads=1)
     hook = ActionWebhook(webhook.url, TIMEOUT_MS)
     actions = SessionActions(
         generator, tool_format(generator.engine.manifest), parse_tools(TOOLS), hook, FALLBACK
@@ -286,3 +291,76 @@ def test_a_dropped_draft_calls_no_webhook_a_released_one_does(tiny_run, webhook)
             assert events == []
     hook.close()
     assert outcomes[0] == [] and outcomes[1]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[lights.dim room=attic_2 value=30] Dimming", "arguments.room: 'attic_2' is not one of"),
+        ("[lights.dim room=kitchen] Dimming", "arguments.value is required"),
+        (
+            "[lights.dim room=kitchen value=30 colour=red] Dimming",
+            "arguments.colour is not allowed",
+        ),
+        ("[oven.on room=kitchen] Heating", "names 'oven.on', which is not among"),
+        ("[oven.on room=kitch", "names 'oven.on', which is not among"),  # refused before its end
+        ("[lights.dim room kitchen] Done", "not a well-formed bracket call"),
+        ("[lights.dim room=kitchen value=30] Dimming the kitchen.", None),
+        ("Okay, the lights stay as they are.", None),  # no action: nothing to check
+    ],
+)
+def test_reply_actions_validate_each_call(generator, text, problem) -> None:
+    """Replies the tiny model does not write, through a real Reply's actions (its own
+    parser and validator): each invalid call is refused naming the problem."""
+    actions = SessionActions(generator, "bracket", parse_tools(TOOLS))
+    events: list[dict] = []
+    reply = Reply(
+        generator,
+        EspeakSynthesizer(),
+        events.append,
+        "t",
+        "item_x",
+        None,
+        [1],
+        ReplyOptions(),
+        TurnTimes(),
+        actions=actions.for_reply,
+    )  # fmt: skip (not started)
+    fed = [reply.actions.feed(text[i : i + 3]) for i in range(0, len(text), 3)]
+    reply.actions.close()
+    errors = [e["error"] for e in events if e["type"] == "error"]
+    if problem is None:
+        assert errors == [] and all(fed) and reply.actions.problem is None
+        assert len(reply.actions.calls) == text.startswith("[")
+        assert reply.actions.settle(threading.Event())
+        return
+    assert [e["code"] for e in errors] == ["invalid_action"] and problem in errors[0]["message"]
+    assert not any(e["type"] in CALL_EVENTS for e in events) and reply.actions.calls == []
+    assert fed[-1] is False and not reply.actions.settle(threading.Event())
+
+
+def test_server_default_tools_and_the_action_settings(tmp_path, tiny_run, generator) -> None:
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps(demo_tools()))  # the chat API's shape
+    config = ServerConfig(grammar=str(tiny_run["grammar"]), voice_tools=str(path))
+    with ServerThread(create_app(config, generator=generator)) as srv, connect(srv.ws_url) as ws:
+        created = recv(ws)["session"]
+        assert [t["name"] for t in created["tools"]] == [t["name"] for t in TOOLS]
+        assert created["tools"][0]["parameters"] == TOOLS[0]["parameters"]
+        assert created["tool_choice"] == "auto"
+    bad = tmp_path / "bad.json"
+    for text, problem in (("{", "cannot read"), ('{"name": "x"}', "must be a list"),
+                          (json.dumps([{"type": "function", "name": "arm", "parameters": {
+                              "type": "object", "properties": {"to": {"type": "array"}}}}]),
+                           "tool 'arm' property 'to'")):  # fmt: skip
+        bad.write_text(text)
+        with pytest.raises(RuntimeUserError, match=problem):
+            create_app(ServerConfig(voice_tools=str(bad)), generator=generator)
+    for values, problem in (
+        ({"voice_tools": str(tmp_path / "none.json")}, "does not exist"),
+        ({"action_webhook_url": "ftp://robot/actions"}, "http:// or https://"),
+        ({"action_webhook_timeout_ms": 5}, "greater than or equal to 10"),
+        ({"action_webhook_timeout_ms": float("nan")}, "finite"),
+    ):
+        with pytest.raises(ValidationError, match=problem):
+            ServerConfig(**values)

@@ -25,16 +25,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 from pydantic import ValidationError
 
 from moe2edge.runtime.constrained import lark_grammar
+from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.server.structured import MAX_TOOLS, FunctionDef
 from moe2edge.runtime.server.tools import (
     Tool,
@@ -51,6 +54,8 @@ from moe2edge.runtime.voice.reply import new_id
 log = logging.getLogger(__name__)
 CHOICES = ("auto", "none", "required")
 MAX_OUTPUT_CHARS = 16384  # a function_call_output's output
+MAX_CALL_CHARS = 2048  # an action still open after this many characters is malformed
+_BRACKET_NAME = re.compile(r"\[([^\s\[\]=]*)[\s\]=]")  # a bracket call's name, once complete
 
 
 def parse_tools(raw: Any, where: str = "session.tools") -> list[FunctionDef]:
@@ -94,10 +99,10 @@ def parse_tool_choice(raw: Any) -> str:
 def load_tools_file(path: str) -> list[FunctionDef]:
     """The server's default voice tools (``voice_tools``): a JSON list of tools."""
     try:
-        raw = json.loads(open(path, encoding="utf-8").read())
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ValueError(f"voice_tools {path}: cannot read a JSON list of tools ({exc})") from None
-    return parse_tools(raw, where=f"voice_tools {path}")
+        raise ValueError(f"{path}: cannot read a JSON list of tools ({exc})") from None
+    return parse_tools(raw, where=path)
 
 
 def realtime_tool(tool: FunctionDef) -> dict[str, Any]:
@@ -135,10 +140,12 @@ class VoiceActions:
     against the bundle's format at start-up) and the webhook (``action_webhook_url``)."""
 
     def __init__(self, config: Any, generator: Any) -> None:
-        self.config = config
-        self.tools = load_tools_file(config.voice_tools) if config.voice_tools else []
-        self.session(generator, "")  # a tool the bundle's format cannot write: fail now
-        self.webhook = None
+        self.config, self.webhook = config, None
+        try:  # a tool the bundle's format cannot write: start-up fails, naming it
+            self.tools = load_tools_file(config.voice_tools) if config.voice_tools else []
+            self.session(generator, "")
+        except (ValueError, ToolError) as exc:
+            raise RuntimeUserError(f"voice_tools: {exc}") from None
         if config.action_webhook_url:
             url, timeout_ms = config.action_webhook_url, config.action_webhook_timeout_ms
             self.webhook = ActionWebhook(url, timeout_ms)
@@ -147,8 +154,7 @@ class VoiceActions:
         """A new voice session's actions (the default tools, tool_choice auto)."""
         fmt = tool_format(generator.engine.manifest)
         fallback = self.config.action_failed_reply
-        webhook = getattr(self, "webhook", None)
-        return SessionActions(generator, fmt, self.tools, webhook, fallback, session_id)
+        return SessionActions(generator, fmt, self.tools, self.webhook, fallback, session_id)
 
     def close(self) -> None:
         if self.webhook is not None:
@@ -254,7 +260,23 @@ class ReplyActions:
             self._call(value) if kind == "call" else self._text(value)
             if self.decided.is_set():
                 break
+        if not self.decided.is_set():
+            self._early(self.stream.buffer.lstrip(" \n"))
         return self.problem is None
+
+    def _early(self, head: str) -> None:
+        """A call still open that cannot become a valid one: refused now, not at its end
+        (the fallback is spoken without waiting for the rest of the reply)."""
+        if not head.startswith(self.opener):
+            return
+        if len(head) > MAX_CALL_CHARS:
+            self._text(head)  # malformed
+            return
+        named = _BRACKET_NAME.match(head) if self.owner.fmt == "bracket" else None
+        if named and named.group(1) not in self.tools:
+            known = ", ".join(sorted(self.tools))
+            self.fail("invalid_action", f"the reply's action {head[:40]!r}... names "
+                      f"{named.group(1)!r}, which is not among the session's tools ({known})")  # fmt: skip
 
     def close(self, cancelled: bool = False) -> None:
         """The reply's generation ended (``cancelled``: cut short, nothing is judged)."""
