@@ -103,10 +103,10 @@ def server(tiny_run, webhook, generator):
         yield srv
 
 
-def open_session(ws, tool_choice="required") -> dict:
+def open_session(ws, tool_choice="required", tools=TOOLS) -> dict:
     recv(ws)  # session.created
     update = {
-        "tools": TOOLS,
+        "tools": tools,
         "tool_choice": tool_choice,
         "max_response_output_tokens": 40,
         "turn_detection": {"type": "server_vad", "silence_duration_ms": 250},
@@ -216,7 +216,10 @@ def test_webhook_failure_and_timeout_are_error_events_and_the_session_goes_on(
 def test_invalid_action_is_an_error_and_reaches_no_webhook(server, webhook) -> None:
     webhook.mode, webhook.received[:] = "ok", []
     with connect(server.ws_url, additional_headers=AUTH) as ws:
-        open_session(ws, tool_choice="auto")  # decoded freely: the tiny model's noise
+        # decoded freely, and the only tool is one the model never saw: whatever action it
+        # writes (the tiny model: "[f room=...") is not a call of the session's tools
+        wave = {"type": "function", "name": "arm.wave", "parameters": {"type": "object"}}
+        open_session(ws, tool_choice="auto", tools=[wave])
         events = turn(ws, "turn off the kitchen lights")
         errors = [e["error"] for e in events if e["type"] == "error"]
         assert [e["code"] for e in errors] == ["invalid_action"], errors
