@@ -11,10 +11,10 @@ admin calls from loopback clients only (a bundle path is a path on this machine)
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool  # idle threads end, unlike to_thread's
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -67,7 +67,7 @@ async def load_version(req: LoadRequest, state: State) -> JSONResponse:
     version = state.versions.load(req.name, req.bundle, req.weight)
     if not req.wait:
         return JSONResponse(version.info(), status_code=202)
-    await asyncio.to_thread(version.ready.wait)
+    await run_in_threadpool(version.ready.wait)
     if version.state == "failed":
         raise APIError(400, f"version {req.name} did not load: {version.error}", param="bundle")
     return JSONResponse(version.info(), status_code=201)
@@ -83,12 +83,12 @@ async def set_weights(req: WeightsRequest, state: State) -> dict:
 async def retire_version(name: str, state: State, wait: bool = False) -> JSONResponse:
     version = state.versions.retire(name)
     if wait:
-        await asyncio.to_thread(version.gone.wait)
+        await run_in_threadpool(version.gone.wait)
         return JSONResponse(version.info())
     return JSONResponse(version.info(), status_code=202)
 
 
 @router.post("/rollback")
 async def rollback(state: State) -> dict:
-    restored = await asyncio.to_thread(state.versions.rollback)
+    restored = await run_in_threadpool(state.versions.rollback)
     return {"restored": restored, **state.versions.describe()}

@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from fastapi.concurrency import run_in_threadpool  # idle threads end, unlike to_thread's
 from pydantic import ValidationError
 
 from moe2edge.runtime.generate import Generator
@@ -418,7 +419,7 @@ async def realtime(websocket: WebSocket) -> None:
     sender: asyncio.Task | None = None
     try:
         try:
-            session = await asyncio.to_thread(open_session)
+            session = await run_in_threadpool(open_session)
         except Overloaded as exc:
             await send(error_event("server_busy", str(exc), type="rate_limit_error"))
             await websocket.close(code=1013, reason="server busy")
@@ -440,7 +441,7 @@ async def realtime(websocket: WebSocket) -> None:
         pass
     finally:
         if session is not None:
-            await asyncio.to_thread(session.close)
+            await run_in_threadpool(session.close)
             if not session.running():
                 voice.give_back(session.asr)
         if sender is not None:
