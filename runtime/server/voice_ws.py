@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.server.batching import LoopEngine
 from moe2edge.runtime.server.guard import BEARER_PROTOCOL, origin_allowed, ws_credentials
+from moe2edge.runtime.server.realtime_shapes import RealtimeShapes
 from moe2edge.runtime.server.scheduler import Overloaded
 from moe2edge.runtime.server.state import APIError, ServiceState, check_token
 from moe2edge.runtime.server.versions import session_key
@@ -267,10 +268,12 @@ async def realtime(websocket: WebSocket) -> None:
         presented = websocket.query_params.get("token")
     await websocket.accept(subprotocol=subprotocol)
     sent = 0
+    shapes = RealtimeShapes()  # the Realtime schema's shapes, beta or GA (realtime_shapes.py)
 
     async def send(event: dict) -> None:
         nonlocal sent
         sent += 1
+        event = shapes.outgoing(event)
         event.setdefault("event_id", f"event_{sent}")
         if event["type"] == "error":
             state.metrics.ws_errors.labels(event["error"].get("code", "")).inc()
@@ -416,7 +419,7 @@ async def realtime(websocket: WebSocket) -> None:
                 "session": {"id": new_id("sess"), **session_view(session.settings)},
             }
         )
-        await _receive_loop(websocket, state, session, emit)
+        await _receive_loop(websocket, state, session, emit, shapes)
     except WebSocketDisconnect:
         pass
     finally:
@@ -438,7 +441,7 @@ async def _try_acquire(state: ServiceState):
 
 
 async def _receive_loop(
-    websocket: WebSocket, state: ServiceState, session: VoiceSession, emit
+    websocket: WebSocket, state: ServiceState, session: VoiceSession, emit, shapes: RealtimeShapes
 ) -> None:
     limit = state.config.max_ws_message_bytes
     while True:
@@ -472,6 +475,7 @@ async def _receive_loop(
             )
             continue
         try:
+            shapes.incoming(event)
             _handle_event(session, event, arrived, emit)
         except Exception as exc:  # never let one bad event end the session
             log.exception("voice event %r failed", event.get("type"))
