@@ -52,15 +52,20 @@ def models_by_type(union) -> dict[str, type]:
     return out
 
 
-def talk(connection, session: dict, stop_after: float = 30.0) -> list[tuple[dict, object]]:
+def talk(
+    connection, session: dict, commit: bool = False, stop_after: float = 30.0
+) -> list[tuple[dict, object]]:
     """One spoken turn over ``connection`` (a client's RealtimeConnection): the raw and the
-    typed event of each message received until ``response.done``."""
+    typed event of each message received until ``response.done``. ``commit``: the client
+    ends the turn (``input_audio_buffer.commit``) after the speech."""
     connection.session.update(session=session)
     done = threading.Event()
 
     def microphone() -> None:  # the speech, then 20 ms of silence per 20 ms, until done
-        for frame in frames(speech(UTTERANCE)):
+        for frame in frames(speech(UTTERANCE, tail_s=0.1)):
             connection.input_audio_buffer.append(audio=base64.b64encode(frame).decode())
+        if commit:
+            connection.input_audio_buffer.commit()
         silence = base64.b64encode(bytes(640)).decode()
         deadline = time.time() + stop_after
         while not done.wait(0.02):
@@ -83,7 +88,9 @@ def talk(connection, session: dict, stop_after: float = 30.0) -> list[tuple[dict
         mic.join(5)
 
 
-def check_turn(seen: list[tuple[dict, object]], models: dict[str, type], names: dict) -> None:
+def check_turn(
+    seen: list[tuple[dict, object]], models: dict[str, type], names: dict, vad: bool = True
+) -> None:
     kinds = [raw["type"] for raw, _ in seen]
     for raw, typed in seen:
         if raw["type"] in OURS:
@@ -96,9 +103,11 @@ def check_turn(seen: list[tuple[dict, object]], models: dict[str, type], names: 
     typed = {raw["type"]: event for raw, event in seen}
     final = typed["conversation.item.input_audio_transcription.completed"]
     assert final.transcript == UTTERANCE
-    assert final.usage.seconds > 0.5  # the utterance's voiced span
+    assert final.usage.seconds > 0.5  # the utterance's audio
+    # with turn detection the server says when speech starts; without, only when it ended
+    assert ("input_audio_buffer.speech_started" in kinds) == vad, kinds
     assert (
-        kinds.index("input_audio_buffer.speech_started")
+        kinds.index("input_audio_buffer.speech_started" if vad else names["first"])
         < kinds.index("input_audio_buffer.speech_stopped")
         < kinds.index("response.created")
         < kinds.index(names["audio"])
@@ -145,6 +154,30 @@ def test_openai_realtime_client_does_a_voice_turn(server) -> None:
         "part": "output_text",
     }
     check_turn(seen, models_by_type(RealtimeServerEvent), names)
+
+
+def test_openai_realtime_client_ends_its_own_turn_with_commit(server) -> None:
+    from openai import OpenAI
+    from openai.types.realtime import RealtimeServerEvent
+
+    client = OpenAI(api_key="t0k", base_url=server.url + "/v1")
+    # GA: turn_detection null in its place, audio.input; the client commits the turn
+    session = {"type": "realtime", "audio": {"input": {"turn_detection": None}}}
+    with client.realtime.connect(model="any") as connection:
+        assert connection.recv().type == "session.created"
+        seen = talk(connection, session, commit=True)
+    updated = next(e for raw, e in seen if raw["type"] == "session.updated")
+    assert updated.session.model_extra["turn_detection"] is None
+    committed = next(e for raw, e in seen if raw["type"] == "input_audio_buffer.committed")
+    final = next(e for raw, e in seen if raw["type"].endswith("transcription.completed"))
+    assert committed.item_id == final.item_id
+    names = {
+        "audio": "response.output_audio.delta",
+        "text": "response.output_text.delta",
+        "part": "output_text",
+        "first": "conversation.item.input_audio_transcription.delta",
+    }
+    check_turn(seen, models_by_type(RealtimeServerEvent), names, vad=False)
 
 
 def test_openai_beta_realtime_client_does_a_voice_turn(server) -> None:

@@ -7,7 +7,8 @@ as integers and a ``usage`` on the final transcript, as both schemas require. ``
 GA schema requires and the beta one lacks): the GA names of the reply's content events
 (``response.output_text.delta`` for ``response.text.delta``, ...), ``output_text`` content
 parts, ``session.type``, and ``session.audio.input.turn_detection`` read as
-``session.turn_detection``. Events of ours (``turn.timings``, ``wake``) pass unchanged.
+``session.turn_detection``. Events of ours (``turn.timings``, ``wake``) pass unchanged;
+``input_audio_buffer.committed`` names the utterance it ended (none: a commit of nothing).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class RealtimeShapes:
     def __init__(self) -> None:
         self.ga = False
         self._spoken: dict[str, list[float]] = {}  # item id -> [audio_start_ms, audio_end_ms]
+        self._ended: str | None = None  # the latest utterance's item, for its commit
+        self._last_end = 0  # stream position where the latest utterance ended (ms)
 
     def incoming(self, event: dict[str, Any]) -> None:
         session = event.get("session")
@@ -54,11 +57,19 @@ class RealtimeShapes:
         item = event.get("item_id")
         if kind == "input_audio_buffer.speech_started" and isinstance(item, str):
             self._spoken[item] = [event.get("audio_start_ms") or 0, 0]
-        elif kind == "input_audio_buffer.speech_stopped" and item in self._spoken:
-            self._spoken[item][1] = event.get("audio_end_ms") or 0
+        elif kind == "input_audio_buffer.speech_stopped" and isinstance(item, str):
+            # without turn detection there is no speech_started: the turn's audio began
+            # where the previous one ended
+            end = event.get("audio_end_ms") or 0
+            self._spoken[item] = [self._spoken.get(item, [self._last_end])[0], end]
+            self._last_end = end
         elif kind == "conversation.item.input_audio_transcription.completed":
             start, end = self._spoken.pop(item, [0, 0])
             event.setdefault("usage", {"type": "duration", "seconds": max(0, end - start) / 1000})
+            self._ended = item
+        elif kind == "input_audio_buffer.committed" and self._ended is not None:
+            event.setdefault("item_id", self._ended)  # the utterance the commit ended
+            self._ended = None
         if not self.ga:
             return event
         if kind in GA_NAMES:
