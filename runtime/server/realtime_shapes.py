@@ -50,7 +50,8 @@ class RealtimeShapes:
             session["turn_detection"] = audio_in["turn_detection"]  # the GA place
 
     def outgoing(self, event: dict[str, Any]) -> dict[str, Any]:
-        kind = event.get("type")
+        """``event`` as this connection sends it (a copy: the pipeline may keep the dict)."""
+        event, kind = dict(event), event.get("type")
         for key in _INT_MS.get(kind, ()):
             if isinstance(event.get(key), float):
                 event[key] = round(event[key])
@@ -76,9 +77,18 @@ class RealtimeShapes:
             event["type"] = GA_NAMES[kind]
         elif kind in ("session.created", "session.updated"):
             event["session"] = {"type": "realtime", **event.get("session", {})}
-        elif kind == "response.done":
-            for out in event.get("response", {}).get("output", []):
-                for part in out.get("content", []) if out.get("type") == "message" else []:
-                    if part.get("type") == "text":
-                        part["type"] = "output_text"
+        elif kind == "response.done" and isinstance(event.get("response"), dict):
+            response = event["response"] = dict(event["response"])
+            response["output"] = [_ga_item(out) for out in response.get("output", [])]
         return event
+
+
+def _ga_item(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item with GA content parts (``output_text`` for the beta ``text``)."""
+    if item.get("type") != "message":
+        return item
+    parts = [
+        {**part, "type": "output_text"} if part.get("type") == "text" else part
+        for part in item.get("content", [])
+    ]
+    return {**item, "content": parts}
