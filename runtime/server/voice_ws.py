@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.server.batching import LoopEngine
 from moe2edge.runtime.server.guard import BEARER_PROTOCOL, origin_allowed, ws_credentials
+from moe2edge.runtime.server.realtime_shapes import RealtimeShapes
 from moe2edge.runtime.server.scheduler import Overloaded
 from moe2edge.runtime.server.state import APIError, ServiceState, check_token
 from moe2edge.runtime.server.tools import ToolError
@@ -278,10 +279,12 @@ async def realtime(websocket: WebSocket) -> None:
         presented = websocket.query_params.get("token")
     await websocket.accept(subprotocol=subprotocol)
     sent = 0
+    shapes = RealtimeShapes()  # the Realtime schema's shapes, beta or GA (realtime_shapes.py)
 
     async def send(event: dict) -> None:
         nonlocal sent
         sent += 1
+        event = shapes.outgoing(event)
         event.setdefault("event_id", f"event_{sent}")
         if event["type"] == "error":
             state.metrics.ws_errors.labels(event["error"].get("code", "")).inc()
@@ -436,7 +439,7 @@ async def realtime(websocket: WebSocket) -> None:
                 "session": {"id": session_id, **session_view(session.settings), **actions.view()},
             }
         )
-        await _receive_loop(websocket, state, session, emit, actions)
+        await _receive_loop(websocket, state, session, emit, actions, shapes)
     except WebSocketDisconnect:
         pass
     finally:
@@ -458,7 +461,12 @@ async def _try_acquire(state: ServiceState):
 
 
 async def _receive_loop(
-    websocket: WebSocket, state: ServiceState, session: VoiceSession, emit, actions: SessionActions
+    websocket: WebSocket,
+    state: ServiceState,
+    session: VoiceSession,
+    emit,
+    actions: SessionActions,
+    shapes: RealtimeShapes,
 ) -> None:
     limit = state.config.max_ws_message_bytes
     while True:
@@ -492,6 +500,7 @@ async def _receive_loop(
             )
             continue
         try:
+            shapes.incoming(event)
             _handle_event(session, event, arrived, emit, actions)
         except Exception as exc:  # never let one bad event end the session
             log.exception("voice event %r failed", event.get("type"))

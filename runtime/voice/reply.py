@@ -201,6 +201,14 @@ class SpeechText:
         return "".join(out)
 
 
+_CONTENT_EVENTS = (
+    "response.text.delta",
+    "response.text.done",
+    "response.audio.delta",
+    "response.audio.done",
+)
+
+
 @dataclass
 class ReplyOptions:
     max_new_tokens: int = 64
@@ -355,6 +363,9 @@ class Reply:
     # --- internals ------------------------------------------------------------------------
 
     def _emit(self, event: dict) -> None:
+        if event["type"] in _CONTENT_EVENTS:  # the Realtime schema places them in the message
+            calls = len(self.actions.calls) if self.actions is not None else 0  # come first
+            event.update(item_id=self.output_item_id, output_index=calls, content_index=0)
         with self._lock:
             if self._discarded:
                 return

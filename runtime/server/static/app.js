@@ -1,5 +1,6 @@
-// The voice page: microphone -> /v1/realtime (16 kHz PCM16 frames), events -> transcript,
-// reply text, timings; reply audio (response.audio.delta, base64 PCM16) -> speakers.
+// The voice page: microphone -> /v1/realtime (16 kHz PCM16 frames), events -> a conversation
+// (live and final transcript, the reply as it streams, its actions as chips, a latency bar per
+// turn and the page's p50/p95); reply audio (response.audio.delta, base64 PCM16) -> speakers.
 "use strict";
 const params = new URLSearchParams(location.search);
 // The token comes in the address's fragment (/#token=...), which the browser never sends to
@@ -19,8 +20,14 @@ const processing = params.get("processing") === "1";
 const $ = (id) => document.getElementById(id);
 let ws = null, ctx = null, mic = null, node = null, sink = null;
 let playHead = 0, playing = [];
-let turn = null; // the DOM elements of the current turn
+let turn = null; // the current turn: its DOM elements and state
 const turnsById = {};
+const latencies = []; // voice-to-voice (end of speech -> first sound) of this page's turns, ms
+const STAGES = [ // [name, short label, what it measures]
+  ["endpoint", "endpoint", "end of speech → endpoint"],
+  ["first_token", "first token", "endpoint → first token"],
+  ["first_sound", "first sound", "first token → first sound"],
+];
 
 function setStatus(text, cls) {
   $("status").textContent = text;
@@ -34,15 +41,72 @@ function showError(message) {
   $("errors").appendChild(div);
 }
 
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
 function newTurn(itemId) {
-  const el = document.createElement("div");
-  el.className = "turn";
-  el.innerHTML = '<div class="user partial"></div><div class="assistant"></div><div class="timings"></div>';
-  $("turns").appendChild(el);
-  turn = { el, user: el.querySelector(".user"), assistant: el.querySelector(".assistant"),
-           timings: el.querySelector(".timings") };
+  const box = el("div", "turn");
+  const you = el("div", "row you"), dev = el("div", "row dev");
+  const user = el("div", "bubble user partial");
+  const device = el("div", "bubble device");
+  const actions = el("div", "actions"), assistant = el("div", "assistant");
+  you.appendChild(user);
+  device.append(actions, assistant);
+  dev.appendChild(device);
+  const latency = el("div", "latency");
+  box.append(you, dev, latency);
+  $("turns").appendChild(box);
+  box.scrollIntoView({ block: "end" });
+  turn = { el: box, user, device, actions, assistant, latency, text: "", calls: [] };
   if (itemId) turnsById[itemId] = turn;
   return turn;
+}
+
+function turnOf(ev) {
+  if (ev.item_id && turnsById[ev.item_id]) return turnsById[ev.item_id];
+  const id = ev.response_id || (ev.response && ev.response.id);
+  return Object.values(turnsById).find((t) => t.responseId === id) || turn;
+}
+
+// The demo model's replies start with bracketed actions: "[lights.dim room=dining_room
+// value=30] Dimming the dining room." (runtime/server/tools.py, the bracket format).
+const CALL = /^\s*\[([A-Za-z_][\w.-]*)((?:\s+[\w.-]+=[^\s\][]*)*)\s*\]/;
+
+function parseActions(text) {
+  const calls = [];
+  let rest = text, m;
+  while ((m = CALL.exec(rest))) {
+    const args = m[2].trim() ? m[2].trim().split(/\s+/).map((kv) => kv.split("=", 2)) : [];
+    calls.push({ name: m[1], args });
+    rest = rest.slice(m[0].length);
+  }
+  return { calls, rest: rest.replace(/^\s+/, "") };
+}
+
+function renderActions(t) {
+  // the server's function-call events (a session with tools) win over the client's parse
+  const calls = t.serverCalls && t.serverCalls.length ? t.serverCalls : t.calls;
+  t.actions.replaceChildren(...calls.map((c) => {
+    const chip = el("span", "action" + (c.validated ? " validated" : ""));
+    chip.dataset.name = c.name;
+    chip.title = c.validated ? "action validated by the server" : "action in the reply";
+    chip.appendChild(el("span", "name", c.name));
+    for (const [k, v] of c.args) chip.appendChild(el("span", "arg", `${k}=${v}`));
+    return chip;
+  }));
+}
+
+function setReplyText(t, text) {
+  t.text = text;
+  t.assistant.dataset.raw = text;
+  const { calls, rest } = parseActions(text);
+  t.calls = calls;
+  t.assistant.textContent = rest;
+  renderActions(t);
 }
 
 function stopPlayback() {
@@ -70,6 +134,68 @@ function playPcm16(b64) {
 
 function fmt(ms) { return ms === null || ms === undefined ? "-" : `${Math.round(ms)} ms`; }
 
+function percentile(values, p) { // nearest rank
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.max(0, Math.ceil((p / 100) * sorted.length) - 1)];
+}
+
+function stagesOf(ev) {
+  // turn.timings (runtime/voice/reply.py): endpoint_delay_ms = endpoint - end of speech;
+  // first_token_ms and response_latency_ms count from the endpoint (first_token_ms < 0:
+  // drafted during the silence, so that stage took no time after the endpoint)
+  if (ev.response_latency_ms === null || ev.response_latency_ms === undefined) return null;
+  const token = Math.max(0, ev.first_token_ms || 0);
+  return {
+    endpoint: Math.max(0, ev.endpoint_delay_ms || 0),
+    first_token: Math.min(token, ev.response_latency_ms),
+    first_sound: Math.max(0, ev.response_latency_ms - token),
+  };
+}
+
+function renderLatency(t) {
+  const total = t.timings.turn_latency_ms;
+  const scale = Math.max(500, ...Object.values(turnsById).map((x) => (x.timings && x.timings.turn_latency_ms) || 0));
+  const track = el("div", "track"), legend = el("div", "stages");
+  for (const [stage, short, label] of STAGES) {
+    const ms = t.stages[stage];
+    const seg = el("div", "seg");
+    seg.dataset.stage = stage;
+    seg.dataset.ms = ms;
+    seg.style.width = `${(100 * ms) / scale}%`;
+    seg.title = `${label}: ${fmt(ms)}`;
+    track.appendChild(seg);
+    const item = el("span", "stage");
+    item.dataset.stage = stage;
+    const dot = el("i");
+    dot.style.background = `var(--s-${stage})`;
+    item.title = label;
+    item.append(dot, `${short} ${fmt(ms)}`);
+    legend.appendChild(item);
+  }
+  const sum = el("span", "total", `voice-to-voice ${fmt(total)}` + (t.timings.drafted ? " (drafted)" : ""));
+  sum.title = `endpoint → final transcript ${fmt(t.timings.final_transcript_ms)}`;
+  legend.appendChild(sum);
+  t.latency.dataset.turnLatencyMs = total;
+  t.latency.replaceChildren(track, legend);
+}
+
+function onTimings(ev) {
+  const t = turnOf(ev);
+  if (!t) return;
+  t.timings = ev;
+  t.stages = stagesOf(ev);
+  if (t.stages && ev.turn_latency_ms !== null && ev.turn_latency_ms !== undefined) {
+    latencies.push(ev.turn_latency_ms);
+    for (const x of Object.values(turnsById)) if (x.stages) renderLatency(x); // one scale
+  }
+  const n = latencies.length;
+  if (n) {
+    $("p50").textContent = fmt(percentile(latencies, 50));
+    $("p95").textContent = fmt(percentile(latencies, 95));
+    $("nTurns").textContent = `over ${n} turn${n === 1 ? "" : "s"} on this page`;
+  }
+}
+
 function onEvent(ev) {
   switch (ev.type) {
     case "session.created":
@@ -81,7 +207,7 @@ function onEvent(ev) {
       break;
     case "conversation.item.input_audio_transcription.delta": {
       const t = turnsById[ev.item_id] || turn || newTurn(ev.item_id);
-      t.user.textContent = ev.transcript;
+      t.user.textContent = ev.transcript || "…";
       break;
     }
     case "conversation.item.input_audio_transcription.completed": {
@@ -93,35 +219,40 @@ function onEvent(ev) {
     }
     case "response.created":
       if (!turn) newTurn(null);
-      turn.assistant.textContent = "";
       turn.responseId = ev.response.id;
+      turn.assistant.classList.add("streaming");
+      setReplyText(turn, "");
       break;
-    case "response.text.delta":
-      if (turn && turn.responseId === ev.response_id) turn.assistant.textContent += ev.delta;
+    case "response.text.delta": {
+      const t = turnOf(ev);
+      if (t && t.responseId === ev.response_id) setReplyText(t, t.text + ev.delta);
+      break;
+    }
+    case "response.output_item.done": // a validated action (a session with tools)
+      if (ev.item && ev.item.type === "function_call") {
+        const t = turnOf(ev);
+        if (!t) break;
+        let args = [];
+        try { args = Object.entries(JSON.parse(ev.item.arguments || "{}")); } catch (e) { /* shown bare */ }
+        t.serverCalls = (t.serverCalls || []).concat([{ name: ev.item.name, args, validated: true }]);
+        renderActions(t);
+      }
       break;
     case "response.audio.delta":
       playPcm16(ev.delta);
       break;
     case "response.done": {
-      const t = Object.values(turnsById).find((x) => x.responseId === ev.response.id) || turn;
+      const t = turnOf(ev);
       if (t) {
+        t.assistant.classList.remove("streaming");
         t.assistant.classList.add(ev.response.status);
         t.assistant.dataset.status = ev.response.status;
       }
       break;
     }
-    case "turn.timings": {
-      const t = Object.values(turnsById).find((x) => x.responseId === ev.response_id) || turn;
-      if (t) {
-        t.timings.textContent =
-          `end of speech -> endpoint ${fmt(ev.endpoint_delay_ms)} · endpoint -> transcript ` +
-          `${fmt(ev.final_transcript_ms)}, first token ${fmt(ev.first_token_ms)}, first audio ` +
-          `${fmt(ev.response_latency_ms)} · end of speech -> first audio ${fmt(ev.turn_latency_ms)}` +
-          (ev.drafted ? " (drafted)" : "");
-        t.timings.dataset.responseLatencyMs = ev.response_latency_ms;
-      }
+    case "turn.timings":
+      onTimings(ev);
       break;
-    }
     case "error":
       showError(`${ev.error.code || ev.error.type}: ${ev.error.message}`);
       break;
@@ -176,30 +307,38 @@ async function sendText(event) {
   event.preventDefault();
   const text = $("text").value.trim();
   if (!text) return;
-  $("textReply").textContent = "";
+  $("text").value = "";
+  const t = newTurn(null);
+  t.user.classList.remove("partial");
+  t.user.textContent = text;
+  t.assistant.classList.add("streaming");
   const headers = { "Content-Type": "application/json" };
   if (token) headers.Authorization = `Bearer ${token}`;
-  const r = await fetch("/v1/chat/completions", {
-    method: "POST", headers,
-    body: JSON.stringify({ messages: [{ role: "user", content: text }], stream: true }),
-  });
-  if (!r.ok) { $("textReply").textContent = `error ${r.status}: ${await r.text()}`; return; }
-  const reader = r.body.getReader();
-  const decoder = new TextDecoder();
-  let buf = "";
-  for (;;) {
-    const { value, done } = await reader.read();
-    if (done) break;
-    buf += decoder.decode(value, { stream: true });
-    let cut;
-    while ((cut = buf.indexOf("\n\n")) >= 0) {
-      const line = buf.slice(0, cut).replace(/^data: /, "");
-      buf = buf.slice(cut + 2);
-      if (line === "[DONE]") return;
-      const chunk = JSON.parse(line);
-      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
-      if (delta) $("textReply").textContent += delta;
+  try {
+    const r = await fetch("/v1/chat/completions", {
+      method: "POST", headers,
+      body: JSON.stringify({ messages: [{ role: "user", content: text }], stream: true }),
+    });
+    if (!r.ok) { showError(`error ${r.status}: ${await r.text()}`); return; }
+    const reader = r.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buf += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buf.indexOf("\n\n")) >= 0) {
+        const line = buf.slice(0, cut).replace(/^data: /, "");
+        buf = buf.slice(cut + 2);
+        if (line === "[DONE]") return;
+        const chunk = JSON.parse(line);
+        const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
+        if (delta) setReplyText(t, t.text + delta);
+      }
     }
+  } finally {
+    t.assistant.classList.remove("streaming");
   }
 }
 
