@@ -160,7 +160,7 @@ class Soak:
             s = {"t": round(time.monotonic() - self.t0, 1), "phase": phase,
                  "rss_mb": round(self.proc.memory_info().rss / 2**20, 1),
                  "threads": self.proc.num_threads(), "fds": self.proc.num_fds()}  # fmt: skip
-        s.update({k: h.get(k) for k in ("active", "queued", "voice_sessions")})
+        s.update({k: h.get(k) for k in ("active", "queued", "voice_sessions", "prefix_cache_mb")})
         self.samples.append(s)
         return s
 

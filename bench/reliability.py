@@ -88,7 +88,7 @@ def soak(paths: dict, work: Path, seconds: float) -> dict:
 
     settings = dict(rate_limit_rps=500, rate_limit_burst=500, queue=4, slots=2)
     with Served(paths["bundle"], work / "soak.log", paths["grammar"], **settings) as srv:
-        warmup = min(60.0, max(10.0, seconds / 6))
+        warmup = min(120.0, max(10.0, seconds / 5))  # the prefix cache and ORT arenas fill
         result = Soak(srv, speech_clips(), seconds, warmup).run()
     return result
 

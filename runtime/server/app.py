@@ -200,6 +200,7 @@ def create_app(
             "voice": s.voice is not None,
             "voice_sessions": s.voice.sessions if s.voice else 0,
             "context": s.generator.engine.max_length,
+            "prefix_cache_mb": round(s.prefix_cache.bytes / 2**20, 1) if s.prefix_cache else 0.0,
             "versions": s.versions.describe()["split"],
             **s.scheduler.stats(),
         }

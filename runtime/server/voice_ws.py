@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.server.batching import LoopEngine
 from moe2edge.runtime.server.guard import BEARER_PROTOCOL, origin_allowed, ws_credentials
+from moe2edge.runtime.server.heap import release_free_heap
 from moe2edge.runtime.server.realtime_shapes import RealtimeShapes
 from moe2edge.runtime.server.scheduler import Overloaded
 from moe2edge.runtime.server.state import APIError, ServiceState, check_token
@@ -451,6 +452,8 @@ async def realtime(websocket: WebSocket) -> None:
             sender.cancel()
         voice.closed()
         state.metrics.voice_sessions.dec()
+        if session is not None:  # what its threads freed, back to the OS (heap.py)
+            await run_in_threadpool(release_free_heap, voice.sessions == 0)
 
 
 async def _try_acquire(state: ServiceState):
