@@ -328,9 +328,15 @@ def run_wake(
         babble_bank(tune_text, BABBLE_VOICES[::-1], 60.0, seed + 21), seed + 22
     )
     result = measure(phrase, chosen, test_clips, test_non_wake, snrs, test_source, seed + 23)
+    hours = len(test_non_wake) / SAMPLE_RATE / 3600
+    test_curve = {  # after the choice, for the record: how the tuning set's counts carried over
+        f"{t:g}": round(len(WakeWordSpotter(phrase, t).spot(test_non_wake)) / hours, 2)
+        for t in thresholds
+    }
     return {
         **result,
         "threshold": chosen,
+        "test_false_wakes_per_hour": test_curve,
         "phrase": phrase,
         "tuning": [
             {
