@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import base64
 import json
+import logging
 import os
 import re
 import socket
@@ -52,6 +53,8 @@ from websockets.asyncio.client import connect
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+HERE = str(Path(__file__).resolve().parent)  # bench/ last: bench/gguf.py shadows `gguf`
+sys.path[:] = [p for p in sys.path if p not in (HERE, "")] + [HERE]
 
 from moe2edge.distill.demo_domain import is_wellformed  # noqa: E402  (stdlib only)
 from moe2edge.runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16  # noqa: E402
@@ -375,6 +378,17 @@ def main() -> None:
     p.add_argument("--token", default=os.environ.get("MOE2EDGE_TOKEN"))
     p.add_argument("--set", action="append", default=[], help="extra server key=value")
     p.add_argument("--out", default=None, help="also write the JSON here")
+    p.add_argument("--sections", default="voice", help="voice, noise and/or wake (comma list)")
+    p.add_argument("--noise", default="20,10,5", help="SNRs (dB) for the noise and wake sections")
+    p.add_argument("--noise-n", type=int, default=40, help="utterances per SNR per noise kind")
+    p.add_argument("--wake-phrase", default="hey robot")
+    p.add_argument("--wake-n", type=int, default=40, help="wake clips per SNR per noise kind")
+    p.add_argument("--wake-minutes", type=float, default=30.0, help="non-wake speech (test)")
+    p.add_argument("--wake-tune-minutes", type=float, default=30.0, help="non-wake (tuning)")
+    p.add_argument("--wake-thresholds", default="1e-20,1e-30,1e-40,1e-50,1e-60,1e-70",
+                   help="kws_threshold values tried on the tuning set")  # fmt: skip
+    p.add_argument("--merge", default=str(ROOT / "bench/results/voice.json"),
+                   help="noise/wake: merge their keys into this JSON (others kept)")  # fmt: skip
     args = p.parse_args()
     run_dir = next(
         (
@@ -394,7 +408,26 @@ def main() -> None:
     rows = [json.loads(line) for line in Path(args.eval).read_text().splitlines() if line.strip()]
     # one utterance per voice turn: multi-turn rows need their earlier turns, so they are left
     # out; the speech is the words-only form of the utterance (no digits)
-    rows = [r for r in rows if r.get("kind") != "multi_turn"][: args.n]
+    rows = [r for r in rows if r.get("kind") != "multi_turn"]
+    sections = set(args.sections.split(","))
+    result = run_voice_section(args, rows[: args.n]) if "voice" in sections else {}
+    extra = {}
+    if sections & {"noise", "wake"}:
+        import _noise  # bench/_noise.py
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        extra = _noise.run_sections(args, rows, sections, data_dir, noise_scores)
+    result |= extra
+    text = json.dumps(result)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if extra and args.merge:
+        _noise.merge_into(Path(args.merge), extra)
+    print(text)
+
+
+def run_voice_section(args, rows: list[dict]) -> dict:
+    """The real-time WebSocket run (the original benchmark)."""
     voices, policies = args.voices.split(","), args.policies.split(",")
     tts_names = args.tts.split(",")
     rng = np.random.default_rng(args.seed)
@@ -461,10 +494,15 @@ def main() -> None:
         "bundle": args.bundle,
         "seconds": round(elapsed, 1),
     }  # fmt: skip
-    text = json.dumps(result)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    print(text)
+    return result
+
+
+def noise_scores(turns: list[dict]) -> dict:
+    """WER and reply task accuracy, as summarize() scores clean speech."""
+    return {
+        "wer": round(wer([t["text"] for t in turns], [t["transcript"] for t in turns]), 4),
+        "reply_task_acc": round(sum(same_actions(t["reply"], t["action"]) for t in turns) / len(turns), 3),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -131,7 +131,7 @@ class ServerConfig(BaseModel):
     version_weight: VersionWeight = 1.0  # the main bundle's share of the split
     versions: list[VersionSpec] = Field(default_factory=list)  # serve --version NAME=DIR:W
     wake_word: WakeWord | None = None  # e.g. "hey robot": speech is ignored until it is heard
-    wake_threshold: WakeThreshold = 1e-40  # pocketsphinx kws_threshold (not yet tuned)
+    wake_threshold: WakeThreshold = 1e-40  # kws_threshold, tuned: runtime/voice/settings.py
     wake_timeout_ms: WakeTimeoutMs = 5000.0  # after the phrase, how long the command may wait
     # actions in the voice path (runtime/server/voice_actions.py, docs/voice-protocol.md)
     voice_tools: str | None = None  # JSON file: the tools a voice session has by default

@@ -5,8 +5,8 @@ spotter hears the phrase; the next utterance (or the rest of the same one) is th
 The spotter runs a decoder of its own (the bundled en-US acoustic model and dictionary,
 no language model) with one keyphrase; ``threshold`` is pocketsphinx's ``kws_threshold``:
 smaller (1e-40) spots more often, noisy speech included, and false-wakes more, larger
-(1e-5) misses more. bench/voice.py ``--sections wake`` measures both and says which
-value was tuned on which clips.
+(1e-5) misses more. bench/voice.py ``--sections wake`` measures both (the default, 1e-40,
+was chosen there on a tuning set; see runtime/voice/settings.py and docs/service.md).
 """
 
 from __future__ import annotations
