@@ -173,11 +173,29 @@ class Soak:
                 not (s["active"] or s["queued"] or s["voice_sessions"])
                 or time.monotonic() > deadline
             ):
-                time.sleep(12.0)  # anyio's idle worker threads end after 10 s
+                time.sleep(12.0)
+                self._prune_thread_pool()
                 s = self.sample(phase)
-                s["open"] = self._open_fds()
+                s["open"], s["thread_names"] = self._open_fds(), self._thread_names()
                 return s
             time.sleep(0.5)
+
+    def _prune_thread_pool(self) -> None:
+        """One request served through the server's thread pool (a static file: Starlette
+        stats it in anyio's pool). anyio ends workers idle for 10 s only when a new job comes
+        (anyio/_backends/_asyncio.py, run_sync), so without one the idle workers of the last
+        busy moment are still counted; after it one worker is left, at baseline and after."""
+        httpx.get(f"{self.served.url}/static/app.js", timeout=10).raise_for_status()
+
+    def _thread_names(self) -> list[str]:
+        """The server's threads by their kernel names (to name a leaked one)."""
+        names = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                names.append((task / "comm").read_text().strip())
+            except OSError:
+                pass
+        return sorted(names)
 
     def _open_fds(self) -> list[str]:
         """What the server's descriptors point at (to name a leak)."""
@@ -201,7 +219,11 @@ class Soak:
             if end["fds"] <= base["fds"] and end["threads"] <= base["threads"]:
                 break
             time.sleep(5.0)
-            end = self.sample("after") | {"open": self._open_fds()}
+            self._prune_thread_pool()
+            end = self.sample("after") | {
+                "open": self._open_fds(),
+                "thread_names": self._thread_names(),
+            }
         requests = sum(v for k, v in self.counts.items() if not k.startswith("voice_error"))
         growth = 100.0 * (end["rss_mb"] - base["rss_mb"]) / base["rss_mb"]
         return {
@@ -229,6 +251,9 @@ class Soak:
             },  # fmt: skip
             "leaked_fds": max(0, end["fds"] - base["fds"]),
             "fds_new": sorted(set(end["open"]) - set(base["open"])),
+            "threads_new": sorted(
+                (Counter(end["thread_names"]) - Counter(base["thread_names"])).elements()
+            ),
             "slots_after": (end["active"] or 0) + (end["queued"] or 0),
             "voice_sessions_after": end["voice_sessions"],
             "server_alive": self.served.alive(),

@@ -58,7 +58,7 @@ def test_one_minute_soak(bench, tmp_path) -> None:
     assert counts.get("burst_429", 0) >= 1  # overload answered 429
     assert counts.get("connection_errors", 0) == 0 and counts.get("voice_abnormal", 0) == 0
     assert soak["slots_after"] == 0 and soak["voice_sessions_after"] == 0
-    assert soak["leaked_threads"] == 0, soak["samples"][-3:]
+    assert soak["leaked_threads"] == 0, (soak["threads_new"], soak["samples"][-3:])
     assert soak["leaked_fds"] == 0, soak["fds_new"]
 
 

@@ -42,9 +42,12 @@ from moe2edge.runtime.generate import Decoding, GenerationResult, Generator
 from moe2edge.runtime.kv_cache import KVCache
 from moe2edge.runtime.prefix_cache import PrefixCache
 from moe2edge.runtime.sampling import SamplingParams
+from moe2edge.runtime.server.heap import release_free_heap
 from moe2edge.runtime.speculative import Speculator
 
 log = logging.getLogger(__name__)
+# after this long with nothing to run, freed heap goes back to the OS (heap.py)
+IDLE_TRIM_S = 1.0
 END = object()  # what a job emits last
 EXPECTATION_WEIGHT = 0.3  # of the latest verify in a row's running mean of accepted tokens
 
@@ -178,12 +181,23 @@ class BatchLoop:
     # --- the loop's thread ----------------------------------------------------------
 
     def _run(self) -> None:
+        worked = False  # since the last trim
         while True:
+            trim = False
             with self._wake:
                 while not (self._closed or self._inbox or self._calls or self._jobs):
-                    self._wake.wait()
+                    if not worked:
+                        self._wake.wait()
+                    elif not self._wake.wait(IDLE_TRIM_S):  # idle a while after work
+                        trim = worked = True
+                        break
                 if self._closed:
                     break
+            if trim:  # outside the lock: a request arriving now is not held up by it
+                release_free_heap(idle=True)
+                worked = False
+                continue
+            worked = True
             try:
                 self._iteration()
             except Exception:  # a bug here must not stop the service's only engine thread

@@ -1,4 +1,5 @@
-"""Hand freed heap memory back to the operating system after a voice session ends.
+"""Hand freed heap memory back to the operating system: when a voice session ends and when
+the engine loop has been idle for a second (runtime/server/batching.py).
 
 A voice session runs its own threads (input, generation, speech) and frees what they held
 when it ends, but glibc keeps freed chunks in its per-thread arenas: measured here with
