@@ -189,11 +189,11 @@ class BatchLoop:
                     if not worked:
                         self._wake.wait()
                     elif not self._wake.wait(IDLE_TRIM_S):  # idle a while after work
-                        trim = worked = True
+                        trim = True
                         break
                 if self._closed:
                     break
-            if trim:  # outside the lock: a request arriving now is not held up by it
+            if trim:  # outside the lock: submitting work does not wait for it
                 release_free_heap(idle=True)
                 worked = False
                 continue
