@@ -388,12 +388,3 @@ def run_sections(args, rows: list[dict], sections: set[str], data_dir: Path, sco
         )
         out["wake"]["setup"] |= machine
     return out
-
-
-def merge_into(path: Path, keys: dict) -> None:
-    """Write ``keys`` into the JSON at ``path``, keeping its other keys (atomic)."""
-    merged = json.loads(path.read_text()) if path.is_file() else {}
-    merged |= keys
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    tmp.replace(path)

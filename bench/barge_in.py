@@ -166,13 +166,9 @@ def main() -> None:
         "seconds": round(time.time() - started, 1),
     }
     print(json.dumps(summary))
-    out = Path(args.out)
-    merged = json.loads(out.read_text()) if out.is_file() else {}
-    merged["barge_in_stop_ms"] = summary["barge_in_stop_ms"]
-    merged["barge_in"] = summary
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    os.replace(tmp, out)
+    vb.merge_results(
+        Path(args.out), {"barge_in_stop_ms": summary["barge_in_stop_ms"], "barge_in": summary}
+    )
 
 
 if __name__ == "__main__":

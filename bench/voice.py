@@ -422,7 +422,7 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(text + "\n")
     if extra and args.merge:
-        _noise.merge_into(Path(args.merge), extra)
+        merge_results(Path(args.merge), extra)
     print(text)
 
 
@@ -495,6 +495,14 @@ def run_voice_section(args, rows: list[dict]) -> dict:
         "seconds": round(elapsed, 1),
     }  # fmt: skip
     return result
+
+
+def merge_results(path: Path, keys: dict) -> None:
+    """Write ``keys`` into the JSON at ``path``, keeping its other keys (atomic)."""
+    from moe2edge.fileio import atomic_write_json
+
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_json(path, merged | keys, indent=1)
 
 
 def noise_scores(turns: list[dict]) -> dict:

@@ -41,9 +41,9 @@ _last = 0.0
 
 
 def release_free_heap(idle: bool, min_interval_s: float = 2.0) -> float | None:
-    """``malloc_trim(0)``: always when ``idle`` (no other session runs, so no thread waits
-    on an arena lock while it works: 7 ms median, 50 ms at worst measured here), else at
-    most once per ``min_interval_s``. The milliseconds it took, or None when it did not run
+    """``malloc_trim(0)``: always when ``idle`` (no other voice session, or the engine loop
+    idle: few threads can wait on an arena lock while it works), else at most once per
+    ``min_interval_s``. The milliseconds it took, or None when it did not run
     (too soon, another trim running, or no glibc)."""
     global _last
     if _TRIM is None or not _lock.acquire(blocking=False):

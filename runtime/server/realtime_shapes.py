@@ -44,8 +44,9 @@ class RealtimeShapes:
             return
         if session.get("type") == "realtime":
             self.ga = True
-        audio_in = (session.get("audio") or {}) if isinstance(session.get("audio"), dict) else {}
-        audio_in = audio_in.get("input") if isinstance(audio_in.get("input"), dict) else {}
+        audio = session.get("audio")
+        audio_in = audio.get("input") if isinstance(audio, dict) else None
+        audio_in = audio_in if isinstance(audio_in, dict) else {}
         if "turn_detection" in audio_in and "turn_detection" not in session:
             session["turn_detection"] = audio_in["turn_detection"]  # the GA place
 

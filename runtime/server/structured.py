@@ -47,6 +47,10 @@ class FunctionDef(_Strict):
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
+    def spec(self) -> Tool:
+        """The tool as the parser and the grammar take it (no parameters: any object)."""
+        return Tool(self.name, self.parameters or {"type": "object"})
+
 
 class ToolParam(_Strict):
     type: Literal["function"] = "function"
@@ -205,7 +209,7 @@ def plan(
         if text_grammar is None:
             return Plan(fmt=fmt)
         return Plan(_checked(lambda: _constraint(state, text_grammar), "response_format"))
-    specs = [Tool(t.function.name, t.function.parameters or {"type": "object"}) for t in tools]
+    specs = [t.function.spec() for t in tools]
     text = None
     if response_format is not None and response_format.type != "text":
         schema = (

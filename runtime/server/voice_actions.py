@@ -40,7 +40,6 @@ from moe2edge.runtime.constrained import lark_grammar
 from moe2edge.runtime.errors import RuntimeUserError
 from moe2edge.runtime.server.structured import MAX_TOOLS, FunctionDef
 from moe2edge.runtime.server.tools import (
-    Tool,
     ToolCall,
     ToolError,
     ToolStream,
@@ -193,7 +192,7 @@ class SessionActions:
             raise ValueError(f"session.tool_choice names {choice!r}, which is not among the tools")
         if choice == "required" and not tools:
             raise ValueError("session.tool_choice 'required' needs tools")
-        specs = [Tool(t.name, t.parameters or {"type": "object"}) for t in tools]
+        specs = [t.spec() for t in tools]
         try:  # a tool the format cannot write is refused here, whatever the choice
             grammar = reply_grammar(specs, self.fmt, choice if choice != "none" else "auto")
         except ToolError as exc:
@@ -215,6 +214,7 @@ class SessionActions:
     def apply(self, checked: tuple[list, str, Any]) -> None:
         """Use what ``check`` returned (on the session's input thread, in order with audio)."""
         self.tools, self.choice, self._grammar = checked
+        self.specs = [t.spec() for t in self.tools]  # what each reply's parser takes
 
     def view(self) -> dict[str, Any]:
         choice = self.choice
@@ -237,8 +237,7 @@ class ReplyActions:
     def __init__(self, owner: SessionActions, reply: Any, constraint: Any = None) -> None:
         self.owner, self.reply, self.constraint = owner, reply, constraint
         self.tools = {t.name: t for t in owner.tools}
-        specs = [Tool(t.name, t.parameters or {"type": "object"}) for t in owner.tools]
-        self.stream = ToolStream(specs, owner.fmt)
+        self.stream = ToolStream(owner.specs, owner.fmt)
         self.opener = "[" if owner.fmt == "bracket" else "<tool_call>"
         self.calls: list[dict[str, Any]] = []  # the validated calls, as function_call items
         self._args: list[dict[str, Any]] = []
