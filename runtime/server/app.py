@@ -128,28 +128,32 @@ def create_app(
 
     loader = loader or functools.partial(load_generator, config)
     versions = Versions(model_id, metrics, make_loop, loader)
-    main = versions.add_loaded(
-        config.version_name or model_id,
-        str(generator.engine.bundle_dir),
-        config.version_weight,
-        generator,
-    )
-    for spec in config.versions:
-        versions.add_loaded(spec.name, spec.bundle, spec.weight, loader(spec.bundle))
-    metrics.rows.set(config.slots)
-    state = ServiceState(
-        config=config,
-        generator=generator,
-        scheduler=scheduler,
-        metrics=metrics,
-        model_id=model_id,
-        batching=main.batching,
-        step_hook=paced,
-        versions=versions,
-    )
-    versions.attach(state, main)
-    if config.voice_enabled:
-        state.voice = voice_ws.VoiceResources(state)
+    try:  # a version or the voice failing to load stops the engine loops already started
+        main = versions.add_loaded(
+            config.version_name or model_id,
+            str(generator.engine.bundle_dir),
+            config.version_weight,
+            generator,
+        )
+        for spec in config.versions:
+            versions.add_loaded(spec.name, spec.bundle, spec.weight, loader(spec.bundle))
+        metrics.rows.set(config.slots)
+        state = ServiceState(
+            config=config,
+            generator=generator,
+            scheduler=scheduler,
+            metrics=metrics,
+            model_id=model_id,
+            batching=main.batching,
+            step_hook=paced,
+            versions=versions,
+        )
+        versions.attach(state, main)
+        if config.voice_enabled:
+            state.voice = voice_ws.VoiceResources(state)
+    except BaseException:
+        versions.close()
+        raise
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):

@@ -263,18 +263,33 @@ class BatchLoop:
             budget -= len(chunk)
             job.prefilled += len(chunk)
             if job.prefilled == len(job.prompt_ids):
-                job.speculator = self.generator.new_speculator()
-                if job.speculator is not None:  # a prior: half of a first draft accepted
-                    job.expected_accepted = job.speculator.draft_length / 2
-                job.decoding = Decoding(
-                    self.generator,
-                    job.params,
-                    job.result,
-                    job.cache.length,
-                    job.admitted,
-                    constraint=job.constraint,
-                )
-                self._choose(job, [job.decoding.choose(logits, job.cache.tokens)])
+                with self._alone(job):
+                    self._start_decoding(job, logits)
+
+    def _start_decoding(self, job: Job, logits: np.ndarray) -> None:
+        job.speculator = self.generator.new_speculator()
+        if job.speculator is not None:  # a prior: half of a first draft accepted
+            job.expected_accepted = job.speculator.draft_length / 2
+        job.decoding = Decoding(
+            self.generator,
+            job.params,
+            job.result,
+            job.cache.length,
+            job.admitted,
+            constraint=job.constraint,
+        )
+        self._choose(job, [job.decoding.choose(logits, job.cache.tokens)])
+
+    @contextlib.contextmanager
+    def _alone(self, job: Job):
+        """One job's own work (its sampler, grammar, speculator, detokenizer, engine run):
+        an error there ends that job with the error, not the step of every row."""
+        try:
+            yield
+        except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
+            log.warning("a generation failed: %r", exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            if job.cache is not None or job in self._jobs:
+                self._finish(job, exc)
 
     def _decode(self) -> None:
         """One step for every job with a token to run: one batched run of one token per
@@ -294,20 +309,26 @@ class BatchLoop:
             self.step_hook()
         # tokens a grammar forces: a run of their row alone (as a verify) when that pays,
         # else the first one is the row's next token of the batched run
-        forced = {id(j): f for j in jobs if (f := j.decoding.forced(j.cache))}
+        forced: dict[int, list[int]] = {}
+        for job in jobs:
+            with self._alone(job):
+                if f := job.decoding.forced(job.cache):
+                    forced[id(job)] = f
+        jobs = [j for j in jobs if j in self._jobs]  # (one whose grammar failed is gone)
         picked = self._speculating(jobs, forced)
         fast = [(j, forced[id(j)]) for j in picked if id(j) in forced]
         alone = {id(job) for job, _ in fast}
         verifies = []
         for job in [j for j in picked if id(j) not in alone]:
-            limit = job.decoding.draft_limit(job.cache)
-            draft, q = job.decoding.admit_draft(
-                *job.speculator.propose(job.cache, job.next_token, job.decoding.sampler, limit)
-            )
-            if draft:
-                verifies.append((job, draft, q))
+            with self._alone(job):
+                limit = job.decoding.draft_limit(job.cache)
+                draft, q = job.decoding.admit_draft(
+                    *job.speculator.propose(job.cache, job.next_token, job.decoding.sampler, limit)
+                )
+                if draft:
+                    verifies.append((job, draft, q))
         alone |= {id(job) for job, _, _ in verifies}
-        batched = [j for j in jobs if id(j) not in alone]
+        batched = [j for j in jobs if id(j) not in alone and j in self._jobs]
         try:
             logits = self.batch.forward([j.cache for j in batched], [j.next_token for j in batched])
         except Exception as exc:  # noqa: BLE001 - every job of the run fails with it
@@ -319,37 +340,36 @@ class BatchLoop:
         if self.metrics is not None:
             self.metrics.batch_rows.observe(len(jobs))
         for job, row in zip(batched, logits, strict=True):
-            tokens = forced.get(id(job))
-            if tokens:  # forced: no choice to make; the rest is forced again next step
-                job.decoding.unforce(len(tokens) - 1)
-                self._choose(job, tokens[:1])
-                continue
-            self._choose(job, [job.decoding.choose(row, job.cache.tokens)])
+            with self._alone(job):
+                tokens = forced.get(id(job))
+                if tokens:  # forced: no choice to make; the rest is forced again next step
+                    job.decoding.unforce(len(tokens) - 1)
+                    self._choose(job, tokens[:1])
+                else:
+                    self._choose(job, [job.decoding.choose(row, job.cache.tokens)])
         for job, tokens in fast:
-            try:
+            with self._alone(job):
                 row = self.engine.forward([job.next_token, *tokens], job.cache)
-            except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
-                self._finish(job, exc)
-                continue
-            self._choose(job, [*tokens, job.decoding.choose(row, job.cache.tokens)])
+                self._choose(job, [*tokens, job.decoding.choose(row, job.cache.tokens)])
         for job, draft, q in verifies:
-            token = job.next_token
-            try:
-                rows = self.engine.forward([token, *draft], job.cache, all_logits=True)
-            except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
-                self._finish(job, exc)
-                continue
-            rows = job.decoding.mask_rows(rows, draft)
-            chosen, proposed, accepted = job.speculator.settle(
-                job.cache, token, draft, q, rows, job.decoding.sampler
-            )
-            job.result.proposed_tokens += proposed
-            job.result.accepted_tokens += accepted
-            job.expected_accepted += EXPECTATION_WEIGHT * (accepted - job.expected_accepted)
-            self.verified += 1
-            if self.metrics is not None:
-                self.metrics.count_speculation(proposed, accepted)
-            self._choose(job, chosen)
+            with self._alone(job):
+                self._verify(job, draft, q)
+
+    def _verify(self, job: Job, draft: list[int], q: Any) -> None:
+        """Run ``job``'s proposals in one run of its own and keep what the target accepts."""
+        token = job.next_token
+        rows = self.engine.forward([token, *draft], job.cache, all_logits=True)
+        rows = job.decoding.mask_rows(rows, draft)
+        chosen, proposed, accepted = job.speculator.settle(
+            job.cache, token, draft, q, rows, job.decoding.sampler
+        )
+        job.result.proposed_tokens += proposed
+        job.result.accepted_tokens += accepted
+        job.expected_accepted += EXPECTATION_WEIGHT * (accepted - job.expected_accepted)
+        self.verified += 1
+        if self.metrics is not None:
+            self.metrics.count_speculation(proposed, accepted)
+        self._choose(job, chosen)
 
     @staticmethod
     def _speculating(jobs: list[Job], forced: dict[int, list[int]] | None = None) -> list[Job]:

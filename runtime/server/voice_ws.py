@@ -79,14 +79,21 @@ class VoiceResources:
         self._lock = threading.Lock()
         # recognizers of ended sessions, reused: making one takes ~0.4 s of CPU (pocketsphinx
         # with a grammar), each utterance starts afresh (``start_utterance``)
-        self._idle = [self.make_recognizer()]  # fail at start-up (bad grammar), not per call
-        self.actions = VoiceActions(cfg, state.generator)  # default tools, the webhook
+        try:
+            self._idle = [self.make_recognizer()]  # fail at start-up (bad grammar), not per call
+            self.actions = VoiceActions(cfg, state.generator)  # default tools, the webhook
+        except BaseException:
+            self._close_synthesizer()  # the pre-started espeak-ng processes
+            raise
 
     def close(self) -> None:
+        self._close_synthesizer()
+        self.actions.close()
+
+    def _close_synthesizer(self) -> None:
         close = getattr(self.synthesizer, "close", None)
         if close is not None:
             close()
-        self.actions.close()
 
     def make_recognizer(self):
         opts = dict(self.config.recognizer_options)
