@@ -38,6 +38,7 @@ from moe2edge.runtime.server.state import (
     require_token,
 )
 from moe2edge.runtime.server.versions import VersionLeases, Versions, load_generator
+from moe2edge.runtime.server.voice_resources import VoiceResources
 from moe2edge.runtime.voice.settings import describe_errors
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def create_app(
         )
         versions.attach(state, main)
         if config.voice_enabled:
-            state.voice = voice_ws.VoiceResources(state)
+            state.voice = VoiceResources(state)
     except BaseException:
         versions.close()
         raise

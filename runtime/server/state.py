@@ -72,7 +72,9 @@ class ServiceState:
     model_id: str
     batching: BatchLoop
     step_hook: Callable[[], None] | None = None
-    voice: Any = None  # moe2edge.runtime.server.voice_ws.VoiceResources, when voice is enabled
+    voice: Any = (
+        None  # moe2edge.runtime.server.voice_resources.VoiceResources, when voice is enabled
+    )
     versions: Any = None  # server.versions.Versions: every bundle served (generator: the default)
     version: Any = None  # the routed server.versions.Version (on a request's view of the state)
     created: int = field(default_factory=lambda: int(time.time()))

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import json
 import logging
 import math
@@ -23,7 +22,6 @@ from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from fastapi.concurrency import run_in_threadpool  # idle threads end, unlike to_thread's
-from pydantic import ValidationError
 
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.server.batching import LoopEngine
@@ -36,24 +34,19 @@ from moe2edge.runtime.server.tools import ToolError
 from moe2edge.runtime.server.versions import session_key
 from moe2edge.runtime.server.voice_actions import (
     SessionActions,
-    VoiceActions,
     record_call_output,
     tools_update,
 )
-from moe2edge.runtime.voice.asr import make_recognizer
-from moe2edge.runtime.voice.audio import SAMPLE_RATE
+from moe2edge.runtime.server.voice_resources import VoiceResources
+from moe2edge.runtime.server.voice_session_config import parse_session_update, session_view
 from moe2edge.runtime.voice.pipeline import VoiceSession
 from moe2edge.runtime.voice.reply import new_id
-from moe2edge.runtime.voice.settings import MAX_NEW_TOKENS, VoiceSettings, describe_errors
-from moe2edge.runtime.voice.tts import Synthesizer
 from moe2edge.runtime.voice.vad import VoiceActivityDetector
-from moe2edge.runtime.voice.voices import make_synthesizer
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 _held = threading.local()  # slots the current thread holds (voice replies, session setup)
 
-ENDPOINTING_OF = {"server_vad": "fixed", "semantic_vad": "predictive"}
 CLIENT_EVENTS = (
     "session.update",
     "input_audio_buffer.append",
@@ -63,89 +56,6 @@ CLIENT_EVENTS = (
     "conversation.item.truncate",
     "conversation.item.create",
 )
-
-
-class VoiceResources:
-    """What voice sessions share: the synthesizer and the settings (the KV cache of the
-    prompts' common prefix is shared through the engine's ``PrefixStore``)."""
-
-    def __init__(self, state: ServiceState) -> None:
-        cfg = self.config = state.config
-        self.state = state
-        self.synthesizer: Synthesizer = make_synthesizer(
-            cfg.tts, cfg.tts_voice, cfg.tts_speed_wpm, cfg.piper_model
-        )
-        self.sessions = 0
-        self._lock = threading.Lock()
-        # recognizers of ended sessions, reused: making one takes ~0.4 s of CPU (pocketsphinx
-        # with a grammar), each utterance starts afresh (``start_utterance``)
-        try:
-            self._idle = [self.make_recognizer()]  # fail at start-up (bad grammar), not per call
-            self.actions = VoiceActions(cfg, state.generator)  # default tools, the webhook
-        except BaseException:
-            self._close_synthesizer()  # the pre-started espeak-ng processes
-            raise
-
-    def close(self) -> None:
-        self._close_synthesizer()
-        self.actions.close()
-
-    def _close_synthesizer(self) -> None:
-        close = getattr(self.synthesizer, "close", None)
-        if close is not None:
-            close()
-
-    def make_recognizer(self):
-        opts = dict(self.config.recognizer_options)
-        if self.config.grammar and self.config.recognizer == "pocketsphinx":
-            opts.setdefault("grammar_path", self.config.grammar)
-        return make_recognizer(self.config.recognizer, **opts)
-
-    def settings(self) -> VoiceSettings:
-        c = self.config
-        return VoiceSettings(
-            end_silence_ms=c.vad_end_silence_ms,
-            vad_threshold=c.vad_threshold,
-            min_speech_ms=c.vad_min_speech_ms,
-            preroll_ms=c.preroll_ms,
-            barge_in=c.barge_in,
-            barge_in_min_speech_ms=c.barge_in_min_speech_ms,
-            speculate=c.speculate,
-            speculate_after_ms=c.speculate_after_ms,
-            max_new_tokens=c.voice_max_new_tokens
-            or min(self.state.generator.default_max_new_tokens, MAX_NEW_TOKENS),
-            temperature=c.voice_temperature,
-            speak_brackets=c.speak_brackets,
-            audio_chunk_ms=c.audio_chunk_ms,
-            audio_lead_ms=c.audio_lead_ms,
-            history_turns=c.voice_history_turns,
-            wake_word=c.wake_word,
-            wake_threshold=c.wake_threshold,
-            wake_timeout_ms=c.wake_timeout_ms,
-        )
-
-    def take_recognizer(self):
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return self.make_recognizer()
-
-    def give_back(self, recognizer) -> None:
-        """``recognizer`` of a session whose thread has ended, for the next session."""
-        with self._lock:
-            if len(self._idle) < self.config.max_voice_sessions:
-                self._idle.append(recognizer)
-
-    def try_open(self) -> bool:
-        with self._lock:
-            if self.sessions >= self.config.max_voice_sessions:
-                return False
-            self.sessions += 1
-            return True
-
-    def closed(self) -> None:
-        with self._lock:
-            self.sessions -= 1
 
 
 def error_event(
@@ -159,116 +69,6 @@ def error_event(
     if event_id is not None:
         err["event_id"] = event_id
     return {"type": "error", "error": err}
-
-
-def session_view(s: VoiceSettings) -> dict:
-    return {
-        "object": "realtime.session",
-        "input_audio_format": "pcm16",
-        "input_audio_sample_rate": SAMPLE_RATE,
-        "output_audio_format": "pcm16",
-        "output_audio_sample_rate": SAMPLE_RATE,
-        "turn_detection": {
-            "type": "semantic_vad" if s.endpointing == "predictive" else "server_vad",
-            "threshold": s.vad_threshold,
-            "silence_duration_ms": s.end_silence_ms,
-            "prefix_padding_ms": s.preroll_ms,
-        }
-        if s.turn_detection
-        else None,
-        "max_response_output_tokens": s.max_new_tokens,
-        "temperature": s.temperature,
-        "moe2edge": {
-            "endpointing": s.endpointing,
-            "complete_silence_ms": s.complete_silence_ms,
-            "incomplete_silence_ms": s.incomplete_silence_ms,
-            "turn_end_scorer": s.turn_end_scorer,
-            "barge_in": s.barge_in,
-            "barge_in_min_speech_ms": s.barge_in_min_speech_ms,
-            "speculate": s.speculate,
-            "speculate_after_ms": s.speculate_after_ms,
-            "min_speech_ms": s.min_speech_ms,
-            "audio_lead_ms": s.audio_lead_ms,
-            "audio_chunk_ms": s.audio_chunk_ms,
-            "speak_brackets": s.speak_brackets,
-            "history_turns": s.history_turns,
-            "wake_word": s.wake_word,
-            "wake_threshold": s.wake_threshold,
-            "wake_timeout_ms": s.wake_timeout_ms,
-        },
-    }
-
-
-def parse_session_update(session: Any) -> dict[str, Any]:
-    """A ``session.update``'s session object -> VoiceSettings changes (ValueError if bad)."""
-    if not isinstance(session, dict):
-        raise ValueError("session.update needs a 'session' object")
-    rate = session.get("input_audio_sample_rate", session.get("sample_rate"))
-    fmt = session.get("input_audio_format")
-    if isinstance(fmt, dict):  # {"type": "audio/pcm", "rate": 24000} (GA shape)
-        rate = fmt.get("rate", rate)
-        fmt = fmt.get("type")
-    audio_in = session.get("audio") or {}
-    for key in ("input", "format"):  # {"audio": {"input": {"format": {...}}}}
-        audio_in = audio_in.get(key) if isinstance(audio_in, dict) else None
-    if isinstance(audio_in, dict):
-        rate = audio_in.get("rate", rate)
-        fmt = audio_in.get("type", fmt)
-    if fmt is not None and fmt not in ("pcm16", "audio/pcm"):
-        raise ValueError(f"input_audio_format {fmt!r} is not supported; send 'pcm16'")
-    if rate is not None and rate != SAMPLE_RATE:
-        raise ValueError(
-            f"input sample rate {rate} Hz is not supported: this server takes {SAMPLE_RATE} Hz "
-            "mono PCM16; resample on the client (the web page at / does) and send 16000"
-        )
-    changes: dict[str, Any] = {}
-    where: dict[str, str] = {}  # setting -> where the client wrote it, for error messages
-
-    def take(name: str, value: Any, path: str) -> None:
-        changes[name], where[name] = value, path
-
-    if "turn_detection" in session:
-        td = session["turn_detection"]
-        if td is None:
-            take("turn_detection", False, "session.turn_detection")
-        elif isinstance(td, dict) and td.get("type", "server_vad") in ENDPOINTING_OF:
-            take("turn_detection", True, "session.turn_detection")
-            # server_vad: a fixed silence (OpenAI's); semantic_vad: runtime/voice/endpoint.py
-            take(
-                "endpointing",
-                ENDPOINTING_OF[td.get("type", "server_vad")],
-                "session.turn_detection.type",
-            )
-            for key, name in (
-                ("silence_duration_ms", "end_silence_ms"),
-                ("threshold", "vad_threshold"),
-                ("prefix_padding_ms", "preroll_ms"),
-            ):
-                if key in td:
-                    take(name, td[key], f"session.turn_detection.{key}")
-        else:
-            raise ValueError(
-                "turn_detection must be null or {'type': 'server_vad' | 'semantic_vad', ...}"
-            )
-    if "max_response_output_tokens" in session:
-        value = session["max_response_output_tokens"]
-        value = MAX_NEW_TOKENS if value == "inf" else value
-        take("max_new_tokens", value, "session.max_response_output_tokens")
-    if "temperature" in session:
-        take("temperature", session["temperature"], "session.temperature")
-    extra = session.get("moe2edge") or {}
-    if not isinstance(extra, dict):
-        raise ValueError("session.moe2edge must be an object of settings")
-    known = sorted(f.name for f in dataclasses.fields(VoiceSettings))
-    for name, value in extra.items():
-        if name not in known:
-            raise ValueError(f"unknown setting session.moe2edge.{name}; known: {known}")
-        take(name, value, f"session.moe2edge.{name}")
-    try:  # each value against its range (no range depends on another setting)
-        VoiceSettings(**changes)
-    except ValidationError as exc:
-        raise ValueError(describe_errors(exc.errors(), where)) from None
-    return changes
 
 
 @router.websocket("/v1/realtime")
