@@ -255,15 +255,11 @@ class BatchLoop:
             if budget <= 0:
                 break
             chunk = job.prompt_ids[job.prefilled : job.prefilled + budget]
-            try:
+            with self._alone(job):
                 logits = self.engine.forward(chunk, job.cache)
-            except Exception as exc:  # noqa: BLE001 - the job's error, not the loop's
-                self._finish(job, exc)
-                continue
-            budget -= len(chunk)
-            job.prefilled += len(chunk)
-            if job.prefilled == len(job.prompt_ids):
-                with self._alone(job):
+                budget -= len(chunk)
+                job.prefilled += len(chunk)
+                if job.prefilled == len(job.prompt_ids):
                     self._start_decoding(job, logits)
 
     def _start_decoding(self, job: Job, logits: np.ndarray) -> None:

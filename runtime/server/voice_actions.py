@@ -106,7 +106,7 @@ def load_tools_file(path: str) -> list[FunctionDef]:
 
 def realtime_tool(tool: FunctionDef) -> dict[str, Any]:
     out = {"type": "function", "name": tool.name, "description": tool.description}
-    return out | {"parameters": tool.parameters or {"type": "object"}}
+    return out | {"parameters": tool.spec().parameters}
 
 
 class ActionWebhook:
@@ -302,7 +302,7 @@ class ReplyActions:
             self.fail("invalid_action", f"the reply's action {written!r} names {call.name!r}, "
                       f"which is not among the session's tools ({known})")  # fmt: skip
             return
-        problem = validate_arguments(call.arguments, tool.parameters or {"type": "object"})
+        problem = validate_arguments(call.arguments, tool.spec().parameters)
         if problem is not None:
             self.fail("invalid_action", f"the reply's action {written!r} does not fit the "
                       f"schema of {call.name!r}: {problem}")  # fmt: skip
@@ -359,7 +359,7 @@ class ReplyActions:
         reply.gate.wait()  # set on release, or on cancel (a dropped draft)
         ok = self._valid(reply.cancel_event)
         started = time.perf_counter()
-        for item, args in zip(self.calls if ok else [], self._args, strict=False):
+        for item, args in zip(self.calls, self._args, strict=True) if ok else ():
             problem = self.owner.webhook.post(self._payload(item, args))
             if problem is not None:
                 log.warning("voice action %s failed: %s", item["call_id"], problem)

@@ -64,7 +64,9 @@ class _ShrinkingSession:
     """An InferenceSession whose runs hand their arena's free memory back (module docstring);
     piper-tts calls ``session.run(None, inputs)`` and reads nothing else of it."""
 
-    def __init__(self, session, ort) -> None:
+    def __init__(self, session) -> None:
+        import onnxruntime as ort
+
         self.session = session
         self.run_options = ort.RunOptions()
         self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -122,7 +124,7 @@ class PiperSynthesizer(Synthesizer):
         session = ort.InferenceSession(
             str(model_path), sess_options=options, providers=["CPUExecutionProvider"]
         )
-        self.voice = PiperVoice(session=_ShrinkingSession(session, ort), config=config)
+        self.voice = PiperVoice(session=_ShrinkingSession(session), config=config)
         self.syn_config = SynthesisConfig(speaker_id=speaker_id, length_scale=length_scale)
         self.voice_rate = config.sample_rate
         self.name = model_path.name.removesuffix(".onnx")
