@@ -64,6 +64,7 @@ from moe2edge.runtime.voice.audio import pcm16_to_float32, speech_bounds  # noqa
 VOICES = ["en-us", "en-us+f3", "en-us+m1", "en-us+f2", "en-us+m3", "piper"]
 POLICIES = ["predictive", "300", "500", "800"]
 SOUND = 0.01  # |sample| from which reply audio counts as sound (-40 dBFS)
+GAP_S = 0.5  # silence between the end of a reply's audio and the next request
 NOISE = 0.002  # the microphone's noise floor under everything sent (-54 dBFS): no digital zeros
 
 
@@ -216,6 +217,15 @@ def turn_done(events: list[tuple[float, dict]], end_ms: float) -> bool:
     return False
 
 
+def reply_played_until(events: list[tuple[float, dict]]) -> float:
+    """When the audio received so far ends, played in real time from its first chunk."""
+    chunks = [(t, ev) for t, ev in events if ev["type"] == "response.audio.delta"]
+    if not chunks:
+        return 0.0
+    samples = sum(len(base64.b64decode(ev["delta"])) // 2 for _, ev in chunks)
+    return chunks[0][0] + samples / SAMPLE_RATE
+
+
 def analyse(clip: dict, events: list[tuple[float, dict]], stream: Stream, start: int) -> dict:
     """One turn's measures from the events received while its clip was spoken."""
     end_sample = start + clip["end"]
@@ -295,7 +305,10 @@ async def run_voice(url: str, clips: list[dict], token: str | None, policy: str)
             deadline = time.perf_counter() + 15
             while not turn_done(events, end_ms) and time.perf_counter() < deadline:
                 await stream.send(silence)
-            await stream.send(np.zeros(int(0.4 * SAMPLE_RATE), dtype=np.float32))
+            # the user waits for the reply to finish playing, then a breath, before the next
+            # request (speaking earlier would barge in and cut the remembered reply)
+            while time.perf_counter() < min(deadline, reply_played_until(events) + GAP_S):
+                await stream.send(silence)
             turn = analyse(clip, list(events), stream, start)
             turns.append(turn)
             print(json.dumps({"policy": policy, **{k: turn.get(k) for k in (
@@ -305,15 +318,33 @@ async def run_voice(url: str, clips: list[dict], token: str | None, policy: str)
     return turns
 
 
-def text_accuracy(base: str, rows: list[dict], token: str | None) -> float:
+def chat(client: httpx.Client, messages: list[dict]) -> httpx.Response:
+    """One greedy chat completion, waiting out the server's rate limit (429 Retry-After)."""
+    while True:
+        r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0})
+        if r.status_code != 429:
+            return r
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+
+
+def text_accuracy(base: str, rows: list[dict], token: str | None, history_turns: int = 0) -> float:
+    """Task accuracy of the typed requests over the chat API: each on its own
+    (``history_turns=0``), or as one conversation in the spoken order after the last
+    ``history_turns`` requests and the model's own replies (what a voice session holds)."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    hits = 0
+    hits, history = 0, []
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         for row in rows:
-            r = client.post("/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": row["utterance"]}], "temperature": 0})  # fmt: skip
+            messages = history[len(history) - 2 * history_turns :] if history_turns else []
+            messages = [*messages, {"role": "user", "content": row["utterance"]}]
+            r = chat(client, messages)
+            while r.status_code == 400 and len(messages) > 1:  # too long: drop the oldest turn,
+                messages = messages[2:]  # as the voice session does
+                r = chat(client, messages)
             r.raise_for_status()
-            hits += same_actions(r.json()["choices"][0]["message"]["content"], row["action"])
+            reply = r.json()["choices"][0]["message"]["content"]
+            hits += same_actions(reply, row["action"])
+            history += [messages[-1], {"role": "assistant", "content": reply}]
     return hits / len(rows)
 
 
@@ -456,6 +487,7 @@ def run_voice_section(args, rows: list[dict]) -> dict:
                 )
             if text_acc is None:
                 text_acc = text_accuracy(base, rows, args.token)
+                text_acc_history = text_accuracy(base, rows, args.token, history_turns(args))
         finally:
             if server is not None:
                 server.terminate()
@@ -486,6 +518,8 @@ def run_voice_section(args, rows: list[dict]) -> dict:
                                 "turns_with_audio", "drafted_share", "server_response_latency_ms",
                                 "server_first_token_ms")},
         "text_task_acc": round(text_acc, 3),
+        "history_turns": history_turns(args),
+        "text_task_acc_in_conversation": round(text_acc_history, 3),
         "reply_tts": main_tts,
         "voices": voices,
         "paused_share": args.paused,
@@ -495,6 +529,14 @@ def run_voice_section(args, rows: list[dict]) -> dict:
         "seconds": round(elapsed, 1),
     }  # fmt: skip
     return result
+
+
+def history_turns(args) -> int:
+    """The finished turns the voice session's prompts include (the server's setting)."""
+    from moe2edge.runtime.server.config import ServerConfig
+
+    given = [kv.partition("=")[2] for kv in args.set if kv.startswith("voice_history_turns=")]
+    return int(given[-1]) if given else ServerConfig.model_fields["voice_history_turns"].default
 
 
 def merge_results(path: Path, keys: dict) -> None:

@@ -120,6 +120,8 @@ class ServerConfig(BaseModel):
     barge_in_min_speech_ms: MinSpeechMs = 64.0  # speech that starts a turn while a reply plays
     speculate: bool = True  # draft the reply during the end-of-turn silence
     speculate_after_ms: SpeculateAfterMs = 96.0  # silence before the draft starts
+    draft_while_speaking: bool = True  # also draft once a whole command's partial is stable
+    early_silence: bool = True  # predictive: count silence from the drop in energy
     audio_chunk_ms: AudioChunkMs = 100.0
     audio_lead_ms: AudioLeadMs = 300.0  # how far audio is sent ahead of real-time playback
     voice_max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)  # None: the bundle's

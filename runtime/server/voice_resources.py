@@ -61,6 +61,8 @@ class VoiceResources:
             barge_in_min_speech_ms=c.barge_in_min_speech_ms,
             speculate=c.speculate,
             speculate_after_ms=c.speculate_after_ms,
+            draft_while_speaking=c.draft_while_speaking,
+            early_silence=c.early_silence,
             max_new_tokens=c.voice_max_new_tokens
             or min(self.state.generator.default_max_new_tokens, MAX_NEW_TOKENS),
             temperature=c.voice_temperature,

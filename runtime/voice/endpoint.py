@@ -10,7 +10,7 @@ was said so far. Each signal is a probability that the turn is over:
   end-of-user-turn tokens after the transcript (``StudentTurnEndScorer``).
 
 Their weighted mean ``p`` sets the silence to wait, between ``complete_silence_ms`` (p = 1:
-a whole command, 96 ms: three VAD windows) and ``incomplete_silence_ms`` (p = 0: "turn
+a whole command, 112 ms, counted from the drop in energy: runtime/voice/vad.py) and ``incomplete_silence_ms`` (p = 0: "turn
 on the ...", 800 ms):
 ``wait = incomplete - p * (incomplete - complete)``. With no signal at all (no grammar, no
 scorer) the fixed ``end_silence_ms`` applies. The VAD keeps ``incomplete_silence_ms`` as its
@@ -58,7 +58,7 @@ class EndpointPolicy:
         self,
         mode: str = "predictive",
         end_silence_ms: float = 300.0,
-        complete_silence_ms: float = 96.0,
+        complete_silence_ms: float = 112.0,
         incomplete_silence_ms: float = 800.0,
         is_complete: Callable[[str], bool | None] | None = None,
         scorer: TurnEndScorer | None = None,

@@ -219,6 +219,7 @@ class VoiceSession:
         self._utterance = False
         self._item_id: str | None = None
         self._partial = ""
+        self._partial_sample = 0  # the stream sample at which the partial last changed
         self._judged = 0
         self._silent_windows = 0
 
@@ -278,7 +279,7 @@ class VoiceSession:
         judged = self.vad.samples_seen // WINDOW_SAMPLES
         new_window = judged > self._judged
         if new_window:
-            quiet = self.vad.in_speech and self.vad.last_probability < self.vad.off_threshold
+            quiet = self._silence_ms() >= WINDOW_MS
             self._silent_windows = self._silent_windows + judged - self._judged if quiet else 0
             self._judged = judged
         if self._utterance:
@@ -322,6 +323,14 @@ class VoiceSession:
             start = end - self._origin
             self._on_speech_start(VadEvent(SPEECH_START, start, now, start, 1.0))
 
+    def _silence_ms(self) -> float:
+        """The silence the endpoint counts: from the drop in energy (``early_silence``,
+        predictive policy) or from Silero's last voiced window."""
+        s = self.settings
+        if s.early_silence and s.endpointing == "predictive":
+            return self.vad.early_silence_ms()
+        return self.vad.silence_ms
+
     def _at_silent_window(self) -> None:
         """A window of silence in an utterance: at its first window the partial becomes
         the recognizer's hypothesis of the speech before it (later hypotheses are not
@@ -330,12 +339,22 @@ class VoiceSession:
         hypothesis = getattr(self.asr, "hypothesis", None)
         if self._silent_windows == 1 and hypothesis is not None:
             text = hypothesis()
-            if text and text != self._partial:
+            if text and text != self._partial and not self._tail_matched(text):
                 self._on_partial(text)
-        if self.vad.in_speech and self.endpoint.should_end(self.vad.silence_ms, self._partial):
+        if self.vad.in_speech and self.endpoint.should_end(self._silence_ms(), self._partial):
             event = self.vad.end_speech()
             if event is not None:
                 self._on_speech_end(event)
+
+    def _tail_matched(self, hypothesis: str) -> bool:
+        """Whether the words ``hypothesis`` adds to a whole command are the fading end of
+        its last word matched as a word ("... in the bedroom" + "and"): the grammar's
+        recognizer fits its words to the quiet tail. Such words wait for the final."""
+        if not hypothesis.startswith(self._partial + " "):
+            return False
+        return bool(self.endpoint.judge(self._partial).complete) and not bool(
+            self.endpoint.judge(hypothesis).complete
+        )
 
     def _feed_asr(self, pcm: bytes) -> None:
         partial = self.asr.feed(pcm)
@@ -372,6 +391,7 @@ class VoiceSession:
 
     def _on_partial(self, partial: str) -> None:
         previous, self._partial = self._partial, partial
+        self._partial_sample = self._samples
         delta = partial[len(previous) :] if partial.startswith(previous) else partial
         self.emit(
             {
@@ -394,13 +414,17 @@ class VoiceSession:
         s = self.settings
         if not (s.speculate and self._utterance and self._partial):
             return
-        after_ms = s.speculate_after_ms
-        judgement = self.endpoint.judge(self._partial) if self._silent_windows else None
-        if judgement is not None and judgement.p is not None and judgement.p >= 0.5:
-            after_ms = min(after_ms, WINDOW_MS)  # a whole command: its reply is likely wanted
-        if self._silent_windows * WINDOW_MS < after_ms:
-            if self.draft is not None and self._silent_windows == 0:
-                self._drop_draft()  # speech resumed: the transcript will change
+        judgement = self.endpoint.judge(self._partial)
+        whole = judgement.p is not None and judgement.p >= 0.5  # its reply is likely wanted
+        if not self._silent_windows:  # still speaking
+            stable_ms = 1000 * (self._samples - self._partial_sample) / SAMPLE_RATE
+            if not (s.draft_while_speaking and whole and stable_ms >= s.draft_stable_ms):
+                if self.draft is not None and self.draft.transcript != self._partial:
+                    self._drop_draft()  # the transcript changed: roll the draft back
+                return
+        elif self._silent_windows * WINDOW_MS < (
+            min(s.speculate_after_ms, WINDOW_MS) if whole else s.speculate_after_ms
+        ):
             return
         if self.draft is not None and self.draft.transcript == self._partial:
             return

@@ -55,8 +55,11 @@ class VoiceSettings:
     # (an incomplete_silence_ms below complete_silence_ms counts as complete_silence_ms)
     endpointing: Endpointing = "predictive"
     end_silence_ms: EndSilenceMs = 300.0
-    complete_silence_ms: EndSilenceMs = 96.0
+    complete_silence_ms: EndSilenceMs = 112.0
     incomplete_silence_ms: EndSilenceMs = 800.0
+    # predictive: a whole command's silence counts from the drop in the signal's energy
+    # (Silero's probability lags the end of speech by two to three windows; vad.py)
+    early_silence: bool = True
     turn_end_scorer: bool = False  # predictive: also ask the student P(end of user turn)
     turn_end_weight: TurnEndWeight = 0.5  # the student's share beside the grammar
     vad_threshold: VadThreshold = 0.5
@@ -67,6 +70,10 @@ class VoiceSettings:
     barge_in_min_speech_ms: MinSpeechMs = 64.0  # speech that starts a turn while a reply plays
     speculate: bool = True
     speculate_after_ms: SpeculateAfterMs = 96.0
+    # draft while the user still speaks once the partial is a whole command and has not
+    # changed for draft_stable_ms of audio (rolled back when it changes)
+    draft_while_speaking: bool = True
+    draft_stable_ms: SpeculateAfterMs = 64.0
     max_new_tokens: MaxNewTokens = 64
     temperature: Temperature = 0.0
     speak_brackets: bool = False
