@@ -42,8 +42,8 @@ FLOOR_RISE = 1.001
 PEAK_DECAY = 0.999
 """Per subframe, how fast the speech level estimate decays (~12 % a second)."""
 QUIET_OVER_FLOOR = 3.0
-QUIET_UNDER_PEAK = 0.05
-"""A subframe is quiet below max(3 x the noise floor, 5 % of the recent speech level)."""
+QUIET_UNDER_PEAK = 0.02
+"""A subframe is quiet below max(3 x the noise floor, 2 % of the recent speech level)."""
 
 SPEECH_START = "speech_start"
 SPEECH_END = "speech_end"
