@@ -4,7 +4,9 @@ This process is the client: it speaks the demo's held-out requests in several vo
 (espeak-ng variants and the Piper voice), some with a pause of 300-700 ms spliced in
 between two words ("turn on the ... kitchen lights"), and streams them as 20 ms PCM16
 frames at real-time pace (silence between turns, as a microphone would) to a server in
-another process (started here with ``moe2edge serve`` unless --url is given).
+another process (started here with ``moe2edge serve`` unless --url is given). The next
+request is spoken once the reply has finished playing (plus ``GAP_S``), as a user would:
+earlier speech would barge in and cut the remembered reply.
 
 Each utterance's speech is trimmed of its synthesized silence, so where speech truly ends
 in the stream is known. The latency is measured as a user hears it: from that true end of
@@ -26,7 +28,9 @@ predictive policy again. It prints one JSON object:
   tts_synth_first_phrase_ms: one short phrase synthesized in this process, per voice;
 - policies: everything per policy and voice; the old fields (response_latency_ms,
   turn_latency_ms: first reply chunk from the endpoint / from the VAD's end; transcript
-  exact match, wer, reply_task_acc, reply_wellformed, text_task_acc) for comparison.
+  exact match, wer, reply_task_acc, reply_wellformed, text_task_acc) for comparison;
+  text_task_acc_in_conversation: the typed requests as one conversation after the same
+  ``history_turns`` earlier turns a voice session keeps (the control for reply_task_acc).
 
     python bench/voice.py --bundle runs/demo/bundles/fp32 --n 80
 """

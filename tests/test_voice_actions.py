@@ -26,7 +26,8 @@ from moe2edge.runtime.server import ServerConfig, create_app
 from moe2edge.runtime.server.tools import tool_format, validate_arguments
 from moe2edge.runtime.server.voice_actions import ActionWebhook, SessionActions, parse_tools
 from moe2edge.runtime.voice import SAMPLE_RATE, EspeakSynthesizer
-from moe2edge.runtime.voice.reply import Reply, ReplyOptions, TurnTimes, VoiceConversation
+from moe2edge.runtime.voice.history import VoiceConversation
+from moe2edge.runtime.voice.reply import Reply, ReplyOptions, TurnTimes
 from tests.conftest import require_tool
 from tests.server_helpers import ServerThread, frames, speech
 from tests.test_server_voice import AUTH, errors_for, recv, until

@@ -16,8 +16,8 @@ from moe2edge.runtime.session import common_prefix_len
 from moe2edge.runtime.voice import SAMPLE_RATE, EspeakSynthesizer, PocketsphinxRecognizer
 from moe2edge.runtime.voice.audio import speech_bounds
 from moe2edge.runtime.voice.endpoint import EndpointPolicy, StudentTurnEndScorer
+from moe2edge.runtime.voice.history import VoiceConversation
 from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
-from moe2edge.runtime.voice.reply import VoiceConversation
 from tests.conftest import require_tool
 from tests.server_helpers import frames
 

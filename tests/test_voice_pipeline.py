@@ -19,8 +19,9 @@ from moe2edge.runtime.voice import (
     EspeakSynthesizer,
     PocketsphinxRecognizer,
 )
+from moe2edge.runtime.voice.history import VoiceConversation
 from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
-from moe2edge.runtime.voice.reply import SpeechText, VoiceConversation
+from moe2edge.runtime.voice.reply import SpeechText
 from tests.conftest import require_tool
 from tests.server_helpers import frames, speech
 
@@ -194,7 +195,7 @@ def test_truncate_keeps_only_what_was_heard(generator, tiny_run) -> None:
         done = emit.of("response.done")[0]["response"]
         item, full = done["output"][0]["id"], done["output"][0]["content"][0]["text"]
         assert [t[1] for t in session.prompt.turns] == [full]
-        reply = session._last_reply
+        reply = session.memory.last_reply
         session.truncate(item, 100.0, lambda *e: errors.append(e))
         session.truncate("item_nope", 10.0, lambda *e: errors.append(e))
         session.truncate(item, 1e9, lambda *e: errors.append(e))

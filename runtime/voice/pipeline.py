@@ -8,17 +8,15 @@ session's own input thread:
   gets a pre-roll of the audio before the decision). The endpoint policy
   (runtime/voice/endpoint.py) closes it: ``fixed`` once ``end_silence_ms`` of silence
   follows the last voiced window, ``predictive`` after a silence that depends on whether
-  the transcript so far is a whole command (short) or a prefix of one (long); at the
-  first silent window the recognizer's current hypothesis is taken as the partial, and no
+  the transcript so far is a whole command (short, counted from the drop in energy) or a
+  prefix of one (long); at the first silent window the recognizer's current hypothesis is taken as the partial, and no
   partial is taken during a silence.
 - The recognizer decodes as audio arrives; each partial transcript's stable words (all
   but the last) are prefilled into the conversation's KV cache (``VoiceConversation``,
-  over runtime/session.py's ``Conversation``), after the last ``history_turns`` turns.
-- Draft: once ``speculate_after_ms`` of silence follows speech (one window when the
-  predictive policy judges the partial a whole command), the reply to the latest
-  partial is generated *held* (text and first audio ready, nothing sent). At the endpoint,
-  if the final transcript equals the draft's, the draft is released and its audio goes out
-  at once; otherwise it is discarded and the reply is generated from the final transcript.
+  runtime/voice/history.py), after the last ``history_turns`` turns.
+- Draft (runtime/voice/speculation.py): the reply to a whole command's partial is generated
+  *held* while the user still speaks or in the silence after, rolled back when the partial
+  changes, and released at the endpoint if the final transcript is the same.
 - Barge-in: speech that starts while a reply is being sent cancels its generation and
   synthesis (``response.done`` with status ``cancelled``, reason ``turn_detected``); while a
   reply plays, ``barge_in_min_speech_ms`` of speech is enough to start a turn. The reply's
@@ -26,9 +24,8 @@ session's own input thread:
   played in real time from its first chunk), announced as ``conversation.item.truncated``;
   a client that knows better sends ``conversation.item.truncate`` with ``audio_end_ms``
   (OpenAI Realtime's semantics) and the history and KV cache are cut back to match.
-- History: once a sent reply is done (completed, cut or cancelled, if it said anything),
-  its turn joins the history the next prompts are rendered after (``history_turns``,
-  0: every utterance starts afresh); a reply started before that turn was done does not
+- History (``TurnMemory``): once a sent reply is done (if it said anything), its turn joins
+  the history the next prompts are rendered after; a reply started before that does not
   include it.
 
 Events (dicts shaped like the OpenAI Realtime API's server events, see
@@ -51,8 +48,10 @@ from moe2edge.runtime.session import Conversation, common_prefix_len
 from moe2edge.runtime.voice.asr import Recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE, validate_frame
 from moe2edge.runtime.voice.endpoint import EndpointPolicy, StudentTurnEndScorer, TurnEndScorer
-from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, VoiceConversation, new_id
+from moe2edge.runtime.voice.history import TurnMemory, VoiceConversation
+from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, new_id
 from moe2edge.runtime.voice.settings import VoiceSettings
+from moe2edge.runtime.voice.speculation import Speculation
 from moe2edge.runtime.voice.tts import Synthesizer
 from moe2edge.runtime.voice.vad import SPEECH_START, WINDOW_SAMPLES, VadEvent, VoiceActivityDetector
 from moe2edge.runtime.voice.wake import WakeGate
@@ -89,6 +88,7 @@ class VoiceSession:
             end_silence_ms=self.settings.end_silence_ms,
         )
         self.prompt = VoiceConversation(generator, self.settings.history_turns, conversation)
+        self.memory = TurnMemory(self.prompt, emit)
         self._scorer = turn_end_scorer  # None: the student's own when turn_end_scorer is set
         self._configure_endpoint()
         s = self.settings
@@ -100,8 +100,7 @@ class VoiceSession:
         self._closed = False
         self._reset_stream()
         self.reply: Reply | None = None  # the reply being sent (released)
-        self._last_reply: Reply | None = None  # the latest reply whose turn is remembered
-        self.draft: Reply | None = None  # a held reply drafted during the end silence
+        self.speculation = Speculation(self._make_reply, metrics)  # the held draft
 
     # --- public API (any thread) -----------------------------------------------------------
 
@@ -157,9 +156,9 @@ class VoiceSession:
         if self._closed:
             return
         self._closed = True
-        for reply in (self.draft, self.reply):
-            if reply is not None:
-                reply.discard()
+        self.speculation.drop(None)
+        if self.reply is not None:
+            self.reply.discard()
         self._inbox.put(None)
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -377,7 +376,7 @@ class VoiceSession:
             )
 
     def _on_speech_start(self, event: VadEvent) -> None:
-        self._drop_draft()
+        self.speculation.drop()
         self._open_utterance(event)  # speech_started goes out before the cancelled reply's done
         reply = self.reply
         if reply is not None and reply.active and self.settings.barge_in:
@@ -411,34 +410,17 @@ class VoiceSession:
             log.debug("incremental prefill skipped", exc_info=True)
 
     def _maybe_draft(self) -> None:
-        s = self.settings
-        if not (s.speculate and self._utterance and self._partial):
+        if not (self._utterance and self._partial):
             return
         judgement = self.endpoint.judge(self._partial)
-        whole = judgement.p is not None and judgement.p >= 0.5  # its reply is likely wanted
-        if not self._silent_windows:  # still speaking
-            stable_ms = 1000 * (self._samples - self._partial_sample) / SAMPLE_RATE
-            if not (s.draft_while_speaking and whole and stable_ms >= s.draft_stable_ms):
-                if self.draft is not None and self.draft.transcript != self._partial:
-                    self._drop_draft()  # the transcript changed: roll the draft back
-                return
-        elif self._silent_windows * WINDOW_MS < (
-            min(s.speculate_after_ms, WINDOW_MS) if whole else s.speculate_after_ms
-        ):
-            return
-        if self.draft is not None and self.draft.transcript == self._partial:
-            return
-        self._drop_draft()
-        self.draft = self._make_reply(self._partial, TurnTimes(), held=True)
-        if self.draft is not None:
-            self.draft.start()
-
-    def _drop_draft(self, outcome: str = "discarded") -> None:
-        if self.draft is not None:
-            self.draft.discard()
-            if self.metrics is not None:
-                self.metrics.speculation.labels(outcome).inc()
-            self.draft = None
+        self.speculation.consider(
+            self._partial,
+            self.settings,
+            whole=judgement.p is not None and judgement.p >= 0.5,  # its reply is likely wanted
+            silence_ms=self._silent_windows * WINDOW_MS,
+            stable_ms=1000 * (self._samples - self._partial_sample) / SAMPLE_RATE,
+            window_ms=WINDOW_MS,
+        )
 
     def _on_speech_end(self, event: VadEvent | None) -> None:
         times = TurnTimes(endpoint=time.perf_counter())
@@ -478,34 +460,15 @@ class VoiceSession:
         )
         if transcript and self.wake is not None:
             self.wake.close()  # the command was heard: the next one needs the phrase again
-        draft, self.draft = self.draft, None
         if not transcript:
-            if draft is not None:
-                draft.discard()
+            self.speculation.drop(None)
             return
-        usable = (
-            draft is not None
-            and draft.transcript == transcript
-            and draft.error is None
-            and draft.prompt_ids == self._prompt(transcript)  # no turn was added meanwhile
-        )
-        if draft is not None and usable:
-            draft.times.last_voiced, draft.times.endpoint = times.last_voiced, times.endpoint
-            draft.times.final_transcript = times.final_transcript
-            draft.times.audio_end_ms = times.audio_end_ms
-            draft.times.endpoint_ms = times.endpoint_ms
-            draft.times.extra.update(times.extra, drafted=True)
-            self.reply = draft
-            draft.release()
-        else:
-            if draft is not None:
-                draft.discard()
+        self.reply = self.speculation.take(transcript, self._prompt(transcript), times)
+        if self.reply is None:
             times.extra["drafted"] = False
             self.reply = self._make_reply(transcript, times, held=False)
             if self.reply is not None:
                 self.reply.start()
-        if draft is not None and self.metrics is not None:
-            self.metrics.speculation.labels("used" if usable else "missed").inc()
 
     def _prompt(self, transcript: str) -> list[int]:
         return self.prompt.prompt(transcript, final=True, reserve=self.settings.max_new_tokens)
@@ -562,72 +525,25 @@ class VoiceSession:
             self.metrics.observe_turn(reply.timings)
 
     def _end_turn(self, reply: Reply) -> None:
-        if reply.error is not None or not reply.result.token_ids:
-            return  # it said nothing: the turn is not remembered
-        text = reply.result.text
-        if reply.status == "cancelled":  # barge-in or response.cancel: keep what was heard
-            played = reply.played_ms()
-            text = reply.heard_text(played)
-            self._truncated(reply, played)
-            if not text:
-                return  # nothing was heard: the turn is not remembered
-        self._last_reply = reply
-        try:
-            self.prompt.add_turn(
-                reply.transcript,
-                text,
-                reply.conversation,
-                speaking=self._partial if self._utterance else "",
-                reserve=self.settings.max_new_tokens,
-            )
-        except Exception:  # the next prompt is prefilled when it comes
-            log.debug("prefill of the history skipped", exc_info=True)
+        self.memory.end_turn(reply, self._speaking(), self.settings.max_new_tokens)
 
-    def _truncated(self, reply: Reply, audio_end_ms: float) -> None:
-        self.emit(
-            {
-                "type": "conversation.item.truncated",
-                "item_id": reply.output_item_id,
-                "content_index": 0,
-                "audio_end_ms": audio_end_ms,
-            }
-        )
-
-    def _truncate(self, item_id: str, audio_end_ms: float, emit_error: Callable) -> None:
-        reply = self._last_reply
-        if reply is None or reply.output_item_id != item_id:
-            emit_error(
-                "item_truncate_invalid_item_id",
-                f"no assistant item {item_id!r} to truncate: only the latest reply "
-                f"({reply.output_item_id if reply else 'none yet'}) can be truncated",
-                "item_id",
-            )
-            return
-        sent_ms = round(1000 * reply.sent_s, 1)
-        if audio_end_ms > sent_ms:
-            emit_error(
-                "invalid_audio_end_ms",
-                f"audio_end_ms {audio_end_ms} is past the {sent_ms} ms of audio sent for "
-                f"item {item_id}",
-                "audio_end_ms",
-            )
-            return
-        self.prompt.replace_last_reply(
-            reply.heard_text(audio_end_ms),
-            speaking=self._partial if self._utterance else "",
-            reserve=self.settings.max_new_tokens,
-        )
-        self._truncated(reply, audio_end_ms)
+    def _speaking(self) -> str:
+        """The partial transcript of a turn begun meanwhile ("" when none)."""
+        return self._partial if self._utterance else ""
 
     def truncate(self, item_id: str, audio_end_ms: float, emit_error: Callable) -> None:
         """``conversation.item.truncate``: the client played only ``audio_end_ms`` of the
         latest reply; the history (and the KV cache) keep only its words heard by then.
         ``emit_error(code, message, param)`` reports a bad item or time."""
-        self.call(lambda: self._truncate(item_id, audio_end_ms, emit_error))
+        self.call(
+            lambda: self.memory.truncate(
+                item_id, audio_end_ms, emit_error, self._speaking(), self.settings.max_new_tokens
+            )
+        )
 
     def _commit(self) -> None:
         if self._utterance:
-            self._drop_draft()
+            self.speculation.drop()
             self._on_speech_end(None)
             self.vad.reset()
             self._origin, self._judged = self._samples, 0
@@ -635,7 +551,7 @@ class VoiceSession:
     def _clear(self) -> None:
         if self._utterance:
             self.asr.finish()
-        self._drop_draft()
+        self.speculation.drop()
         self.vad.reset()
         self._utterance = False
         self._partial = ""
