@@ -33,8 +33,12 @@ from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 from moe2edge.fileio import atomic_write_json  # noqa: E402
 from moe2edge.runtime import Generator  # noqa: E402
-from moe2edge.runtime.voice import EspeakSynthesizer, PocketsphinxRecognizer  # noqa: E402
-from moe2edge.runtime.voice import float32_to_pcm16, vad  # noqa: E402
+from moe2edge.runtime.voice import (  # noqa: E402
+    EspeakSynthesizer,
+    PocketsphinxRecognizer,
+    float32_to_pcm16,
+    vad,
+)
 from moe2edge.runtime.voice.audio import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from moe2edge.runtime.voice.pipeline import VoiceSession  # noqa: E402
 from moe2edge.runtime.voice.settings import VoiceSettings  # noqa: E402
