@@ -311,7 +311,8 @@ async def run_voice(url: str, clips: list[dict], token: str | None, policy: str)
                 await stream.send(silence)
             # the user waits for the reply to finish playing, then a breath, before the next
             # request (speaking earlier would barge in and cut the remembered reply)
-            while time.perf_counter() < min(deadline, reply_played_until(events) + GAP_S):
+            resume = min(deadline, reply_played_until(events) + GAP_S)  # all audio is in
+            while time.perf_counter() < resume:  # by response.done
                 await stream.send(silence)
             turn = analyse(clip, list(events), stream, start)
             turns.append(turn)

@@ -53,12 +53,16 @@ from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, new_id
 from moe2edge.runtime.voice.settings import VoiceSettings
 from moe2edge.runtime.voice.speculation import Speculation
 from moe2edge.runtime.voice.tts import Synthesizer
-from moe2edge.runtime.voice.vad import SPEECH_START, WINDOW_SAMPLES, VadEvent, VoiceActivityDetector
+from moe2edge.runtime.voice.vad import (
+    SPEECH_START,
+    WINDOW_MS,
+    WINDOW_SAMPLES,
+    VadEvent,
+    VoiceActivityDetector,
+)
 from moe2edge.runtime.voice.wake import WakeGate
 
 log = logging.getLogger(__name__)
-
-WINDOW_MS = 1000 * WINDOW_SAMPLES / SAMPLE_RATE
 
 
 class VoiceSession:
@@ -410,7 +414,7 @@ class VoiceSession:
             log.debug("incremental prefill skipped", exc_info=True)
 
     def _maybe_draft(self) -> None:
-        if not (self._utterance and self._partial):
+        if not (self.settings.speculate and self._utterance and self._partial):
             return
         judgement = self.endpoint.judge(self._partial)
         self.speculation.consider(
@@ -419,7 +423,6 @@ class VoiceSession:
             whole=judgement.p is not None and judgement.p >= 0.5,  # its reply is likely wanted
             silence_ms=self._silent_windows * WINDOW_MS,
             stable_ms=1000 * (self._samples - self._partial_sample) / SAMPLE_RATE,
-            window_ms=WINDOW_MS,
         )
 
     def _on_speech_end(self, event: VadEvent | None) -> None:
@@ -463,7 +466,7 @@ class VoiceSession:
         if not transcript:
             self.speculation.drop(None)
             return
-        self.reply = self.speculation.take(transcript, self._prompt(transcript), times)
+        self.reply = self.speculation.take(transcript, self._prompt, times)
         if self.reply is None:
             times.extra["drafted"] = False
             self.reply = self._make_reply(transcript, times, held=False)

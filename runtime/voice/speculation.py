@@ -18,6 +18,7 @@ from typing import Any
 
 from moe2edge.runtime.voice.reply import Reply, TurnTimes
 from moe2edge.runtime.voice.settings import VoiceSettings
+from moe2edge.runtime.voice.vad import WINDOW_MS
 
 MakeReply = Callable[[str, TurnTimes, bool], "Reply | None"]  # (transcript, times, held)
 
@@ -36,7 +37,6 @@ class Speculation:
         whole: bool,
         silence_ms: float,
         stable_ms: float,
-        window_ms: float,
     ) -> None:
         """After each frame of an utterance: draft the reply to ``partial`` when it is time
         (module docstring), roll a draft of an older partial back. ``silence_ms``: the silence
@@ -48,7 +48,7 @@ class Speculation:
                 if self.draft is not None and self.draft.transcript != partial:
                     self.drop()  # the transcript changed: roll the draft back
                 return
-        elif silence_ms < (min(s.speculate_after_ms, window_ms) if whole else s.speculate_after_ms):
+        elif silence_ms < (min(s.speculate_after_ms, WINDOW_MS) if whole else s.speculate_after_ms):
             return
         if self.draft is not None and self.draft.transcript == partial:
             return
@@ -65,16 +65,19 @@ class Speculation:
                 self.metrics.speculation.labels(outcome).inc()
             self.draft = None
 
-    def take(self, transcript: str, prompt_ids: list[int], times: TurnTimes) -> Reply | None:
+    def take(
+        self, transcript: str, prompt_of: Callable[[str], list[int]], times: TurnTimes
+    ) -> Reply | None:
         """At the endpoint: the draft, released with the endpoint's ``times``, when it was
-        made for ``transcript`` on ``prompt_ids``; else None (a draft is discarded)."""
+        made for ``transcript`` on its prompt now (``prompt_of(transcript)``: no turn was
+        added meanwhile); else None (a draft is discarded)."""
         draft, self.draft = self.draft, None
         if draft is None:
             return None
         usable = (
             draft.transcript == transcript
             and draft.error is None
-            and draft.prompt_ids == prompt_ids
+            and draft.prompt_ids == prompt_of(transcript)
         )
         if self.metrics is not None:
             self.metrics.speculation.labels("used" if usable else "missed").inc()

@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = 512
 """Samples the model judges at a time at 16 kHz (32 ms)."""
+WINDOW_MS = 1000 * WINDOW_SAMPLES / SAMPLE_RATE
 CONTEXT_SAMPLES = 64
 """Samples of the previous window the v5 model takes in front of each window."""
 STATE_SHAPE = (2, 1, 128)
