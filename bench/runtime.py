@@ -29,14 +29,16 @@ the same number of threads. The machine's memory bandwidth is measured in the sa
 streaming chat completions through the real HTTP server (``moe2edge serve``, its batching
 loop), per precision (``bench/concurrency.py``; ``--concurrency ''`` skips it;
 ``--concurrency-speculate off,ngram`` adds ``concurrency_ngram``, the servers with prompt
-lookup speculation).
-Then (unless ``--skip-spec``) bench/speculative.py adds ``speculative`` (plain vs prompt
-lookup vs ``--spec-draft``, and onnxruntime-genai plain and with its own n-gram speculative
-decoding, per precision, on ``--spec-fp32``/``--spec-int4``: by default the 100M student's
-bundles and genai's bundles of it; ``greedy_equal``: every method's tokens equal our plain
-decoding's) with ``speedup`` entries ``moe2edge_spec_vs_genai_{fp32,int4}`` (our fastest
-speculative method over genai's fastest configuration), and ``prefix_reuse`` (TTFT of the
-turn after a ``--history-tokens`` history, with and without reuse).
+lookup speculation; ``--concurrency-new-tokens`` per reply, 128 by default).
+Then (unless ``--skip-spec``) bench/speculative.py adds ``speculative`` on the 100M student
+(our plain decoding vs prompt lookup, and onnxruntime-genai plain and with its own n-gram
+speculative decoding, per precision, end tokens ignored; ``greedy_equal_to_plain``: every
+method's tokens against our plain decoding's) with ``speedup`` entries
+``moe2edge_spec_vs_genai_{fp32,int4}`` (our fastest speculative method over genai's fastest
+configuration) and ``prefix_reuse`` (TTFT of the turn after a ``--history-tokens`` history,
+with and without reuse). ``--spec-fp32``/``--spec-int4``/``--spec-draft`` (and genai's
+bundles of the same, ``--spec-genai-*``) add ``speculative_demo``, the same on a trained
+student (the demo domain's) with its draft, and ``moe2edge_spec_vs_genai_demo_*``.
 
     python bench/runtime.py                      # a few minutes on 2 cores
     python bench/runtime.py --new-tokens 32 --repeats 1   # quick look
@@ -63,8 +65,9 @@ RUNTIMES = ["moe2edge_fp32", "moe2edge_int4", "genai_fp32", "genai_int4", "hf_ea
 VOCAB = 16384
 SETTLE_S = float(os.environ.get("BENCH_SETTLE_S", "0.002"))
 # before each whole generation: ORT workers left spinning by the runtime before (genai keeps
-# ORT's default, spin on after a run) would take the cores from the next one
-BURST_SETTLE_S = float(os.environ.get("BENCH_BURST_SETTLE_S", "0.2"))
+# ORT's default, spin on after a run) would take the cores from the next one; 0.2 s was not
+# enough here (our TTFT at 16 tokens 60 ms right after genai vs 29 ms after 1 s, 2026-12-03)
+BURST_SETTLE_S = float(os.environ.get("BENCH_BURST_SETTLE_S", "1.0"))
 
 
 # --- children: one runtime each, nothing else imported --------------------------------------
@@ -465,8 +468,11 @@ def main() -> None:
         "--concurrency", default="1,2,4,8", help="concurrent HTTP streams to measure ('': none)"
     )
     parser.add_argument(
-        "--concurrency-rounds", type=int, default=2, help="replies per stream, in a row"
+        "--concurrency-rounds", type=int, default=4, help="replies per stream, in a row"
     )
+    # long enough that a measurement is seconds, not the ramp-up of the streams (64 tokens
+    # x 2 rounds took 0.7-3 s at int4, and its 8-stream figure moved by 15% between runs)
+    parser.add_argument("--concurrency-new-tokens", type=int, default=128)
     parser.add_argument(
         "--concurrency-speculate",
         default="off",
@@ -478,9 +484,11 @@ def main() -> None:
         "--json", default=str(ROOT / "bench/results/runtime.json"), help="'' : print only"
     )
     # the speculative / prefix_reuse sections (bench/speculative.py)
-    parser.add_argument("--spec-fp32", help="fp32 bundle of the student (default: the 100M one)")
-    parser.add_argument("--spec-int4", help="its int4 bundle (default: the 100M student's)")
-    parser.add_argument("--spec-draft", help="the student's draft bundle (omit: prompt lookup)")
+    parser.add_argument("--spec-fp32", help="a trained student's fp32 bundle (speculative_demo)")
+    parser.add_argument("--spec-int4", help="its int4 bundle")
+    parser.add_argument("--spec-draft", help="its draft bundle (omit: prompt lookup only)")
+    # a demo student's reply takes ~3 ms: 2 rounds of 8 prompts moved its ratios by 2x
+    parser.add_argument("--spec-demo-repeats", type=int, default=20, help="its rounds")
     parser.add_argument("--spec-genai-fp32", help="genai's bundle of --spec-fp32 (its builder dir)")
     parser.add_argument("--spec-genai-int4", help="genai's bundle of --spec-int4")
     parser.add_argument("--history-tokens", type=int, default=256, help="prefix_reuse history")
@@ -549,7 +557,7 @@ def main() -> None:
                 p: measure_concurrency(
                     paths[f"moe2edge_{p}"],
                     streams,
-                    args.new_tokens,
+                    args.concurrency_new_tokens,
                     args.concurrency_rounds,
                     args.threads,
                     speculate,
@@ -560,27 +568,37 @@ def main() -> None:
         from speculative import measure as measure_speculative  # bench/speculative.py
         from speculative import spec_vs_genai
 
+        # the 100M random student (it never ends a reply): prompt lookup, and prefix reuse
+        random_student = measure_speculative(
+            {p: paths[f"moe2edge_{p}"] for p in ("fp32", "int4")},
+            None,
+            args.threads,
+            args.repeats,
+            args.new_tokens,
+            args.history_tokens,
+            ignore_eos=True,
+            genai={p: paths[f"genai_{p}"] for p in ("fp32", "int4")},
+        )
+        result.update(random_student)
+        sections = ["speculative"]
         student = {"fp32": args.spec_fp32, "int4": args.spec_int4}
-        bundles = {p: b or paths[f"moe2edge_{p}"] for p, b in student.items()}
-        given = {"fp32": args.spec_genai_fp32, "int4": args.spec_genai_int4}
-        genai = {p: g or (None if student[p] else paths[f"genai_{p}"]) for p, g in given.items()}
-        random_student = not (args.spec_fp32 or args.spec_int4)  # it never ends a reply
-        result.update(
-            measure_speculative(
-                bundles,
+        if any(student.values()):  # a trained student (the demo domain's), with its draft
+            given = {"fp32": args.spec_genai_fp32, "int4": args.spec_genai_int4}
+            demo = measure_speculative(
+                {p: b for p, b in student.items() if b},
                 args.spec_draft,
                 args.threads,
-                args.repeats,
+                args.spec_demo_repeats,
                 args.new_tokens,
-                args.history_tokens,
-                ignore_eos=random_student,
-                genai={p: g for p, g in genai.items() if g},
-                reuse_bundle=paths["moe2edge_fp32"],  # the 100M student: a 1024-token context
+                genai={p: g for p, g in given.items() if g},
+                prefix_reuse=False,
             )
-        )
-        versus = spec_vs_genai(result["speculative"])
-        result["speculative"]["vs_genai"] = versus
-        result.setdefault("speedup", {}).update(versus["speedup"])
+            result["speculative_demo"] = demo["speculative"]
+            sections.append("speculative_demo")
+        for key in sections:
+            versus = spec_vs_genai(result[key], suffix=key.removeprefix("speculative"))
+            result[key]["vs_genai"] = versus
+            result.setdefault("speedup", {}).update(versus["speedup"])
     print(json.dumps(result))
     if args.json:
         from moe2edge.fileio import atomic_write_json

@@ -217,11 +217,12 @@ def measure(
     max_draft: int = 8,
     genai: dict[str, str | Path] | None = None,
     reuse_bundle: str | Path | None = None,
+    prefix_reuse: bool = True,
 ) -> dict:
     """Both sections for ``bundles`` (precision -> bundle directory); ``genai``: precision
     -> the model builder's bundle for onnxruntime-genai (its plain and n-gram runs);
     ``reuse_bundle``: prefix reuse's bundle (default: the first of ``bundles``; its context
-    must hold the history)."""
+    must hold the history); ``prefix_reuse=False``: the ``speculative`` section only."""
     genai = genai or {}
     common = {"threads": threads, "repeats": repeats}
     spec = {}
@@ -240,7 +241,7 @@ def measure(
             },
         )
     first = reuse_bundle or next(iter(bundles.values()))
-    reuse = in_child(
+    reuse = prefix_reuse and in_child(
         "prefix_reuse",
         {
             **common,
@@ -267,7 +268,7 @@ def measure(
             "genai_bundles": {p: str(b) for p, b in genai.items()},
             "draft": str(draft) if draft else None,
         },
-        "prefix_reuse": {**reuse, "bundle": str(first)},
+        **({"prefix_reuse": {**reuse, "bundle": str(first)}} if reuse else {}),
     }
 
 
@@ -275,17 +276,17 @@ OURS_SPECULATIVE = ("ngram", "draft")
 GENAI_CONFIGS = ("genai", "genai_ngram")
 
 
-def spec_vs_genai(speculative: dict) -> dict:
+def spec_vs_genai(speculative: dict, suffix: str = "") -> dict:
     """``speedup`` entries of bench/runtime.py: our fastest speculative method over
     onnxruntime-genai's fastest configuration (plain or its n-gram speculation), per
-    precision, with which ones they were."""
+    precision (``moe2edge_spec_vs_genai{suffix}_{precision}``), with which ones they were."""
     speedup, best = {}, {}
     for precision, rates in speculative["decode_tok_s"].items():
         ours = {m: v for m, v in rates.items() if m in OURS_SPECULATIVE}
         theirs = {m: v for m, v in rates.items() if m in GENAI_CONFIGS}
         if ours and theirs:
             a, b = max(ours, key=ours.get), max(theirs, key=theirs.get)
-            speedup[f"moe2edge_spec_vs_genai_{precision}"] = round(ours[a] / theirs[b], 3)
+            speedup[f"moe2edge_spec_vs_genai{suffix}_{precision}"] = round(ours[a] / theirs[b], 3)
             best[precision] = {"moe2edge": a, "genai": b}
     return {"speedup": speedup, "best": best}
 

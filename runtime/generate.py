@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from moe2edge.runtime.chat_template import ChatTemplate
 from moe2edge.runtime.constrained import Constraint, Grammars
 from moe2edge.runtime.detokenize import StreamDecoder
+from moe2edge.runtime.draft_length import StepCosts
 from moe2edge.runtime.engine import KVCache, open_engine
 from moe2edge.runtime.errors import BundleError, ContextOverflowError
 from moe2edge.runtime.manifest import tokenizer_path
@@ -242,6 +243,11 @@ class Generator:
         if self.speculation.method == "draft" and draft_engine is None:
             raise BundleError("speculation method 'draft' needs an opened draft engine")
         self.draft_engine = draft_engine
+        # what a decode step with k proposals costs here (runtime/draft_length.py)
+        c = self.speculation
+        self.step_costs = StepCosts(
+            c.max_draft_tokens, max(c.initial_draft_tokens, c.min_draft_tokens)
+        )
         gen = engine.manifest["generation"]
         self.prompt_template: str = gen.get("prompt_template", "{prompt}")
         self.bos_token_id: int | None = gen.get("bos_token_id") if gen.get("add_bos") else None
@@ -306,12 +312,16 @@ class Generator:
         vocab = int(self.engine.manifest["model"]["vocab_size"])
         return Grammars(self.tokenizer.to_str(), vocab, self.eos_token_ids)
 
-    def new_speculator(self) -> Speculator | None:
+    def new_speculator(self, priced: bool = True) -> Speculator | None:
         """Per-sequence speculation state (None: off). A conversation keeps one across turns,
-        so the draft model prefills only what is new."""
+        so the draft model prefills only what is new. ``priced``: its draft length from this
+        generator's measured step times (``decode`` measures them); else the heuristic
+        schedule (the batching loop, which prices a verify against its batched step)."""
         if not self.speculation.enabled:
             return None
-        return Speculator(self.speculation, self.draft_engine)
+        return Speculator(
+            self.speculation, self.draft_engine, costs=self.step_costs if priced else None
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no special tokens, no template)."""
@@ -403,17 +413,23 @@ class Generator:
                 if step_hook is not None:
                     step_hook()
                 forced = decoding.forced(cache)
-                if forced or speculator is None:  # forced tokens: one run for all of them
+                step_started, draft, q = time.perf_counter(), [], None
+                if speculator is not None and not forced:
+                    limit = decoding.draft_limit(cache)
+                    draft, q = decoding.admit_draft(
+                        *speculator.propose(cache, token, decoding.sampler, limit)
+                    )
+                if not draft:  # forced tokens (one run for all of them) or a plain step
                     logits = self.engine.forward([token, *forced], cache)
                     tokens = [*forced, decoding.choose(logits, cache.tokens)]
+                    if speculator is not None and not forced:
+                        speculator.settle_plain(tokens[-1], time.perf_counter() - step_started)
                     continue
-                draft, q = decoding.admit_draft(
-                    *speculator.propose(cache, token, decoding.sampler, decoding.draft_limit(cache))
-                )
                 rows = self.engine.forward([token, *draft], cache, all_logits=True)
                 tokens, proposed, accepted = speculator.settle(
                     cache, token, draft, q, decoding.mask_rows(rows, draft), decoding.sampler
                 )
+                speculator.observe(time.perf_counter() - step_started)
                 result.proposed_tokens += proposed
                 result.accepted_tokens += accepted
         except GeneratorExit:  # the caller stopped reading (break, close): a cancelled reply

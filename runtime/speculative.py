@@ -22,8 +22,12 @@ draft); the cache is truncated past the accepted tokens. Acceptance:
   token is distributed as under plain sampling with the same settings (p and q are the
   filtered distributions: repetition penalty, temperature, top-k, top-p).
 
-The draft length adapts per sequence: +2 after a fully accepted draft, -1 after a rejection,
-within [min_draft_tokens, max_draft_tokens] (transformers' "heuristic" schedule).
+The draft length adapts per sequence. Alone (``Generator.decode``) each step takes the length,
+0 (a plain step) included, with the most expected tokens per second from the step times
+measured on this machine and the sequence's recent acceptance (runtime/draft_length.py). In
+the service's batching loop, whose ``_speculating`` already prices a verify against the
+batched step, it follows transformers' "heuristic" schedule: +2 after a fully accepted draft,
+-1 after a rejection, within [min_draft_tokens, max_draft_tokens].
 
 The propose / verify / accept steps are plain functions over token ids and logits arrays
 (``propose_ngram``, ``greedy_choices``, ``target_probs``, ``accept_greedy``,
@@ -40,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
+from moe2edge.runtime.draft_length import Acceptance, StepCosts, choose_draft_length, could_pay
 from moe2edge.runtime.errors import BundleError
 from moe2edge.runtime.sampling import Sampler
 
@@ -97,21 +101,32 @@ def propose_ngram(
 ) -> list[int]:
     """Up to ``k`` tokens that followed the most recent earlier occurrence of the longest
     suffix of ``tokens`` (``ngram_max`` down to ``ngram_min`` long) that occurred before."""
-    if k < 1:
+    if k < 1 or len(tokens) < 2:
         return []
     ids = np.asarray(tokens, dtype=np.int64)
-    for n in range(min(ngram_max, len(ids) - 1), ngram_min - 1, -1):
-        # windows that start early enough for at least one token to follow them
-        windows = sliding_window_view(ids[:-1], n)
-        hits = np.flatnonzero((windows == ids[-n:]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return ids[start : start + k].tolist()
-    return []
+    # earlier positions holding the last token, then how far back each match goes: one
+    # comparison per candidate and length (a window view of the whole context cost ~10x)
+    ends = np.flatnonzero(ids[:-1] == ids[-1])
+    if ends.size == 0:
+        return []
+    length = np.ones(ends.size, dtype=np.int64)
+    matching = np.ones(ends.size, dtype=bool)
+    for back in range(1, min(ngram_max, len(ids) - 1)):
+        before = ends - back
+        matching &= before >= 0
+        matching[matching] = ids[before[matching]] == ids[-1 - back]
+        length += matching
+    best = min(int(length.max()), ngram_max)
+    if best < ngram_min:
+        return []
+    start = int(ends[np.flatnonzero(length >= best)[-1]]) + 1
+    return ids[start : start + k].tolist()
 
 
 class NgramProposer:
     """Prompt lookup over the sequence so far; no state."""
+
+    free = True  # proposing costs no model run
 
     def __init__(self, config: SpeculationConfig):
         self.ngram_max, self.ngram_min = config.ngram_max, config.ngram_min
@@ -127,6 +142,8 @@ class NgramProposer:
 
 class DraftProposer:
     """A draft model on its own KV cache, kept in step with the sequence by common prefix."""
+
+    free = False
 
     def __init__(self, engine: Any, cache: Any = None):
         self.engine = engine
@@ -251,10 +268,21 @@ def next_draft_length(k: int, proposed: int, accepted: int, low: int, high: int)
 
 
 class Speculator:
-    """One sequence's speculation: its proposer (a draft model's cache), its draft length."""
+    """One sequence's speculation: its proposer (a draft model's cache), its draft length.
 
-    def __init__(self, config: SpeculationConfig, draft_engine: Any = None, proposer: Any = None):
-        self.config = config
+    ``costs``: the generator's measured step times; with them the length is chosen per step
+    by expected tokens per second (``choose_draft_length``, 0 allowed), and the caller
+    reports each step's wall time (``observe``); None: the heuristic schedule.
+    """
+
+    def __init__(
+        self,
+        config: SpeculationConfig,
+        draft_engine: Any = None,
+        proposer: Any = None,
+        costs: StepCosts | None = None,
+    ):
+        self.config, self.costs = config, costs
         if proposer is None:
             proposer = (
                 DraftProposer(draft_engine) if config.method == "draft" else NgramProposer(config)
@@ -263,6 +291,10 @@ class Speculator:
         self.draft_length = min(
             max(config.initial_draft_tokens, config.min_draft_tokens), config.max_draft_tokens
         )
+        self.acceptance = Acceptance()
+        self._ran = 0  # proposals the last settled step ran
+        self._planned_at = -1.0  # the acceptance the last draft length was planned with
+        self._probed = False  # whether the last step probed the acceptance
 
     def step(
         self, engine: Any, cache: Any, token: int, sampler: Sampler, limit: int
@@ -281,7 +313,34 @@ class Speculator:
     ) -> tuple[list[int], np.ndarray | None]:
         """Up to ``min(draft length, limit)`` proposals after ``cache``'s tokens and ``token``,
         and the distributions they were drawn from (None: point masses)."""
-        k = min(self.draft_length, limit)
+        c = self.config
+        if self.costs is None:
+            k = min(self.draft_length, limit)
+        else:
+            may_explore, rate = self.costs.tick(), self.acceptance.rate
+            if self.draft_length == 0 and rate == self._planned_at and not may_explore:
+                k = 0  # nothing has changed since a plain step was planned (a cheap step)
+            else:
+                k = choose_draft_length(
+                    self.costs, self.acceptance, limit, c.min_draft_tokens, c.max_draft_tokens
+                )
+            if self._probed:
+                self.acceptance.after_probe(k)
+            self._planned_at, self._probed = rate, False
+            low, high = c.min_draft_tokens, c.max_draft_tokens
+            if (
+                k == 0
+                and limit >= 1
+                and self.acceptance.probe_due()
+                and could_pay(self.costs, limit, low, high)
+            ):
+                self._probed = True
+                if self.proposer.free:  # a proposal checked against the token chosen
+                    shadow, _ = self.proposer.propose(cache.tokens + [token], 1, sampler)
+                    self.acceptance.shadow = shadow[0] if shadow else None
+                else:
+                    k = min(c.min_draft_tokens, limit)
+            self.draft_length = k
         if k <= 0:
             return [], None
         return self.proposer.propose(cache.tokens + [token], k, sampler)
@@ -304,14 +363,37 @@ class Speculator:
         n, following = verify(sampler, rows[: len(draft) + 1], context, draft, q)
         cache.truncate(before + 1 + n)
         c = self.config
-        self.draft_length = next_draft_length(
-            self.draft_length, len(draft), n, c.min_draft_tokens, c.max_draft_tokens
-        )
+        if draft:
+            self.acceptance.update(len(draft), n)
+        else:
+            self.acceptance.check_shadow(following)
+        if self.costs is None:
+            self.draft_length = next_draft_length(
+                self.draft_length, len(draft), n, c.min_draft_tokens, c.max_draft_tokens
+            )
+        self._ran = len(draft)
         return [*draft[:n], following], len(draft), n
 
+    def observe(self, seconds: float) -> None:
+        """The wall time of the step just settled (proposing, the target's run, verifying)."""
+        if self.costs is not None:
+            self.costs.observe(self._ran, seconds)
+
+    def settle_plain(self, chosen: int, seconds: float) -> None:
+        """After a step without proposals that the caller ran as plain decoding (the fast
+        path: no verify): ``chosen`` its token, ``seconds`` its wall time."""
+        self.acceptance.check_shadow(chosen)
+        if self.costs is None:
+            return
+        self.costs.observe(0, seconds)
+        self._ran = 0
+
     def copy(self) -> Speculator:
-        clone = Speculator(self.config, proposer=self.proposer.copy())
+        clone = Speculator(self.config, proposer=self.proposer.copy(), costs=self.costs)
         clone.draft_length = self.draft_length
+        clone.acceptance.accepted = self.acceptance.accepted
+        clone.acceptance.trials = self.acceptance.trials
+        clone.acceptance.probe_every = self.acceptance.probe_every
         return clone
 
 

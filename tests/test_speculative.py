@@ -21,6 +21,7 @@ from moe2edge.runtime import (
     Generator,
     RuntimeUserError,
     SamplingParams,
+    draft_length,
     speculative,
 )
 from moe2edge.runtime.engine import open_engine
@@ -293,7 +294,7 @@ def test_draft_length_adapts_within_bounds(bundles):
     gen = Generator.from_bundle(bundles["fp32"], threads=1)
     config = SpeculationConfig("draft", bundles["fp32"], max_draft_tokens=7, initial_draft_tokens=2)
     spec = gen.with_speculation(config, open_engine(bundles["fp32"], threads=1))
-    speculator = spec.new_speculator()
+    speculator = spec.new_speculator(priced=False)  # the batching loop's schedule
     seen = []
     cache = gen.engine.new_cache()
     result = GenerationResult()
@@ -312,6 +313,40 @@ def test_draft_length_adapts_within_bounds(bundles):
     assert seen[0] == 2 and max(seen) == 7 and all(1 <= k <= 7 for k in seen)
     assert result.acceptance_rate > 0.9  # its own draft
     assert len(seen) < 60 / 3  # several tokens per target run
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("verify_cost", [0.001, 1000.0])
+def test_priced_speculation_is_greedy_equal_whatever_it_picks(
+    bundles, method, verify_cost, monkeypatch
+):
+    """Verifies priced as free (long drafts) or as ruinous (plain steps, and the acceptance
+    sampled: a shadow proposal for prompt lookup, a probe of k = 1 for a draft)."""
+    plain = Generator.from_bundle(bundles["fp32"], threads=1)
+    draft = open_engine(bundles["fp32"], threads=1) if method == "draft" else None
+    config = SpeculationConfig(method, bundles["fp32"] if draft else None, max_draft_tokens=6)
+    spec = plain.with_speculation(config, draft)
+    for k in range(7):  # a measured table, so no exploration steps but the periodic ones
+        for _ in range(3):
+            spec.step_costs.observe(k, 1.0 if k == 0 else verify_cost)
+    monkeypatch.setattr(spec.step_costs, "observe", lambda k, seconds: None)  # kept as set
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    for prompt in ("turn on the kitchen lights", "lights on lights on lights on lights"):
+        want, got = GenerationResult(), GenerationResult()
+        ids = plain.encode_prompt(prompt)
+        for _ in plain.stream(ids, params, result=want):
+            pass
+        for _ in spec.stream(ids, params, result=got):
+            pass
+        assert got.token_ids == want.token_ids
+        if verify_cost < 1:
+            assert got.proposed_tokens >= 10 and got.accepted_tokens > 0
+        else:  # plain steps but the draft's probes (k = 1 every PROBE_EVERY plain steps)
+            # and one measurement every EXPLORE_EVERY steps; unpriced, the second prompt drew 21
+            # proposals (ngram) and both 33 (draft)
+            assert got.proposed_tokens <= 40 // draft_length.PROBE_EVERY + 6
+            if method == "ngram":
+                assert spec.step_costs.steps >= 30  # (its shadows run nothing)
 
 
 # --- sampled output on a real bundle ---------------------------------------------------------

@@ -263,7 +263,7 @@ class BatchLoop:
                     self._start_decoding(job, logits)
 
     def _start_decoding(self, job: Job, logits: np.ndarray) -> None:
-        job.speculator = self.generator.new_speculator()
+        job.speculator = self.generator.new_speculator(priced=False)
         if job.speculator is not None:  # a prior: half of a first draft accepted
             job.expected_accepted = job.speculator.draft_length / 2
         job.decoding = Decoding(
