@@ -132,7 +132,13 @@ def make_optimizer(model: torch.nn.Module, params: list, cfg) -> torch.optim.Opt
             loraplus_weight_decay=cfg.weight_decay,
             betas=betas,
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=betas)
+    # No decay on norm gains and biases (1-D tensors), as nanoGPT and HF's Trainer do:
+    # shrinking a norm's gain towards 0 is not regularisation, it rescales the layer.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=betas)
 
 
 def stage_at(step: int, cfg) -> int:

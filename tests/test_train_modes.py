@@ -259,3 +259,24 @@ def test_chat_and_text_rows_encode_like_prompt_reply_rows(models):
     assert text_ids[1:] == text_labels[1:]
     with pytest.raises(DistillError, match="expected prompt\\+reply, messages, or text"):
         encode_rows(tokenizer, [{"question": "x"}], 64)
+
+
+def test_weight_decay_shrinks_matrices_but_not_norm_gains():
+    """AdamW decays weight matrices only (nanoGPT, HF Trainer): with a zero gradient, a norm
+    gain stays put while a matrix shrinks by lr * weight_decay."""
+    from types import SimpleNamespace
+
+    from moe2edge.distill.adapters import make_optimizer
+
+    model = build_student("demo", 64, seed=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    cfg = SimpleNamespace(lr=0.1, weight_decay=0.5, peft_method="", lora_r=0)
+    optimizer = make_optimizer(model, params, cfg)
+    norm = model.model.norm.weight
+    matrix = model.model.layers[0].mlp.up_proj.weight
+    before = norm.detach().clone(), matrix.detach().clone()
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    assert torch.equal(norm.detach(), before[0])
+    torch.testing.assert_close(matrix.detach(), before[1] * (1 - 0.1 * 0.5))
