@@ -338,8 +338,8 @@ def trl_side_by_side(bench: Bench, seeds: list[int]) -> dict:
     """TRL's GKDTrainer and ours, per seed: the same init, data, batch, steps, divergence.
 
     One seed moved TRL's held-out KL from 1.10 to 1.38 between two machines, more than the
-    gap measured between the two trainers, so each seed is one init and one data order for
-    all three runs, and the ratios are of the means."""
+    gap measured between the two trainers, so each seed gives one init to all three runs
+    (and is each trainer's own data-order seed), and the ratios are of the means."""
     runs: dict[str, list[dict]] = {"trl": [], "ours_live_teacher": [], "ours_cached_teacher": []}
     for seed in seeds:
         for name, record in trl_seed(bench, seed).items():
