@@ -216,13 +216,12 @@ def measure(
     ignore_eos: bool = False,
     max_draft: int = 8,
     genai: dict[str, str | Path] | None = None,
-    reuse_bundle: str | Path | None = None,
     prefix_reuse: bool = True,
 ) -> dict:
     """Both sections for ``bundles`` (precision -> bundle directory); ``genai``: precision
-    -> the model builder's bundle for onnxruntime-genai (its plain and n-gram runs);
-    ``reuse_bundle``: prefix reuse's bundle (default: the first of ``bundles``; its context
-    must hold the history); ``prefix_reuse=False``: the ``speculative`` section only."""
+    -> the model builder's bundle for onnxruntime-genai (its plain and n-gram runs); prefix
+    reuse runs on the first of ``bundles`` (its context must hold the history);
+    ``prefix_reuse=False``: the ``speculative`` section only."""
     genai = genai or {}
     common = {"threads": threads, "repeats": repeats}
     spec = {}
@@ -240,7 +239,7 @@ def measure(
                 "genai": str(genai[precision]) if precision in genai else None,
             },
         )
-    first = reuse_bundle or next(iter(bundles.values()))
+    first = next(iter(bundles.values()))
     reuse = prefix_reuse and in_child(
         "prefix_reuse",
         {
