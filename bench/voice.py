@@ -424,7 +424,7 @@ def main() -> None:
     p.add_argument("--wake-thresholds", default="1e-20,1e-30,1e-40,1e-50,1e-60,1e-70",
                    help="kws_threshold values tried on the tuning set")  # fmt: skip
     p.add_argument("--merge", default=str(ROOT / "bench/results/voice.json"),
-                   help="noise/wake: merge their keys into this JSON (others kept)")  # fmt: skip
+                   help="merge the sections' keys into this JSON (others kept; '' to skip)")  # fmt: skip
     args = p.parse_args()
     run_dir = next(
         (
@@ -457,8 +457,8 @@ def main() -> None:
     text = json.dumps(result)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    if extra and args.merge:
-        merge_results(Path(args.merge), extra)
+    if args.merge:
+        merge_results(Path(args.merge), result)
     print(text)
 
 

@@ -5,10 +5,12 @@ The same 80 clips as ``bench/voice.py --seed 0`` (the demo's held-out requests i
 voices, 30% with a 300-700 ms pause spliced in), each with 0.5 s of lead and 1 s of tail and
 the microphone floor, go as 20 ms frames, as fast as it takes them, through a fresh
 ``VoiceSession`` of the predictive policy (the server's VAD and pocketsphinx with the grammar;
-replies of one token, no drafts: only the endpoint is measured). Decisions depend on stream
-positions only, so the figures do not depend on this machine's speed. Prints and writes one
-JSON object: per setting, cut-offs (an endpoint before the true end; among all clips and the
-paused ones) and the endpoint's delay after the true end (p50, p95).
+replies of one token, no drafts, no barge-in: only the endpoint is measured). Decisions
+depend on stream positions only, so the figures do not depend on this machine's speed. The
+one recognizer is shared by the clips in order, as a server's pool shares it, so a clip's
+transcript depends a little on the clips before it (pocketsphinx adapts its cepstral mean).
+Prints and writes one JSON object: per setting, cut-offs (an endpoint before the true end;
+among all clips and the paused ones) and the endpoint's delay after the true end (p50, p95).
 
     python bench/voice_endpoint_sweep.py            # ~40 s per setting on 2 cores
 """
@@ -43,14 +45,20 @@ from moe2edge.runtime.voice.audio import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E40
 from moe2edge.runtime.voice.pipeline import VoiceSession  # noqa: E402
 from moe2edge.runtime.voice.settings import VoiceSettings  # noqa: E402
 
-# (label, complete_silence_ms, early_silence, vad.QUIET_UNDER_PEAK: a constant, swept here)
+# (label, VoiceSettings overrides, vad.QUIET_UNDER_PEAK: a constant, swept here)
+CLOSED_OFF = {"closed_silence_ms": 112.0}  # closed commands wait as long as any whole one
 SETTINGS = [
-    ("silero_96", 96.0, False, 0.02),  # before: silence counted from Silero's last voiced window
-    ("energy_112", 112.0, True, 0.02),  # the default
-    ("energy_96", 96.0, True, 0.02),
-    ("energy_80", 80.0, True, 0.02),
-    ("energy_128", 128.0, True, 0.02),
-    ("energy_112_peak5pct", 112.0, True, 0.05),
+    # before: silence counted from Silero's last voiced window
+    ("silero_96", {"complete_silence_ms": 96.0, "early_silence": False, **CLOSED_OFF}, 0.02),
+    ("energy_112", {"complete_silence_ms": 112.0, **CLOSED_OFF}, 0.02),
+    ("energy_96", {"complete_silence_ms": 96.0, "closed_silence_ms": 96.0}, 0.02),
+    ("energy_80", {"complete_silence_ms": 80.0, "closed_silence_ms": 80.0}, 0.02),
+    ("energy_128", {"complete_silence_ms": 128.0, "closed_silence_ms": 128.0}, 0.02),
+    ("energy_112_peak5pct", {"complete_silence_ms": 112.0, **CLOSED_OFF}, 0.05),
+    ("energy_112_closed_80", {"complete_silence_ms": 112.0, "closed_silence_ms": 80.0}, 0.02),
+    ("energy_112_closed_64", {"complete_silence_ms": 112.0, "closed_silence_ms": 64.0}, 0.02),
+    ("energy_112_closed_48", {"complete_silence_ms": 112.0, "closed_silence_ms": 48.0}, 0.02),
+    ("energy_112_closed_32", {"complete_silence_ms": 112.0, "closed_silence_ms": 32.0}, 0.02),
 ]
 LEAD_S, TAIL_S, FLOOR = 0.5, 1.0, 0.002
 
@@ -97,8 +105,10 @@ def main() -> None:
     p.add_argument("--n", type=int, default=80)
     p.add_argument("--paused", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated labels of SETTINGS to run")
     p.add_argument("--json", default=str(ROOT / "bench/results/voice_endpoint_sweep.json"))
     args = p.parse_args()
+    chosen = [x for x in SETTINGS if not args.only or x[0] in args.only.split(",")]
     run = Path(args.run)
     rows = [json.loads(x) for x in (run / "data/eval.jsonl").read_text().splitlines() if x]
     rows = [r for r in rows if r.get("kind") != "multi_turn"][: args.n]
@@ -108,21 +118,22 @@ def main() -> None:
     recognizer = PocketsphinxRecognizer(grammar_path=str(run / "data/commands.jsgf"))
     out: dict = {"clips": len(clips), "paused": sum(paused), "settings": {}}
     started = time.time()
-    for label, complete_ms, early, peak in SETTINGS:
+    default_peak = vad.QUIET_UNDER_PEAK
+    for label, overrides, peak in chosen:
         vad.QUIET_UNDER_PEAK = peak
+        # barge_in off: whether a reply is still playing when the tail arrives (a race with
+        # the reply's thread) would change how the next speech is cut, and so what the shared
+        # recognizer hears (its cepstral mean adapts across utterances, as in the server)
         settings = VoiceSettings(
-            max_new_tokens=1,
-            speculate=False,
-            history_turns=0,
-            complete_silence_ms=complete_ms,
-            early_silence=early,
+            max_new_tokens=1, speculate=False, history_turns=0, barge_in=False, **overrides
         )
         results = [endpoint_of(generator, recognizer, c, settings) for c in clips]
         delays = np.array([d for _, d in results])
         cuts = [c["text"] for c, (cut, _) in zip(clips, results, strict=True) if cut]
         out["settings"][label] = {
-            "complete_silence_ms": complete_ms,
-            "early_silence": early,
+            "complete_silence_ms": settings.complete_silence_ms,
+            "closed_silence_ms": min(settings.closed_silence_ms, settings.complete_silence_ms),
+            "early_silence": settings.early_silence,
             "quiet_under_peak": peak,
             "cutoffs": len(cuts),
             "cutoffs_paused": sum(cut and pz for (cut, _), pz in zip(results, paused, strict=True)),
@@ -133,7 +144,7 @@ def main() -> None:
             "cut": cuts,
         }
         print(json.dumps({label: out["settings"][label]}), file=sys.stderr, flush=True)
-    vad.QUIET_UNDER_PEAK = SETTINGS[1][3]
+    vad.QUIET_UNDER_PEAK = default_peak
     out |= {"cpu": cpu_name(), "seconds": round(time.time() - started, 1)}
     if args.json:
         atomic_write_json(Path(args.json), out, indent=1)

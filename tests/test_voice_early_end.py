@@ -49,8 +49,8 @@ def drafts_of(generator, grammar, audio, **settings) -> tuple[list[dict], list[d
             {
                 "transcript": transcript,
                 "held": held,
-                "speaking": self._silent_windows == 0,
-                "at_ms": 1000 * self._samples / SAMPLE_RATE,
+                "speaking": self.turn_end.silent_windows == 0,
+                "at_ms": 1000 * self.clock.samples / SAMPLE_RATE,
             }
         )
         return original(self, transcript, times, held)
@@ -94,3 +94,18 @@ def test_a_draft_is_rolled_back_when_the_partial_goes_on(generator, tiny_run) ->
     sent = [e for e in events if e["type"] == "response.created"]
     assert len(sent) == 1  # only the reply to the whole utterance went out
     assert made[-1]["transcript"] == text
+
+
+def test_a_closed_command_is_drafted_without_waiting_for_it_to_hold(generator, tiny_run) -> None:
+    """Nothing can follow a closed command, and its endpoint comes 64 ms after the speech:
+    its draft starts at once, not after ``draft_stable_ms``."""
+    closed = "turn on the kitchen lights and close the bedroom curtains"
+    audio, true_end = spoken([closed], pause_ms=0)
+    events, made = drafts_of(generator, tiny_run["grammar"], audio, draft_stable_ms=1000)
+    early = [m for m in made if m["held"] and m["speaking"] and m["transcript"] == closed]
+    assert early and early[0]["at_ms"] < true_end + 64, made
+    assert of(events, "turn.timings")[0]["drafted"] is True
+    # a command that may go on waits to hold still for draft_stable_ms while speaking
+    audio, _ = spoken(["turn on the kitchen lights"], pause_ms=0)
+    _, made = drafts_of(generator, tiny_run["grammar"], audio, draft_stable_ms=1000)
+    assert made and not any(m["speaking"] for m in made), made

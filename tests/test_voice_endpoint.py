@@ -16,6 +16,7 @@ from moe2edge.runtime.session import common_prefix_len
 from moe2edge.runtime.voice import SAMPLE_RATE, EspeakSynthesizer, PocketsphinxRecognizer
 from moe2edge.runtime.voice.audio import speech_bounds
 from moe2edge.runtime.voice.endpoint import EndpointPolicy, StudentTurnEndScorer
+from moe2edge.runtime.voice.fsg import GrammarAutomaton
 from moe2edge.runtime.voice.history import VoiceConversation
 from moe2edge.runtime.voice.pipeline import VoiceSession, VoiceSettings
 from tests.conftest import require_tool
@@ -40,6 +41,46 @@ def test_grammar_final_state_tells_a_command_from_its_prefix(asr) -> None:
     for prefix in ("turn on the", "turn on the kitchen", "", "lights please"):
         assert asr.is_complete(prefix) is False, prefix
     assert PocketsphinxRecognizer().is_complete("turn on the kitchen lights") is None  # no grammar
+
+
+def test_grammar_automaton_accepts_what_pocketsphinx_accepts(asr) -> None:
+    automaton = GrammarAutomaton.from_fsg(asr._fsg)
+    sentences = [
+        "turn on the kitchen lights and close the bedroom curtains",
+        "turn on the kitchen lights",
+        "lights please turn on",
+        "close the bedroom curtains and",
+    ]
+    for sentence in sentences:
+        words = sentence.split()
+        for n in range(len(words) + 1):
+            text = " ".join(words[:n])
+            assert automaton.accepts(text) == bool(asr._fsg.accept(text)), text
+    assert automaton.states_after("lights please turn on") == set()  # no sentence starts so
+    with pytest.raises(ValueError, match="FINAL_STATE"):
+        GrammarAutomaton("FSG_BEGIN x\nNUM_STATES 1\nSTART_STATE 0\nFSG_END\n")
+
+
+def test_grammar_tells_a_closed_command_from_one_that_may_go_on(asr) -> None:
+    single = "turn on the kitchen lights"
+    compound = "turn on the kitchen lights and close the bedroom curtains"
+    assert asr.can_continue(single) is True  # "... and close the window" may follow
+    assert asr.can_continue(compound) is False  # the grammar allows nothing after it
+    assert asr.can_continue("turn on the") is True
+    assert PocketsphinxRecognizer().can_continue(single) is None  # no grammar
+    policy = EndpointPolicy(
+        complete_silence_ms=112,
+        closed_silence_ms=64,
+        is_complete=asr.is_complete,
+        can_continue=asr.can_continue,
+    )
+    closed, whole = policy.judge(compound), policy.judge(single)
+    assert closed.closed and closed.wait_ms == 64
+    assert not whole.closed and whole.wait_ms == 112
+    assert policy.judge("turn on the").wait_ms == 800
+    assert policy.min_wait_ms == 64
+    with pytest.raises(ValueError, match="closed_silence_ms"):
+        EndpointPolicy(complete_silence_ms=112, closed_silence_ms=200)
 
 
 def test_policy_waits_short_after_a_command_long_after_a_prefix(asr) -> None:
@@ -166,6 +207,28 @@ def test_predictive_endpoint_waits_out_a_pause_and_ends_a_command_early(
     stopped = of(events, "input_audio_buffer.speech_stopped")
     assert len(stopped) == 2 and stopped[0]["endpoint_ms"] < true_end - 300
     assert 300 <= stopped[0]["endpoint_ms"] - stopped[0]["audio_end_ms"] < 333
+
+
+def test_a_closed_command_ends_sooner_and_only_once(generator, tiny_run) -> None:
+    text = "turn on the kitchen lights and close the bedroom curtains"
+    audio, true_end = spoken([text], pause_ms=0)
+    ends = {}
+    for closed_ms in (64.0, 112.0):  # 112: as long as any whole command waits
+        events = run_turn(
+            generator, tiny_run["grammar"], audio, speculate=False, closed_silence_ms=closed_ms
+        )
+        stopped = of(events, "input_audio_buffer.speech_stopped")
+        # one turn: Silero still calling the tail speech after the early end starts none
+        assert len(of(events, "input_audio_buffer.speech_started")) == 1, events
+        assert len(stopped) == 1 and stopped[0]["endpoint_ms"] > true_end
+        final = of(events, "conversation.item.input_audio_transcription.completed")
+        assert [e["transcript"] for e in final] == [text]
+        timings = of(events, "turn.timings")[0]
+        assert timings["endpoint_wait_ms"] == closed_ms
+        ends[closed_ms] = stopped[0]["endpoint_ms"] - true_end
+    # the closed wait counts from the drop in energy whatever Silero says: sooner by
+    # about the difference (the decision is taken on every 20 ms frame)
+    assert ends[64.0] < 64 + 40 and ends[112.0] - ends[64.0] >= 28, ends
 
 
 def test_predictive_endpoint_with_the_student_scorer_and_a_draft(generator, tiny_run) -> None:

@@ -35,6 +35,7 @@ def session_view(s: VoiceSettings) -> dict:
         "moe2edge": {
             "endpointing": s.endpointing,
             "complete_silence_ms": s.complete_silence_ms,
+            "closed_silence_ms": s.closed_silence_ms,
             "incomplete_silence_ms": s.incomplete_silence_ms,
             "early_silence": s.early_silence,
             "turn_end_scorer": s.turn_end_scorer,

@@ -40,7 +40,7 @@ from moe2edge.runtime.server.voice_actions import (
 from moe2edge.runtime.server.voice_resources import VoiceResources
 from moe2edge.runtime.server.voice_session_config import parse_session_update, session_view
 from moe2edge.runtime.voice.pipeline import VoiceSession
-from moe2edge.runtime.voice.reply import new_id
+from moe2edge.runtime.voice.reply import error_event, new_id
 from moe2edge.runtime.voice.vad import VoiceActivityDetector
 
 log = logging.getLogger(__name__)
@@ -56,19 +56,6 @@ CLIENT_EVENTS = (
     "conversation.item.truncate",
     "conversation.item.create",
 )
-
-
-def error_event(
-    code: str,
-    message: str,
-    param: str | None = None,
-    event_id: Any = None,
-    type: str = "invalid_request_error",
-) -> dict:
-    err = {"type": type, "code": code, "message": message, "param": param}
-    if event_id is not None:
-        err["event_id"] = event_id
-    return {"type": "error", "error": err}
 
 
 @router.websocket("/v1/realtime")

@@ -4,8 +4,9 @@ A backend implements `Recognizer`: `start_utterance()`, then `feed(audio)` for e
 it arrives (it decodes there, so `finish()` has little left to do), then `finish()` for the
 final transcript. Audio is 16 kHz mono, as PCM16 little-endian bytes or a float32 array.
 Two optional methods feed predictive endpointing (runtime/voice/endpoint.py):
-`hypothesis()` (the current best text, unthrottled) and `is_complete(text)` (whether the
-text is a whole command of the backend's grammar; None when it cannot tell).
+`hypothesis()` (the current best text, unthrottled), `is_complete(text)` (whether the
+text is a whole command of the backend's grammar; None when it cannot tell) and
+`can_continue(text)` (whether the grammar allows more words after it; None: cannot tell).
 
 The built-in backend is `PocketsphinxRecognizer` (pocketsphinx 5 with its bundled en-US model,
 best with a JSGF grammar of the commands a device expects).
@@ -47,6 +48,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from moe2edge.runtime.voice.audio import SAMPLE_RATE, as_pcm16
+from moe2edge.runtime.voice.fsg import GrammarAutomaton
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +148,7 @@ class PocketsphinxRecognizer:
         started = time.perf_counter()
         self._decoder = pocketsphinx.Decoder(**kwargs)
         self._fsg = None  # the grammar's finite-state form, for is_complete
+        self._automaton: GrammarAutomaton | None = None  # the same, walkable: can_continue
         if grammar is not None:
             self._load_grammar(grammar)
         logger.info(
@@ -173,6 +176,7 @@ class PocketsphinxRecognizer:
             raise ValueError(f"JSGF grammar could not be parsed by pocketsphinx: {exc}") from exc
         self._decoder.activate_search("grammar")
         self._fsg = self._decoder.get_fsg("grammar")
+        self._automaton = _automaton_of(grammar, self._fsg)
 
     @property
     def in_utterance(self) -> bool:
@@ -222,6 +226,13 @@ class PocketsphinxRecognizer:
             return None
         return bool(text.strip()) and bool(self._fsg.accept(" ".join(text.split())))
 
+    def can_continue(self, text: str) -> bool | None:
+        """Does the grammar allow more words after ``text``? False for a whole command
+        nothing can follow ("... and close the window"); None without a grammar."""
+        if self._automaton is None:
+            return None
+        return self._automaton.can_continue(" ".join(text.split()))
+
     def finish(self) -> str:
         if not self._in_utterance:
             raise RuntimeError("finish() without an utterance: call start_utterance() first")
@@ -231,6 +242,19 @@ class PocketsphinxRecognizer:
         text = hyp.hypstr if hyp is not None else ""
         logger.debug("final transcript %r after %d samples", text, self._samples)
         return text
+
+
+_AUTOMATA: dict[str, GrammarAutomaton] = {}  # by grammar text
+
+
+def _automaton_of(grammar: str, fsg) -> GrammarAutomaton:
+    """One automaton per grammar (~0.1 s to build for the demo's): the recognizers of a
+    server's pool share it."""
+    if grammar not in _AUTOMATA:
+        if len(_AUTOMATA) >= 8:
+            _AUTOMATA.clear()
+        _AUTOMATA[grammar] = GrammarAutomaton.from_fsg(fsg)
+    return _AUTOMATA[grammar]
 
 
 RecognizerFactory = Callable[..., Recognizer]

@@ -5,7 +5,10 @@ waits 500 ms, Pipecat 800 ms). ``predictive``: the silence the turn needs depend
 was said so far. Each signal is a probability that the turn is over:
 
 - the grammar (``is_complete``): 1 when the transcript so far is a whole sentence of the
-  recognizer's JSGF grammar (its FSG reaches a final state), 0 when it is a prefix;
+  recognizer's JSGF grammar (its FSG reaches a final state), 0 when it is a prefix; and
+  (``can_continue``) whether the grammar lets it go on: a whole sentence after which the
+  grammar allows no word ("... and close the window", "close it") is *closed* and waits
+  only ``closed_silence_ms``, since nothing the user could still say would be recognized;
 - optionally the student (``scorer``): its probability of the chat template's
   end-of-user-turn tokens after the transcript (``StudentTurnEndScorer``).
 
@@ -49,6 +52,7 @@ class EndpointJudgement:
     complete: bool | None = None  # the grammar's verdict (None: no grammar)
     turn_end_p: float | None = None  # the scorer's probability (None: no scorer)
     p: float | None = None  # the combined probability (None: fixed policy)
+    closed: bool = False  # a whole sentence the grammar allows nothing after
 
 
 class EndpointPolicy:
@@ -61,6 +65,8 @@ class EndpointPolicy:
         complete_silence_ms: float = 112.0,
         incomplete_silence_ms: float = 800.0,
         is_complete: Callable[[str], bool | None] | None = None,
+        closed_silence_ms: float | None = None,
+        can_continue: Callable[[str], bool | None] | None = None,
         scorer: TurnEndScorer | None = None,
         scorer_weight: float = 0.5,
     ) -> None:
@@ -71,6 +77,11 @@ class EndpointPolicy:
                 f"complete_silence_ms ({complete_silence_ms}) must be > 0 and <= "
                 f"incomplete_silence_ms ({incomplete_silence_ms})"
             )
+        if closed_silence_ms is not None and not 0 < closed_silence_ms <= complete_silence_ms:
+            raise ValueError(
+                f"closed_silence_ms ({closed_silence_ms}) must be > 0 and <= "
+                f"complete_silence_ms ({complete_silence_ms})"
+            )
         if not 0.0 <= scorer_weight <= 1.0:
             raise ValueError(f"scorer_weight must be in [0, 1], got {scorer_weight}")
         self.mode = mode
@@ -78,6 +89,8 @@ class EndpointPolicy:
         self.complete_silence_ms = complete_silence_ms
         self.incomplete_silence_ms = incomplete_silence_ms
         self.is_complete = is_complete
+        self.closed_silence_ms = closed_silence_ms
+        self.can_continue = can_continue if closed_silence_ms is not None else None
         self.scorer = scorer
         self.scorer_weight = scorer_weight
         self._cache: dict[str, EndpointJudgement] = {}
@@ -87,6 +100,8 @@ class EndpointPolicy:
         """No transcript ends a turn after less silence than this."""
         if self.mode == "fixed" or not self._has_signal:
             return self.end_silence_ms
+        if self.can_continue is not None:
+            return self.closed_silence_ms
         return self.complete_silence_ms
 
     @property
@@ -120,8 +135,12 @@ class EndpointPolicy:
             signals.append((1.0 - self.scorer_weight if turn_end_p is not None else 1.0, complete))
         if turn_end_p is not None:
             signals.append((self.scorer_weight if complete is not None else 1.0, turn_end_p))
+        closed = bool(complete) and self.can_continue is not None
+        closed = closed and self.can_continue(transcript) is False
         if not signals:
             judgement = EndpointJudgement(self.end_silence_ms, complete, turn_end_p)
+        elif closed:  # nothing more the user says can be recognized: the grammar decides
+            judgement = EndpointJudgement(self.closed_silence_ms, complete, turn_end_p, 1.0, True)
         else:
             p = sum(w * float(v) for w, v in signals) / sum(w for w, _ in signals)
             span = self.incomplete_silence_ms - self.complete_silence_ms

@@ -5,12 +5,9 @@ Audio (16 kHz mono PCM16) is pushed from any thread and processed in order on th
 session's own input thread:
 
 - Silero VAD judges each 32 ms window; ``speech_start`` opens an utterance (the recognizer
-  gets a pre-roll of the audio before the decision). The endpoint policy
-  (runtime/voice/endpoint.py) closes it: ``fixed`` once ``end_silence_ms`` of silence
-  follows the last voiced window, ``predictive`` after a silence that depends on whether
-  the transcript so far is a whole command (short, counted from the drop in energy) or a
-  prefix of one (long); at the first silent window the recognizer's current hypothesis is taken as the partial, and no
-  partial is taken during a silence.
+  gets a pre-roll of the audio before the decision). The endpoint closes it: the silence
+  is measured and the partial chosen in it by runtime/voice/turn_end.py, and the policy
+  (runtime/voice/endpoint.py) says how much silence the partial needs.
 - The recognizer decodes as audio arrives; each partial transcript's stable words (all
   but the last) are prefilled into the conversation's KV cache (``VoiceConversation``,
   runtime/voice/history.py), after the last ``history_turns`` turns.
@@ -38,7 +35,6 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import fields
 from typing import Any
@@ -49,14 +45,15 @@ from moe2edge.runtime.voice.asr import Recognizer
 from moe2edge.runtime.voice.audio import SAMPLE_RATE, validate_frame
 from moe2edge.runtime.voice.endpoint import EndpointPolicy, StudentTurnEndScorer, TurnEndScorer
 from moe2edge.runtime.voice.history import TurnMemory, VoiceConversation
-from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, new_id
+from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, error_event, new_id
 from moe2edge.runtime.voice.settings import VoiceSettings
 from moe2edge.runtime.voice.speculation import Speculation
+from moe2edge.runtime.voice.stream import Preroll, StreamClock
 from moe2edge.runtime.voice.tts import Synthesizer
+from moe2edge.runtime.voice.turn_end import TurnEnd, endpoint_policy
 from moe2edge.runtime.voice.vad import (
     SPEECH_START,
     WINDOW_MS,
-    WINDOW_SAMPLES,
     VadEvent,
     VoiceActivityDetector,
 )
@@ -94,8 +91,8 @@ class VoiceSession:
         self.prompt = VoiceConversation(generator, self.settings.history_turns, conversation)
         self.memory = TurnMemory(self.prompt, emit)
         self._scorer = turn_end_scorer  # None: the student's own when turn_end_scorer is set
-        self._configure_endpoint()
         s = self.settings
+        self.turn_end = TurnEnd(self.vad, self.asr, self._endpoint_policy(), s.early_silence)
         self.wake = self._wake_gate(s.wake_word, s.wake_threshold, s.wake_timeout_ms)
         self.acquire_slot, self.step_hook, self.metrics = acquire_slot, step_hook, metrics
         self._inbox: queue.Queue = queue.Queue()
@@ -200,31 +197,18 @@ class VoiceSession:
                     self._process(*item)
             except Exception as exc:  # never let one bad frame end the session
                 log.exception("voice pipeline error")
-                self.emit(
-                    {
-                        "type": "error",
-                        "error": {
-                            "type": "server_error",
-                            "code": "pipeline_error",
-                            "message": f"the voice pipeline failed on this input: {exc}",
-                        },
-                    }
-                )
+                message = f"the voice pipeline failed on this input: {exc}"
+                self.emit(error_event("pipeline_error", message, type="server_error"))
         if self._utterance:
             self.asr.finish()
 
     def _reset_stream(self) -> None:
-        self._samples = 0  # samples received since the stream (re)started
-        self._origin = 0  # stream sample where the VAD was last reset
-        self._arrivals: deque[tuple[int, float]] = deque(maxlen=500)  # (end sample, time)
-        self._preroll: deque[bytes] = deque()
-        self._preroll_samples = 0
+        self.clock = StreamClock()
+        self.preroll = Preroll(self.settings.preroll_ms)
         self._utterance = False
         self._item_id: str | None = None
         self._partial = ""
         self._partial_sample = 0  # the stream sample at which the partial last changed
-        self._judged = 0
-        self._silent_windows = 0
 
     def _apply(self, values: dict[str, Any], gate: WakeGate | None = None) -> None:
         self.settings.update(**values)
@@ -232,41 +216,21 @@ class VoiceSession:
         s = self.settings
         self.vad.threshold = s.vad_threshold
         self.vad.off_threshold = max(0.01, s.vad_threshold - 0.15)
-        self._configure_endpoint()
+        self.turn_end.configure(self._endpoint_policy(), s.early_silence)
         if s.history_turns != self.prompt.turns.maxlen:
             self.prompt.set_history_turns(s.history_turns)
 
-    def _configure_endpoint(self) -> None:
-        """The endpoint policy from the settings; the VAD's own silence is its backstop."""
+    def _endpoint_policy(self) -> EndpointPolicy:
         s = self.settings
-        scorer = None
-        if s.turn_end_scorer:
-            scorer = self._scorer or StudentTurnEndScorer(self.prompt)
-        self.endpoint = EndpointPolicy(
-            s.endpointing,
-            end_silence_ms=s.end_silence_ms,
-            complete_silence_ms=s.complete_silence_ms,
-            incomplete_silence_ms=max(s.incomplete_silence_ms, s.complete_silence_ms),
-            is_complete=getattr(self.asr, "is_complete", None),
-            scorer=scorer,
-            scorer_weight=s.turn_end_weight,
-        )
-        self.vad.end_silence_samples = int(self.endpoint.max_wait_ms * SAMPLE_RATE / 1000)
+        scorer = (self._scorer or StudentTurnEndScorer(self.prompt)) if s.turn_end_scorer else None
+        return endpoint_policy(s, self.asr, scorer)
 
-    def _ms(self, vad_sample: int) -> float:
-        return round(1000 * (self._origin + vad_sample) / SAMPLE_RATE, 1)
-
-    def _arrival_of(self, vad_sample: int) -> float | None:
-        """When the frame holding stream sample ``vad_sample`` (VAD time) arrived."""
-        target = self._origin + vad_sample
-        for end, t in self._arrivals:
-            if end >= target:
-                return t
-        return self._arrivals[-1][1] if self._arrivals else None
+    @property
+    def endpoint(self) -> EndpointPolicy:
+        return self.turn_end.endpoint
 
     def _process(self, pcm: bytes, arrived_at: float) -> None:
-        self._samples += len(pcm) // 2
-        self._arrivals.append((self._samples, arrived_at))
+        self.clock.received(len(pcm) // 2, arrived_at)
         if not self.settings.turn_detection:
             if not self._utterance:
                 self._open_utterance(None)
@@ -279,23 +243,14 @@ class VoiceSession:
             / 1000
         )
         events = self.vad.feed(pcm)
-        judged = self.vad.samples_seen // WINDOW_SAMPLES
-        new_window = judged > self._judged
-        if new_window:
-            quiet = self._silence_ms() >= WINDOW_MS
-            self._silent_windows = self._silent_windows + judged - self._judged if quiet else 0
-            self._judged = judged
+        new_window = self.turn_end.count()
         if self._utterance:
             self._feed_asr(pcm)
         else:
-            self._preroll.append(pcm)
-            self._preroll_samples += len(pcm) // 2
-            while self._preroll_samples - len(self._preroll[0]) // 2 >= (
-                self.settings.preroll_ms * SAMPLE_RATE / 1000
-            ):
-                self._preroll_samples -= len(self._preroll.popleft()) // 2
+            self.preroll.ms = self.settings.preroll_ms
+            self.preroll.append(pcm)
         gate = self.wake
-        woke = gate.feed(pcm, self._samples, self._utterance) if gate is not None else None
+        woke = gate.feed(pcm, self.clock.samples, self._utterance) if gate is not None else None
         for event in events:
             if event.kind == SPEECH_START:
                 if gate is None or gate.awake:  # wake mode: only once the phrase was heard
@@ -306,8 +261,14 @@ class VoiceSession:
                 gate.spotter.reset()  # speech without the phrase ended: search afresh
         if woke is not None:
             self._on_wake(woke)
-        if new_window and self._utterance and self._silent_windows:
-            self._at_silent_window()
+        if self._utterance and self.vad.in_speech:
+            text = self.turn_end.hypothesis_to_take(self._partial, new_window)
+            if text is not None:
+                self._on_partial(text)
+            if self.turn_end.should_end(self._partial):
+                event = self.vad.end_speech()
+                if event is not None:
+                    self._on_speech_end(event)
         self._maybe_draft()
 
     def _on_wake(self, end: int) -> None:
@@ -317,56 +278,26 @@ class VoiceSession:
             {
                 "type": "wake",
                 "phrase": self.wake.phrase,
-                "audio_end_ms": self._ms(end - self._origin),
+                "audio_end_ms": self.clock.ms(end - self.clock.origin),
             }
         )
         if self.vad.in_speech and not self._utterance:
-            self._preroll = deque(self.wake.audio_since(end))
-            now = self._samples - self._origin
-            start = end - self._origin
+            self.preroll.replace(self.wake.audio_since(end))
+            now = self.clock.samples - self.clock.origin
+            start = end - self.clock.origin
             self._on_speech_start(VadEvent(SPEECH_START, start, now, start, 1.0))
-
-    def _silence_ms(self) -> float:
-        """The silence the endpoint counts: from the drop in energy (``early_silence``,
-        predictive policy) or from Silero's last voiced window."""
-        s = self.settings
-        if s.early_silence and s.endpointing == "predictive":
-            return self.vad.early_silence_ms()
-        return self.vad.silence_ms
-
-    def _at_silent_window(self) -> None:
-        """A window of silence in an utterance: at its first window the partial becomes
-        the recognizer's hypothesis of the speech before it (later hypotheses are not
-        taken: a recognizer constrained by a grammar may match words to the silence, e.g.
-        "... fan and"); then the policy is asked."""
-        hypothesis = getattr(self.asr, "hypothesis", None)
-        if self._silent_windows == 1 and hypothesis is not None:
-            text = hypothesis()
-            if text and text != self._partial and not self._tail_matched(text):
-                self._on_partial(text)
-        if self.vad.in_speech and self.endpoint.should_end(self._silence_ms(), self._partial):
-            event = self.vad.end_speech()
-            if event is not None:
-                self._on_speech_end(event)
-
-    def _tail_matched(self, hypothesis: str) -> bool:
-        """Whether the words ``hypothesis`` adds to a whole command are the fading end of
-        its last word matched as a word ("... in the bedroom" + "and"): the grammar's
-        recognizer fits its words to the quiet tail. Such words wait for the final."""
-        if not hypothesis.startswith(self._partial + " "):
-            return False
-        return bool(self.endpoint.judge(self._partial).complete) and not bool(
-            self.endpoint.judge(hypothesis).complete
-        )
 
     def _feed_asr(self, pcm: bytes) -> None:
         partial = self.asr.feed(pcm)
-        if partial and not self._silent_windows:  # words "heard" in a silence are noise
+        if not partial or partial == self._partial:
+            return
+        if not self.turn_end.in_silence:  # words "heard" in a silence are noise
             self._on_partial(partial)
 
     def _open_utterance(self, event: VadEvent | None) -> None:
         self._item_id = new_id("item")
         self._partial = ""
+        self.turn_end.new_utterance()
         self._prefill("")
         self.asr.start_utterance()
         self._utterance = True
@@ -374,7 +305,7 @@ class VoiceSession:
             self.emit(
                 {
                     "type": "input_audio_buffer.speech_started",
-                    "audio_start_ms": self._ms(event.sample),
+                    "audio_start_ms": self.clock.ms(event.sample),
                     "item_id": self._item_id,
                 }
             )
@@ -387,14 +318,12 @@ class VoiceSession:
             reply.cancel("turn_detected")
             if self.metrics is not None:
                 self.metrics.barge_ins.inc()
-        preroll, self._preroll = list(self._preroll), deque()
-        self._preroll_samples = 0
-        for frame in preroll:
+        for frame in self.preroll.take():
             self._feed_asr(frame)
 
     def _on_partial(self, partial: str) -> None:
         previous, self._partial = self._partial, partial
-        self._partial_sample = self._samples
+        self._partial_sample = self.clock.samples
         delta = partial[len(previous) :] if partial.startswith(previous) else partial
         self.emit(
             {
@@ -421,8 +350,9 @@ class VoiceSession:
             self._partial,
             self.settings,
             whole=judgement.p is not None and judgement.p >= 0.5,  # its reply is likely wanted
-            silence_ms=self._silent_windows * WINDOW_MS,
-            stable_ms=1000 * (self._samples - self._partial_sample) / SAMPLE_RATE,
+            silence_ms=self.turn_end.silent_windows * WINDOW_MS,
+            stable_ms=1000 * (self.clock.samples - self._partial_sample) / SAMPLE_RATE,
+            closed=judgement.closed,
         )
 
     def _on_speech_end(self, event: VadEvent | None) -> None:
@@ -435,12 +365,14 @@ class VoiceSession:
             turn_end_p=judgement.turn_end_p,
         )
         if event is not None:
-            times.last_voiced = self._arrival_of(event.sample)
-            times.audio_end_ms = self._ms(event.sample)
-            times.endpoint_ms = self._ms(event.decided_sample)
+            times.last_voiced = self.clock.arrival_of(event.sample)
+            times.audio_end_ms = self.clock.ms(event.sample)
+            times.endpoint_ms = self.clock.ms(event.decided_sample)
         else:  # committed by the client: the last frame received is the end
-            times.last_voiced = self._arrivals[-1][1] if self._arrivals else times.endpoint
-            times.audio_end_ms = times.endpoint_ms = round(1000 * self._samples / SAMPLE_RATE, 1)
+            times.last_voiced = self.clock.last_arrival or times.endpoint
+            times.audio_end_ms = times.endpoint_ms = self.clock.ms(
+                self.clock.samples - self.clock.origin
+            )
         self.emit(
             {
                 "type": "input_audio_buffer.speech_stopped",
@@ -452,7 +384,7 @@ class VoiceSession:
         transcript = self.asr.finish().strip()
         times.final_transcript = time.perf_counter()
         self._utterance = False
-        self._silent_windows = 0
+        self.turn_end.new_utterance()
         self.emit(
             {
                 "type": "conversation.item.input_audio_transcription.completed",
@@ -481,18 +413,11 @@ class VoiceSession:
         room = self.generator.engine.max_length - len(prompt_ids)
         if room < 1:
             if not held:
-                self.emit(
-                    {
-                        "type": "error",
-                        "error": {
-                            "type": "invalid_request_error",
-                            "code": "context_length_exceeded",
-                            "message": f"the transcript is {len(prompt_ids)} tokens, more than "
-                            f"the model's context of {self.generator.engine.max_length}; "
-                            "speak a shorter request",
-                        },
-                    }
+                message = (
+                    f"the transcript is {len(prompt_ids)} tokens, more than the model's "
+                    f"context of {self.generator.engine.max_length}; speak a shorter request"
                 )
+                self.emit(error_event("context_length_exceeded", message))
             return None
         conversation = self.prompt.fork()
         options = self.settings.reply_options()
@@ -549,7 +474,8 @@ class VoiceSession:
             self.speculation.drop()
             self._on_speech_end(None)
             self.vad.reset()
-            self._origin, self._judged = self._samples, 0
+            self.clock.restart_vad()
+            self.turn_end.restart()
 
     def _clear(self) -> None:
         if self._utterance:
@@ -558,7 +484,7 @@ class VoiceSession:
         self.vad.reset()
         self._utterance = False
         self._partial = ""
-        self._preroll.clear()
-        self._preroll_samples = 0
-        self._origin, self._judged, self._silent_windows = self._samples, 0, 0
+        self.preroll.take()
+        self.clock.restart_vad()
+        self.turn_end.restart()
         self.emit({"type": "input_audio_buffer.cleared"})

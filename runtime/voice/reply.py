@@ -37,6 +37,20 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:16]}"
 
 
+def error_event(
+    code: str,
+    message: str,
+    param: str | None = None,
+    event_id: Any = None,
+    type: str = "invalid_request_error",
+) -> dict:
+    """A Realtime ``error`` server event."""
+    err = {"type": type, "code": code, "message": message, "param": param}
+    if event_id is not None:
+        err["event_id"] = event_id
+    return {"type": "error", "error": err}
+
+
 def words_heard(phrases: list[tuple[float, float, str]], audio_end_ms: float) -> int:
     """Words of ``phrases`` ((audio start s, seconds, text) as sent) heard in the first
     ``audio_end_ms`` of audio: a phrase cut short counts its words in proportion."""
@@ -318,16 +332,9 @@ class Reply:
                 self.error = "draft_failed"
             else:
                 self.error = str(exc)
-                self._emit(
-                    {
-                        "type": "error",
-                        "error": {
-                            "type": "server_error" if not busy else "rate_limit_error",
-                            "code": "server_busy" if busy else "generation_failed",
-                            "message": str(exc),
-                        },
-                    }
-                )
+                code = "server_busy" if busy else "generation_failed"
+                kind = "rate_limit_error" if busy else "server_error"
+                self._emit(error_event(code, str(exc), type=kind))
             if not busy:
                 log.exception("voice reply generation failed")
             self.cancel_event.set()

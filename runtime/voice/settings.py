@@ -52,10 +52,13 @@ class VoiceSettings:
     # the endpoint (runtime/voice/endpoint.py): "fixed" waits end_silence_ms of silence;
     # "predictive" waits complete_silence_ms after a whole command of the grammar (or what
     # the student thinks ends the turn), up to incomplete_silence_ms after a prefix of one
-    # (an incomplete_silence_ms below complete_silence_ms counts as complete_silence_ms)
+    # (an incomplete_silence_ms below complete_silence_ms counts as complete_silence_ms);
+    # closed_silence_ms after a whole command the grammar allows nothing after (capped at
+    # complete_silence_ms)
     endpointing: Endpointing = "predictive"
     end_silence_ms: EndSilenceMs = 300.0
     complete_silence_ms: EndSilenceMs = 112.0
+    closed_silence_ms: EndSilenceMs = 64.0
     incomplete_silence_ms: EndSilenceMs = 800.0
     # predictive: a whole command's silence counts from the drop in the signal's energy
     # (Silero's probability lags the end of speech by two to three windows; vad.py)

@@ -2,9 +2,11 @@
 
 Once the partial transcript is a whole command (the endpoint policy's ``p`` >= 0.5) and has
 not changed for ``draft_stable_ms`` of audio, while the user is still speaking
-(``draft_while_speaking``), or after ``speculate_after_ms`` of silence (one window for a
-whole command), the reply to it is started held: text and first audio ready, nothing sent.
-When the partial changes, the draft is rolled back (discarded) and the next one drafted. At
+(``draft_while_speaking``; at once for a *closed* command, one the grammar allows nothing
+after: its endpoint comes only ``closed_silence_ms`` after the speech), or after
+``speculate_after_ms`` of silence (one window for a whole command), the reply to it is
+started held: text and first audio ready, nothing sent. When the partial changes, the
+draft is rolled back (discarded) and the next one drafted. At
 the endpoint, a draft made for exactly the final transcript, on the same prompt (no turn was
 added meanwhile), is released with the endpoint's times and its audio goes out at once;
 any other is discarded. Greedy decoding makes the draft the very reply the final transcript
@@ -37,14 +39,17 @@ class Speculation:
         whole: bool,
         silence_ms: float,
         stable_ms: float,
+        closed: bool = False,
     ) -> None:
         """After each frame of an utterance: draft the reply to ``partial`` when it is time
         (module docstring), roll a draft of an older partial back. ``silence_ms``: the silence
-        so far (0 while speaking); ``stable_ms``: audio since the partial last changed."""
+        so far (0 while speaking); ``stable_ms``: audio since the partial last changed;
+        ``closed``: the grammar allows nothing after ``partial``."""
         if not s.speculate or not partial:
             return
         if not silence_ms:  # still speaking
-            if not (s.draft_while_speaking and whole and stable_ms >= s.draft_stable_ms):
+            ready = whole and (closed or stable_ms >= s.draft_stable_ms)
+            if not (s.draft_while_speaking and ready):
                 if self.draft is not None and self.draft.transcript != partial:
                     self.drop()  # the transcript changed: roll the draft back
                 return

@@ -188,6 +188,8 @@ class VoiceActivityDetector:
         self._floor: float | None = None  # the noise floor's RMS
         self._peak = 0.0  # the recent speech level's RMS
         self._quiet_subframes = 0  # the trailing run of quiet subframes
+        self._energy_pending = np.zeros(0, dtype=np.float32)  # less than a subframe
+        self._await_drop = False  # ended early (end_speech): no new start till prob drops
 
     @property
     def in_speech(self) -> bool:
@@ -201,13 +203,13 @@ class VoiceActivityDetector:
     def feed(self, audio: np.ndarray | bytes) -> list[VadEvent]:
         """Feed 16 kHz mono audio (float32 array or PCM16 bytes); return the events it completed."""
         x = as_float32(audio)
+        self._track_energy(x)  # every whole subframe now, not only whole windows
         if len(self._pending):
             x = np.concatenate([self._pending, x])
         events: list[VadEvent] = []
         n_windows = len(x) // WINDOW_SAMPLES
         for i in range(n_windows):
             window = x[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
-            self._track_energy(window)
             event = self._step(self.model(window))
             if event is not None:
                 events.append(event)
@@ -221,7 +223,8 @@ class VoiceActivityDetector:
 
     @property
     def quiet_ms(self) -> float:
-        """The trailing run of quiet audio (energy near the noise floor), judged windows."""
+        """The trailing run of quiet audio (energy near the noise floor), up to the last
+        whole 8 ms subframe fed (ahead of the judged windows by up to one window)."""
         return samples_to_ms(self._quiet_subframes * SUBFRAME_SAMPLES)
 
     def early_silence_ms(self) -> float:
@@ -236,8 +239,19 @@ class VoiceActivityDetector:
             return self.silence_ms
         return max(self.silence_ms, self.quiet_ms)
 
-    def _track_energy(self, window: np.ndarray) -> None:
-        rms = np.sqrt(np.mean(window.reshape(-1, SUBFRAME_SAMPLES) ** 2, axis=1))
+    def energy_silence_ms(self) -> float:
+        """In speech: the quiet run or ``silence_ms``, whichever is longer, whatever Silero's
+        latest probability (for a turn nothing more can be added to: see endpoint.py)."""
+        return max(self.silence_ms, self.quiet_ms) if self._in_speech else 0.0
+
+    def _track_energy(self, audio: np.ndarray) -> None:
+        if len(self._energy_pending):
+            audio = np.concatenate([self._energy_pending, audio])
+        whole = len(audio) // SUBFRAME_SAMPLES * SUBFRAME_SAMPLES
+        self._energy_pending = audio[whole:].copy()
+        if not whole:
+            return
+        rms = np.sqrt(np.mean(audio[:whole].reshape(-1, SUBFRAME_SAMPLES) ** 2, axis=1))
         for x in rms.tolist():
             self._floor = x if self._floor is None else min(x, self._floor * FLOOR_RISE)
             self._floor = max(self._floor, 1e-5)
@@ -247,12 +261,13 @@ class VoiceActivityDetector:
 
     def end_speech(self) -> VadEvent | None:
         """End the utterance now, because the caller's endpoint policy says it is over:
-        speech_end at the last voiced window, decided at the last judged window (None when
+        speech_end at the last voiced window, decided at the last sample fed (None when
         not in speech)."""
         if not self._in_speech:
             return None
         self._in_speech = False
-        return self._end_event(decided=self._position)
+        self._await_drop = True  # Silero still says speech for a window or three: not a new start
+        return self._end_event(decided=self.samples_seen)
 
     def flush(self) -> list[VadEvent]:
         """End of stream: close an open utterance (speech_end at its last voiced window)."""
@@ -282,6 +297,10 @@ class VoiceActivityDetector:
             event = self._end_event(decided=end)
             logger.debug("speech_end at %.0f ms (decided %.0f ms)", event.time_ms, event.decided_ms)
             return event
+        if self._await_drop:
+            if prob >= self.threshold:
+                return None
+            self._await_drop = False
         # A run starts at `threshold` and, once started, continues down to `off_threshold`.
         floor = self.threshold if self._candidate_start is None else self.off_threshold
         if prob < floor:
