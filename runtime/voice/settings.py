@@ -74,7 +74,8 @@ class VoiceSettings:
     speculate: bool = True
     speculate_after_ms: SpeculateAfterMs = 96.0
     # draft while the user still speaks once the partial is a whole command and has not
-    # changed for draft_stable_ms of audio (rolled back when it changes)
+    # changed for draft_stable_ms of audio, at once when it is closed (rolled back when it
+    # changes)
     draft_while_speaking: bool = True
     draft_stable_ms: SpeculateAfterMs = 64.0
     max_new_tokens: MaxNewTokens = 64
