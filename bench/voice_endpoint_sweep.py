@@ -44,6 +44,7 @@ from moe2edge.runtime.voice import (  # noqa: E402
 from moe2edge.runtime.voice.audio import FRAME_SAMPLES, SAMPLE_RATE  # noqa: E402
 from moe2edge.runtime.voice.pipeline import VoiceSession  # noqa: E402
 from moe2edge.runtime.voice.settings import VoiceSettings  # noqa: E402
+from moe2edge.runtime.voice.turn_end import endpoint_policy  # noqa: E402
 
 # (label, VoiceSettings overrides, vad.QUIET_UNDER_PEAK: a constant, swept here)
 CLOSED_OFF = {"closed_silence_ms": 112.0}  # closed commands wait as long as any whole one
@@ -132,7 +133,7 @@ def main() -> None:
         cuts = [c["text"] for c, (cut, _) in zip(clips, results, strict=True) if cut]
         out["settings"][label] = {
             "complete_silence_ms": settings.complete_silence_ms,
-            "closed_silence_ms": min(settings.closed_silence_ms, settings.complete_silence_ms),
+            "closed_silence_ms": endpoint_policy(settings, recognizer).closed_silence_ms,
             "early_silence": settings.early_silence,
             "quiet_under_peak": peak,
             "cutoffs": len(cuts),

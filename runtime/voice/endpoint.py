@@ -135,8 +135,11 @@ class EndpointPolicy:
             signals.append((1.0 - self.scorer_weight if turn_end_p is not None else 1.0, complete))
         if turn_end_p is not None:
             signals.append((self.scorer_weight if complete is not None else 1.0, turn_end_p))
-        closed = bool(complete) and self.can_continue is not None
-        closed = closed and self.can_continue(transcript) is False
+        closed = (
+            bool(complete)
+            and self.can_continue is not None
+            and (self.can_continue(transcript) is False)
+        )
         if not signals:
             judgement = EndpointJudgement(self.end_silence_ms, complete, turn_end_p)
         elif closed:  # nothing more the user says can be recognized: the grammar decides

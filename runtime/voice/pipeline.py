@@ -216,6 +216,7 @@ class VoiceSession:
         s = self.settings
         self.vad.threshold = s.vad_threshold
         self.vad.off_threshold = max(0.01, s.vad_threshold - 0.15)
+        self.preroll.ms = s.preroll_ms
         self.turn_end.configure(self._endpoint_policy(), s.early_silence)
         if s.history_turns != self.prompt.turns.maxlen:
             self.prompt.set_history_turns(s.history_turns)
@@ -247,7 +248,6 @@ class VoiceSession:
         if self._utterance:
             self._feed_asr(pcm)
         else:
-            self.preroll.ms = self.settings.preroll_ms
             self.preroll.append(pcm)
         gate = self.wake
         woke = gate.feed(pcm, self.clock.samples, self._utterance) if gate is not None else None
