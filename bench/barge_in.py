@@ -38,10 +38,47 @@ from websockets.asyncio.client import connect
 ROOT = vb.ROOT
 INTERRUPTIONS = ["stop", "wait, turn off the fan in the bedroom", "no, lock the garage door"]
 SILENCE_S = 0.02
+ACOUSTIC_DELAY_S = 0.01  # speaker -> microphone
 
 
-async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.ndarray,
-                wait_s: float, seed: int) -> dict:  # fmt: skip
+class Playback:
+    """The client's loudspeaker: each reply plays in real time from its first chunk's
+    arrival and stops when ``speech_started`` arrives (a Realtime client flushes then);
+    ``echo`` is what the microphone hears of it, ``gain`` (from --echo-db) under its level."""
+
+    def __init__(self, events: list, gain: float) -> None:
+        self.events, self.gain = events, gain
+
+    def echo(self, start: float, n: int) -> np.ndarray:
+        out = np.zeros(n, np.float32)
+        replies: dict[str, list] = {}
+        stopped = None
+        for t, e in list(self.events):
+            if e["type"] == "response.audio.delta":
+                replies.setdefault(e["response_id"], []).append((t, e["delta"]))
+            elif e["type"] == "input_audio_buffer.speech_started" and stopped is None:
+                stopped = t if replies else None
+        for chunks in replies.values():
+            played_from = chunks[0][0] + ACOUSTIC_DELAY_S
+            if stopped is not None and stopped < chunks[0][0]:
+                stopped_here = None  # speech_started before this reply: does not stop it
+            else:
+                stopped_here = stopped
+            pcm = b"".join(base64.b64decode(d) for _, d in chunks)
+            audio = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768
+            first = int(round((start - played_from) * vb.SAMPLE_RATE))
+            for k in range(n):
+                at = start + k / vb.SAMPLE_RATE
+                j = first + k
+                if 0 <= j < len(audio) and (stopped_here is None or at < stopped_here):
+                    out[k] += self.gain * audio[j]
+        return out
+
+
+async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.ndarray | None,
+                wait_s: float, seed: int, echo_gain: float = 0.0) -> dict:  # fmt: skip
+    """One barge-in; ``interrupt`` None: a control, the reply plays to its end (any
+    speech_started during it is the device interrupting itself)."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
     async with connect(url, additional_headers=headers, max_size=2**24) as ws:
         events: list[tuple[float, dict]] = []
@@ -51,7 +88,8 @@ async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.
                 events.append((time.perf_counter(), json.loads(message)))
 
         reader = asyncio.create_task(receive())
-        stream = vb.Stream(ws, seed)
+        playback = Playback(events, echo_gain)
+        stream = vb.Stream(ws, seed, playback.echo if echo_gain else None)
         silence = np.zeros(int(SILENCE_S * vb.SAMPLE_RATE), np.float32)
         try:
             while not any(e["type"] == "session.created" for _, e in events):
@@ -66,6 +104,8 @@ async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.
             reply_id = first_audio[1]["response_id"]
             while time.perf_counter() < first_audio[0] + wait_s:
                 await stream.send(silence)
+            if interrupt is None:
+                return await _control(stream, events, reply_id, first_audio[0], silence)
             onset_sample = stream.samples
             await stream.send(interrupt)
             deadline = time.perf_counter() + 10
@@ -85,6 +125,8 @@ async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.
         truncated = next((e for _, e in events if e["type"] == "conversation.item.truncated"), None)
         if not started:
             return {"error": "no speech_started for the interruption"}
+        early = [t for t, e in events if e["type"] == "input_audio_buffer.speech_started"
+                 and first_audio[0] < t < onset - 0.1]  # fmt: skip
         sent_s = sum(len(base64.b64decode(e["delta"])) / 2 / vb.SAMPLE_RATE for _, e in reply_audio)
         played_ms = 1000 * min(sent_s, started[0] - first_audio[0])
         last_audio = reply_audio[-1][0]
@@ -95,7 +137,23 @@ async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.
             "status": done["status"] if done else None,
             "finished_before": done is not None and done["status"] != "cancelled",
             "truncation_error_ms": (truncated["audio_end_ms"] - played_ms) if truncated else None,
+            "self_interrupted": bool(early),
+            "reply_heard_s": min(sent_s, (early or started)[0] - first_audio[0]),
         }
+
+
+async def _control(stream, events, reply_id, first_audio_at, silence) -> dict:
+    deadline = time.perf_counter() + 20
+    while time.perf_counter() < deadline and not _done(events, reply_id):
+        await stream.send(silence)
+    for _ in range(25):  # 0.5 s more: the end of playback and its echo
+        await stream.send(silence)
+    starts = [t for t, e in events if e["type"] == "input_audio_buffer.speech_started"
+              and t > first_audio_at]  # fmt: skip
+    sent_s = sum(len(base64.b64decode(e["delta"])) / 2 / vb.SAMPLE_RATE for _, e in events
+                 if e["type"] == "response.audio.delta" and e["response_id"] == reply_id)  # fmt: skip
+    return {"control": True, "self_interrupted": bool(starts),
+            "reply_heard_s": min(sent_s, starts[0] - first_audio_at) if starts else sent_s}  # fmt: skip
 
 
 def _first(events, kind):
@@ -117,6 +175,11 @@ def main() -> None:
     p.add_argument("--url", default=None)
     p.add_argument("--token", default=os.environ.get("MOE2EDGE_TOKEN"))
     p.add_argument("--set", action="append", default=[], help="extra server key=value")
+    p.add_argument("--echo-db", type=float, default=None,
+                   help="mix the reply's playback into the microphone this many dB under its "
+                        "level (residual echo); default: no echo")  # fmt: skip
+    p.add_argument("--controls", type=int, default=0,
+                   help="also run this many trials without an interruption")  # fmt: skip
     p.add_argument("--out", default=str(ROOT / "bench/results/voice.json"),
                    help="merge barge_in_stop_ms into this JSON (atomic)")  # fmt: skip
     args = p.parse_args()
@@ -134,7 +197,8 @@ def main() -> None:
         server = vb.start_server(args, port, args.tts)
         base = f"http://127.0.0.1:{port}"
     url = base.replace("http", "ws", 1) + "/v1/realtime"
-    results, started = [], time.time()
+    results, controls, started = [], [], time.time()
+    gain = 0.0 if args.echo_db is None else 10 ** (args.echo_db / 20)
     try:
         for i in range(args.n):
             voice = voices[i % len(voices)]
@@ -142,14 +206,22 @@ def main() -> None:
             other = synth[voices[(i + 1) % len(voices)]]
             interrupt = vb.trimmed(other, INTERRUPTIONS[i % len(INTERRUPTIONS)])
             wait_s = float(rng.uniform(0.2, 1.0))
-            r = asyncio.run(trial(url, args.token, command, interrupt, wait_s, args.seed + i))
+            r = asyncio.run(trial(url, args.token, command, interrupt, wait_s, args.seed + i, gain))
             results.append(r | {"voice": voice, "wait_s": round(wait_s, 3)})
             print(json.dumps(results[-1]), file=sys.stderr)
+        for i in range(args.controls):
+            command = vb.trimmed(synth[voices[i % len(voices)]], rows[-1 - i % len(rows)]["spoken"])
+            r = asyncio.run(trial(url, args.token, command, None, 0.0, args.seed + 1000 + i, gain))
+            controls.append(r)
+            print(json.dumps(controls[-1]), file=sys.stderr)
     finally:
         if server is not None:
             server.terminate()
             server.wait(10)
     ok = [r for r in results if "error" not in r]
+    heard = [r for r in ok + controls if "error" not in r]
+    self_cuts = sum(r["self_interrupted"] for r in heard)
+    heard_min = sum(r["reply_heard_s"] for r in heard) / 60
     trunc = [r["truncation_error_ms"] for r in ok if r["truncation_error_ms"] is not None]
     summary = {
         "barge_in_stop_ms": vb.pct([r["stop_ms"] for r in ok]),
@@ -157,7 +229,14 @@ def main() -> None:
         "last_audio_ms": vb.pct([r["last_audio_ms"] for r in ok]),
         "truncation_error_ms": vb.pct([abs(x) for x in trunc]) if trunc else None,
         "finished_before": sum(r["finished_before"] for r in ok),
-        "errors": [r for r in results if "error" in r],
+        "errors": [r for r in results + controls if "error" in r],
+        "echo_db": args.echo_db,
+        "self_interruptions": self_cuts,
+        "self_interruptions_per_reply_minute": round(self_cuts / heard_min, 2)
+        if heard_min
+        else None,
+        "reply_minutes_heard": round(heard_min, 2),
+        "controls": len(controls),
         "trials": len(results),
         "settings": args.set,
         "bundle": args.bundle,

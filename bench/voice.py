@@ -155,11 +155,14 @@ def make_clip(tts, text: str, pause_ms: float, rng) -> dict:
 class Stream:
     """Sends the microphone timeline in real time and remembers when each frame went out."""
 
-    def __init__(self, ws, seed: int = 0) -> None:
+    def __init__(self, ws, seed: int = 0, echo=None) -> None:
         self.ws = ws
         self.rng = np.random.default_rng(seed)
         self.sent_at: list[float] = []  # send time of frame i (stream samples i*320..)
         self.t0: float | None = None
+        # echo(start, n): what the microphone hears of the device's own playback over the n
+        # samples spoken from perf_counter() ``start`` on (bench/barge_in.py --echo-db)
+        self.echo = echo
 
     @property
     def samples(self) -> int:
@@ -167,17 +170,18 @@ class Stream:
 
     async def send(self, audio: np.ndarray) -> None:
         audio = audio + self.rng.normal(0, NOISE, len(audio)).astype(np.float32)
-        pcm = float32_to_pcm16(audio)
-        step = FRAME_SAMPLES * 2
-        pcm += b"\x00" * (-len(pcm) % step)  # whole frames: the stream position stays exact
-        for i in range(0, len(pcm), step):
+        audio = np.concatenate([audio, np.zeros(-len(audio) % FRAME_SAMPLES, np.float32)])
+        for i in range(0, len(audio), FRAME_SAMPLES):  # whole frames: the position stays exact
             if self.t0 is None:
                 self.t0 = time.perf_counter()
             due = self.t0 + len(self.sent_at) * FRAME_SAMPLES / SAMPLE_RATE
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self.ws.send(pcm[i : i + step])
+            frame = audio[i : i + FRAME_SAMPLES]
+            if self.echo is not None:
+                frame = frame + self.echo(due - FRAME_SAMPLES / SAMPLE_RATE, FRAME_SAMPLES)
+            await self.ws.send(float32_to_pcm16(frame))
             self.sent_at.append(time.perf_counter())
 
     def time_of_sample(self, sample: int) -> float:

@@ -59,6 +59,8 @@ class VoiceResources:
             preroll_ms=c.preroll_ms,
             barge_in=c.barge_in,
             barge_in_min_speech_ms=c.barge_in_min_speech_ms,
+            barge_in_energy_ms=c.barge_in_energy_ms,
+            barge_in_echo_db=c.barge_in_echo_db,
             speculate=c.speculate,
             speculate_after_ms=c.speculate_after_ms,
             draft_while_speaking=c.draft_while_speaking,

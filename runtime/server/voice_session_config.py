@@ -41,6 +41,8 @@ def session_view(s: VoiceSettings) -> dict:
             "turn_end_scorer": s.turn_end_scorer,
             "barge_in": s.barge_in,
             "barge_in_min_speech_ms": s.barge_in_min_speech_ms,
+            "barge_in_energy_ms": s.barge_in_energy_ms,
+            "barge_in_echo_db": s.barge_in_echo_db,
             "speculate": s.speculate,
             "speculate_after_ms": s.speculate_after_ms,
             "draft_while_speaking": s.draft_while_speaking,

@@ -16,7 +16,9 @@ session's own input thread:
   changes, and released at the endpoint if the final transcript is the same.
 - Barge-in: speech that starts while a reply is being sent cancels its generation and
   synthesis (``response.done`` with status ``cancelled``, reason ``turn_detected``); while a
-  reply plays, ``barge_in_min_speech_ms`` of speech is enough to start a turn. The reply's
+  reply plays, ``barge_in_min_speech_ms`` of speech is enough to start a turn, or
+  ``barge_in_energy_ms`` of loud audio; neither counts where the microphone is no louder
+  than the reply's own echo could be (``barge_in_echo_db``, runtime/voice/echo.py). The reply's
   turn is remembered as heard: its text through the last word played by then (audio is
   played in real time from its first chunk), announced as ``conversation.item.truncated``;
   a client that knows better sends ``conversation.item.truncate`` with ``audio_end_ms``
@@ -42,7 +44,8 @@ from typing import Any
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.session import Conversation, common_prefix_len
 from moe2edge.runtime.voice.asr import Recognizer
-from moe2edge.runtime.voice.audio import SAMPLE_RATE, validate_frame
+from moe2edge.runtime.voice.audio import SAMPLE_RATE, ms_to_samples, validate_frame
+from moe2edge.runtime.voice.echo import echo_level
 from moe2edge.runtime.voice.endpoint import EndpointPolicy, StudentTurnEndScorer, TurnEndScorer
 from moe2edge.runtime.voice.history import TurnMemory, VoiceConversation
 from moe2edge.runtime.voice.reply import Emit, Reply, TurnTimes, error_event, new_id
@@ -237,12 +240,17 @@ class VoiceSession:
                 self._open_utterance(None)
             self._feed_asr(pcm)
             return
-        replying = self.reply is not None and self.reply.active and self.settings.barge_in
-        self.vad.min_speech_samples = int(
-            (self.settings.barge_in_min_speech_ms if replying else self.settings.min_speech_ms)
-            * SAMPLE_RATE
-            / 1000
+        s, reply = self.settings, self.reply
+        replying = reply is not None and reply.active and s.barge_in
+        self.vad.min_speech_samples = ms_to_samples(
+            s.barge_in_min_speech_ms if replying else s.min_speech_ms
         )
+        self.vad.energy_onset_samples = ms_to_samples(s.barge_in_energy_ms) if replying else 0
+        if reply is not None:  # its echo may still be in the microphone after it is done
+            frame_s = len(pcm) / 2 / SAMPLE_RATE
+            self.vad.echo_level = echo_level(
+                reply.echo, reply.play_start, arrived_at, frame_s, s.barge_in_echo_db
+            )
         events = self.vad.feed(pcm)
         new_window = self.turn_end.count()
         if self._utterance:

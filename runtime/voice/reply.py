@@ -24,6 +24,7 @@ from moe2edge.runtime.generate import GenerationResult, Generator
 from moe2edge.runtime.sampling import SamplingParams
 from moe2edge.runtime.session import Conversation
 from moe2edge.runtime.voice.audio import SAMPLE_RATE, float32_to_pcm16, speech_bounds
+from moe2edge.runtime.voice.echo import EchoReference
 from moe2edge.runtime.voice.tts import PhraseSplitter, Synthesizer
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ class Reply:
         self.phrases: list[tuple[float, float, str]] = []
         self.play_start: float | None = None  # perf_counter() of the first audio sent
         self.sent_s = 0.0
+        self.echo = EchoReference()  # the levels sent, for the barge-in echo test (echo.py)
         self.cancelled_at: float | None = None
         if not held:
             self.gate.set()
@@ -422,6 +424,7 @@ class Reply:
                 }
             )
             self.sent_s += len(data) / 2 / SAMPLE_RATE
+            self.echo.add(audio[i : i + chunk])
         return True
 
     def _finish(self, audio_s: float) -> None:

@@ -38,6 +38,8 @@ MaxFrameMs = Annotated[float, Field(ge=20, le=10_000)]
 HistoryTurns = Annotated[int, Field(ge=0, le=64)]
 Endpointing = Literal["fixed", "predictive"]
 TurnEndWeight = Annotated[float, Field(ge=0, le=1)]
+EnergyOnsetMs = Annotated[float, Field(ge=0, le=1_000)]  # 0: off
+EchoDb = Annotated[float, Field(ge=-80, le=20)]
 WakeWord = Annotated[str, Field(min_length=1, max_length=64)]
 WakeThreshold = Annotated[float, Field(ge=1e-80, le=1)]  # pocketsphinx kws_threshold
 WakeTimeoutMs = Annotated[float, Field(gt=0, le=60_000)]
@@ -71,6 +73,15 @@ class VoiceSettings:
     turn_detection: bool = True  # False: the client ends turns with input_audio_buffer.commit
     barge_in: bool = True
     barge_in_min_speech_ms: MinSpeechMs = 64.0  # speech that starts a turn while a reply plays
+    # ... or this much loud audio (20 dB over the noise floor; 0: off): Silero does not take a
+    # leading /s/ ("stop") for speech until the vowel, 100 ms later. Off by default, as is the
+    # echo test: with -30 dB of reply echo in the microphone (bench/barge_in.py --echo-db -30)
+    # 40 ms and -20 dB stopped replies at p50 55 / p95 112 ms but missed 6 of 30
+    # interruptions, and 2 replies were cut by their own echo (docs/service.md)
+    barge_in_energy_ms: EnergyOnsetMs = 0.0
+    # the loudest the reply's own echo can be in the microphone, in dB of the reply's level
+    # (after the device's echo cancellation); quieter audio starts no turn (echo.py); None: off
+    barge_in_echo_db: EchoDb | None = None
     speculate: bool = True
     speculate_after_ms: SpeculateAfterMs = 96.0
     # draft while the user still speaks once the partial is a whole command and has not

@@ -45,6 +45,8 @@ PEAK_DECAY = 0.999
 QUIET_OVER_FLOOR = 3.0
 QUIET_UNDER_PEAK = 0.02
 """A subframe is quiet below max(3 x the noise floor, 2 % of the recent speech level)."""
+ONSET_OVER_FLOOR = 10.0
+"""A subframe is loud (``energy_onset_samples``) from 10 x the noise floor (20 dB) up."""
 
 SPEECH_START = "speech_start"
 SPEECH_END = "speech_end"
@@ -190,6 +192,11 @@ class VoiceActivityDetector:
         self._quiet_subframes = 0  # the trailing run of quiet subframes
         self._energy_pending = np.zeros(0, dtype=np.float32)  # less than a subframe
         self._await_drop = False  # ended early (end_speech): no new start till prob drops
+        self._energy_samples = 0  # samples in whole subframes measured so far
+        self._loud_subframes = 0  # the trailing run of loud subframes ...
+        self._loud_start = 0  # ... and the sample it began at
+        self.energy_onset_samples = 0
+        self.echo_level = 0.0
 
     @property
     def in_speech(self) -> bool:
@@ -203,14 +210,14 @@ class VoiceActivityDetector:
     def feed(self, audio: np.ndarray | bytes) -> list[VadEvent]:
         """Feed 16 kHz mono audio (float32 array or PCM16 bytes); return the events it completed."""
         x = as_float32(audio)
-        self._track_energy(x)  # every whole subframe now, not only whole windows
+        events = self._track_energy(x)  # every whole subframe now, not only whole windows
         if len(self._pending):
             x = np.concatenate([self._pending, x])
-        events: list[VadEvent] = []
         n_windows = len(x) // WINDOW_SAMPLES
         for i in range(n_windows):
             window = x[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
-            event = self._step(self.model(window))
+            audible = self.echo_level <= 0 or _peak_rms(window) > self.echo_level
+            event = self._step(self.model(window), audible)
             if event is not None:
                 events.append(event)
         self._pending = x[n_windows * WINDOW_SAMPLES :].copy()
@@ -219,7 +226,9 @@ class VoiceActivityDetector:
     @property
     def silence_ms(self) -> float:
         """In speech: the silence judged since the last voiced window (0 otherwise)."""
-        return samples_to_ms(self._position - self._last_voiced_end) if self._in_speech else 0.0
+        if not self._in_speech:
+            return 0.0
+        return samples_to_ms(max(0, self._position - self._last_voiced_end))
 
     @property
     def quiet_ms(self) -> float:
@@ -244,20 +253,34 @@ class VoiceActivityDetector:
         latest probability (for a turn nothing more can be added to: see endpoint.py)."""
         return max(self.silence_ms, self.quiet_ms) if self._in_speech else 0.0
 
-    def _track_energy(self, audio: np.ndarray) -> None:
+    def _track_energy(self, audio: np.ndarray) -> list[VadEvent]:
+        """Update the energy track; return a speech_start when a loud run reached
+        ``energy_onset_samples``."""
         if len(self._energy_pending):
             audio = np.concatenate([self._energy_pending, audio])
         whole = len(audio) // SUBFRAME_SAMPLES * SUBFRAME_SAMPLES
         self._energy_pending = audio[whole:].copy()
         if not whole:
-            return
+            return []
         rms = np.sqrt(np.mean(audio[:whole].reshape(-1, SUBFRAME_SAMPLES) ** 2, axis=1))
+        events = []
         for x in rms.tolist():
             self._floor = x if self._floor is None else min(x, self._floor * FLOOR_RISE)
             self._floor = max(self._floor, 1e-5)
             self._peak = max(x, self._peak * PEAK_DECAY)
             quiet = x < max(QUIET_OVER_FLOOR * self._floor, QUIET_UNDER_PEAK * self._peak)
             self._quiet_subframes = self._quiet_subframes + 1 if quiet else 0
+            if x >= max(ONSET_OVER_FLOOR * self._floor, self.echo_level):
+                if not self._loud_subframes:
+                    self._loud_start = self._energy_samples
+                self._loud_subframes += 1
+            else:
+                self._loud_subframes = 0
+            self._energy_samples += SUBFRAME_SAMPLES
+            onset = self.energy_onset_samples
+            if onset and not self._in_speech and self._loud_subframes * SUBFRAME_SAMPLES >= onset:
+                events.append(self._start(self._loud_start, self._energy_samples, 1.0))
+        return events
 
     def end_speech(self) -> VadEvent | None:
         """End the utterance now, because the caller's endpoint policy says it is over:
@@ -278,18 +301,29 @@ class VoiceActivityDetector:
         return [event]
 
     def _end_event(self, decided: int) -> VadEvent:
+        self._loud_subframes = 0  # a loud run must begin after the end to start speech
         return VadEvent(
             SPEECH_END, self._last_voiced_end, decided, self._speech_start, self.last_probability
         )
 
-    def _step(self, prob: float) -> VadEvent | None:
+    def _start(self, start: int, decided: int, prob: float) -> VadEvent:
+        self._in_speech = True
+        self._await_drop = False
+        self._speech_start = start
+        self._candidate_start = None
+        self._last_voiced_end = max(decided, self._position)
+        event = VadEvent(SPEECH_START, start, decided, start, prob)
+        logger.debug("speech_start at %.0f ms (decided %.0f ms)", event.time_ms, event.decided_ms)
+        return event
+
+    def _step(self, prob: float, audible: bool = True) -> VadEvent | None:
         start = self._position
         self._position += WINDOW_SAMPLES
         end = self._position
         self.last_probability = prob
         if self._in_speech:
             if prob >= self.off_threshold:
-                self._last_voiced_end = end
+                self._last_voiced_end = max(end, self._last_voiced_end)
                 return None
             if end - self._last_voiced_end < self.end_silence_samples:
                 return None
@@ -303,17 +337,16 @@ class VoiceActivityDetector:
             self._await_drop = False
         # A run starts at `threshold` and, once started, continues down to `off_threshold`.
         floor = self.threshold if self._candidate_start is None else self.off_threshold
-        if prob < floor:
+        if prob < floor or not audible:
             self._candidate_start = None
             return None
         if self._candidate_start is None:
             self._candidate_start = start
         if end - self._candidate_start < max(self.min_speech_samples, WINDOW_SAMPLES):
             return None
-        self._in_speech = True
-        self._speech_start = self._candidate_start
-        self._candidate_start = None
-        self._last_voiced_end = end
-        event = VadEvent(SPEECH_START, self._speech_start, end, self._speech_start, prob)
-        logger.debug("speech_start at %.0f ms (decided %.0f ms)", event.time_ms, event.decided_ms)
-        return event
+        return self._start(self._candidate_start, end, prob)
+
+
+def _peak_rms(window: np.ndarray) -> float:
+    """The loudest 8 ms subframe of a window (its RMS)."""
+    return float(np.sqrt(np.mean(window.reshape(-1, SUBFRAME_SAMPLES) ** 2, axis=1)).max())
