@@ -48,31 +48,39 @@ class Playback:
 
     def __init__(self, events: list, gain: float) -> None:
         self.events, self.gain = events, gain
+        self._seen = 0  # events read so far
+        self._replies: dict[str, tuple[float, list[np.ndarray]]] = {}  # id -> (first, audio)
+        self._stopped: float | None = None  # the first speech_started after a reply began
+
+    def _read(self) -> None:
+        for t, e in self.events[self._seen :]:
+            if e["type"] == "response.audio.delta":
+                pcm = np.frombuffer(base64.b64decode(e["delta"]), np.int16)
+                audio = self._replies.setdefault(e["response_id"], (t, []))[1]
+                audio.append(pcm.astype(np.float32) / 32768)
+            elif e["type"] == "input_audio_buffer.speech_started" and self._stopped is None:
+                self._stopped = t if self._replies else None
+        self._seen = len(self.events)
 
     def echo(self, start: float, n: int) -> np.ndarray:
+        self._read()
         out = np.zeros(n, np.float32)
-        replies: dict[str, list] = {}
-        stopped = None
-        for t, e in list(self.events):
-            if e["type"] == "response.audio.delta":
-                replies.setdefault(e["response_id"], []).append((t, e["delta"]))
-            elif e["type"] == "input_audio_buffer.speech_started" and stopped is None:
-                stopped = t if replies else None
-        for chunks in replies.values():
-            played_from = chunks[0][0] + ACOUSTIC_DELAY_S
-            if stopped is not None and stopped < chunks[0][0]:
-                stopped_here = None  # speech_started before this reply: does not stop it
-            else:
-                stopped_here = stopped
-            pcm = b"".join(base64.b64decode(d) for _, d in chunks)
-            audio = np.frombuffer(pcm, np.int16).astype(np.float32) / 32768
-            first = int(round((start - played_from) * vb.SAMPLE_RATE))
-            for k in range(n):
-                at = start + k / vb.SAMPLE_RATE
-                j = first + k
-                if 0 <= j < len(audio) and (stopped_here is None or at < stopped_here):
-                    out[k] += self.gain * audio[j]
+        at = start + np.arange(n) / vb.SAMPLE_RATE
+        for first_at, chunks in self._replies.values():
+            audio = np.concatenate(chunks)
+            index = np.round((at - first_at - ACOUSTIC_DELAY_S) * vb.SAMPLE_RATE).astype(int)
+            playing = (index >= 0) & (index < len(audio))
+            stopped = self._stopped
+            if stopped is not None and stopped >= first_at:  # flushed (else: before it began)
+                playing &= at < stopped
+            out[playing] += self.gain * audio[index[playing]]
         return out
+
+
+def _sent_s(events, reply_id) -> float:
+    """Seconds of audio sent for the reply ``reply_id``."""
+    return sum(len(base64.b64decode(e["delta"])) / 2 / vb.SAMPLE_RATE for _, e in events
+               if e["type"] == "response.audio.delta" and e["response_id"] == reply_id)  # fmt: skip
 
 
 async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.ndarray | None,
@@ -127,7 +135,7 @@ async def trial(url: str, token: str | None, command: np.ndarray, interrupt: np.
             return {"error": "no speech_started for the interruption"}
         early = [t for t, e in events if e["type"] == "input_audio_buffer.speech_started"
                  and first_audio[0] < t < onset - 0.1]  # fmt: skip
-        sent_s = sum(len(base64.b64decode(e["delta"])) / 2 / vb.SAMPLE_RATE for _, e in reply_audio)
+        sent_s = _sent_s(events, reply_id)
         played_ms = 1000 * min(sent_s, started[0] - first_audio[0])
         last_audio = reply_audio[-1][0]
         return {
@@ -150,8 +158,7 @@ async def _control(stream, events, reply_id, first_audio_at, silence) -> dict:
         await stream.send(silence)
     starts = [t for t, e in events if e["type"] == "input_audio_buffer.speech_started"
               and t > first_audio_at]  # fmt: skip
-    sent_s = sum(len(base64.b64decode(e["delta"])) / 2 / vb.SAMPLE_RATE for _, e in events
-                 if e["type"] == "response.audio.delta" and e["response_id"] == reply_id)  # fmt: skip
+    sent_s = _sent_s(events, reply_id)
     return {"control": True, "self_interrupted": bool(starts),
             "reply_heard_s": min(sent_s, starts[0] - first_audio_at) if starts else sent_s}  # fmt: skip
 

@@ -1,8 +1,8 @@
 """The reply's own voice in the microphone: how loud its echo can be, for barge-in.
 
 A device that speaks and listens hears itself. Silero takes a reply's echo for speech at
-30 dB under the reply's level (not at 40, over a -54 dBFS noise floor), so a barge-in rule that trusts the VAD alone interrupts
-the device with its own voice. This is the classic double-talk test of echo cancellers
+30 dB under the reply's level (not at 40, over a -54 dBFS noise floor), so a barge-in rule
+that trusts the VAD alone interrupts the device with its own voice. This is the classic double-talk test of echo cancellers
 (Geigel's detector): near-end speech is declared only where the microphone is louder than
 the far-end signal of the last few hundred milliseconds could make it. The far-end signal
 is the reply audio the server sent, placed on the listener's timeline (played in real time
@@ -23,8 +23,8 @@ import threading
 import numpy as np
 
 from moe2edge.runtime.voice.audio import SAMPLE_RATE
+from moe2edge.runtime.voice.vad import SUBFRAME_SAMPLES, subframe_rms
 
-SUBFRAME_SAMPLES = 128  # 8 ms, as the VAD's energy track
 ECHO_DELAY_S = 0.2
 """How late the reply's echo may arrive in the microphone stream after its play time (output
 buffering, the acoustic path, the microphone frame and the network); the bound takes the
@@ -46,8 +46,7 @@ class EchoReference:
             x = np.concatenate([self._rest, np.asarray(audio, dtype=np.float32)])
             whole = len(x) // SUBFRAME_SAMPLES * SUBFRAME_SAMPLES
             if whole:
-                frames = x[:whole].reshape(-1, SUBFRAME_SAMPLES)
-                self._levels.extend(np.sqrt(np.mean(frames**2, axis=1)).tolist())
+                self._levels.extend(subframe_rms(x[:whole]).tolist())
             self._rest = x[whole:].copy()
 
     def loudest(self, start_s: float, end_s: float) -> float:

@@ -216,7 +216,7 @@ class VoiceActivityDetector:
         n_windows = len(x) // WINDOW_SAMPLES
         for i in range(n_windows):
             window = x[i * WINDOW_SAMPLES : (i + 1) * WINDOW_SAMPLES]
-            audible = self.echo_level <= 0 or _peak_rms(window) > self.echo_level
+            audible = self.echo_level <= 0 or subframe_rms(window).max() > self.echo_level
             event = self._step(self.model(window), audible)
             if event is not None:
                 events.append(event)
@@ -262,7 +262,7 @@ class VoiceActivityDetector:
         self._energy_pending = audio[whole:].copy()
         if not whole:
             return []
-        rms = np.sqrt(np.mean(audio[:whole].reshape(-1, SUBFRAME_SAMPLES) ** 2, axis=1))
+        rms = subframe_rms(audio[:whole])
         events = []
         for x in rms.tolist():
             self._floor = x if self._floor is None else min(x, self._floor * FLOOR_RISE)
@@ -347,6 +347,6 @@ class VoiceActivityDetector:
         return self._start(self._candidate_start, end, prob)
 
 
-def _peak_rms(window: np.ndarray) -> float:
-    """The loudest 8 ms subframe of a window (its RMS)."""
-    return float(np.sqrt(np.mean(window.reshape(-1, SUBFRAME_SAMPLES) ** 2, axis=1)).max())
+def subframe_rms(audio: np.ndarray) -> np.ndarray:
+    """The RMS of each whole 8 ms subframe of ``audio`` (a multiple of SUBFRAME_SAMPLES)."""
+    return np.sqrt(np.mean(audio.reshape(-1, SUBFRAME_SAMPLES) ** 2, axis=1))
