@@ -31,7 +31,7 @@ def test_a_loud_run_starts_speech_before_silero_on_a_leading_s():
     x, onset = _stop_clip()
     silero = _first_start(VoiceActivityDetector(min_speech_ms=64), x)
     vad = VoiceActivityDetector(min_speech_ms=64)
-    vad.energy_onset_samples = 640  # 40 ms
+    vad.arm_energy_onset(640)  # 40 ms
     energy = _first_start(vad, x)
     assert silero is not None and energy is not None
     assert energy - onset <= 640 + 128  # within a subframe of 40 ms after the true onset
@@ -41,7 +41,7 @@ def test_a_loud_run_starts_speech_before_silero_on_a_leading_s():
 def test_audio_under_the_echo_bound_starts_no_speech():
     x, _ = _stop_clip()
     vad = VoiceActivityDetector(min_speech_ms=64)
-    vad.energy_onset_samples = 640
+    vad.arm_energy_onset(640)
     vad.echo_level = 10 * float(np.abs(x).max())  # as if the reply were far louder
     assert _first_start(vad, x) is None
 
@@ -54,3 +54,22 @@ def test_echo_level_follows_the_reply_timeline():
     assert abs(echo_level(ref, 100.0, 101.5, 0.02, -20) - 0.05) < 1e-6
     assert echo_level(ref, 100.0, 101.5, 0.02, None) == 0.0  # the test is off
     assert echo_level(ref, None, 101.5, 0.02, -20) == 0.0  # nothing played yet
+
+
+def test_a_loud_run_going_on_when_armed_does_not_start_speech():
+    """The tail of the user's own command, still loud when its reply's audio begins (and
+    the onset is armed), is no barge-in; a loud run after it is."""
+    rng = np.random.default_rng(1)
+    t = np.arange(4800) / 16000
+    tone = (0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)  # 300 ms, -23 dBFS RMS
+    gap = np.zeros(4800, np.float32)
+    x = np.concatenate([gap, tone, gap, tone, gap]) + rng.normal(0, 0.002, 5 * 4800)
+    x = x.astype(np.float32)
+    vad = VoiceActivityDetector(min_speech_ms=64)
+    starts = []
+    for i in range(0, len(x), 320):
+        if i == 4800 + 1600:  # 100 ms into the first tone
+            vad.arm_energy_onset(640)
+        starts += [e.decided_sample for e in vad.feed(x[i : i + 320]) if e.kind == SPEECH_START]
+    assert starts, "the second tone's loud run starts speech"
+    assert 3 * 4800 <= starts[0] <= 3 * 4800 + 640 + 256  # 40 ms into the second tone

@@ -196,6 +196,7 @@ class VoiceActivityDetector:
         self._loud_subframes = 0  # the trailing run of loud subframes ...
         self._loud_start = 0  # ... and the sample it began at
         self.energy_onset_samples = 0
+        self._armed_at = 0  # the sample the onset was last armed at
         self.echo_level = 0.0
 
     @property
@@ -278,9 +279,21 @@ class VoiceActivityDetector:
                 self._loud_subframes = 0
             self._energy_samples += SUBFRAME_SAMPLES
             onset = self.energy_onset_samples
-            if onset and not self._in_speech and self._loud_subframes * SUBFRAME_SAMPLES >= onset:
+            # as in _step (see end_speech); and the run began once armed
+            can_start = (
+                not (self._in_speech or self._await_drop) and self._loud_start >= self._armed_at
+            )
+            if onset and can_start and self._loud_subframes * SUBFRAME_SAMPLES >= onset:
                 events.append(self._start(self._loud_start, self._energy_samples, 1.0))
         return events
+
+    def arm_energy_onset(self, samples: int) -> None:
+        """Start speech on a loud run of ``samples`` (0: off). A run counts from when it is
+        armed: loud audio already going on then (the tail of the user's own command while
+        its reply starts) does not fire it."""
+        if samples and not self.energy_onset_samples:
+            self._armed_at = self._energy_samples
+        self.energy_onset_samples = samples
 
     def end_speech(self) -> VadEvent | None:
         """End the utterance now, because the caller's endpoint policy says it is over:
