@@ -246,8 +246,8 @@ class VoiceSession:
             s.barge_in_min_speech_ms if replying else s.min_speech_ms
         )
         # a loud run stops reply audio; before any has played, Silero's rule is enough
-        audible = replying and reply.play_start is not None
-        self.vad.arm_energy_onset(ms_to_samples(s.barge_in_energy_ms) if audible else 0)
+        playing = replying and reply.play_start is not None
+        self.vad.arm_energy_onset(ms_to_samples(s.barge_in_energy_ms) if playing else 0)
         if reply is not None:  # its echo may still be in the microphone after it is done
             frame_s = len(pcm) / 2 / SAMPLE_RATE
             self.vad.echo_level = echo_level(
