@@ -159,8 +159,11 @@ async def _control(stream, events, reply_id, first_audio_at, silence) -> dict:
     starts = [t for t, e in events if e["type"] == "input_audio_buffer.speech_started"
               and t > first_audio_at]  # fmt: skip
     sent_s = _sent_s(events, reply_id)
-    return {"control": True, "self_interrupted": bool(starts),
-            "reply_heard_s": min(sent_s, starts[0] - first_audio_at) if starts else sent_s}  # fmt: skip
+    done_at = next((t for t, e in events if e["type"] == "response.done"), None)
+    return {"control": True, "self_interrupted": bool(starts), "reply_s": sent_s,
+            "reply_heard_s": min(sent_s, starts[0] - first_audio_at) if starts else sent_s,
+            "self_start_s": starts[0] - first_audio_at if starts else None,  # after first audio
+            "done_s": done_at - first_audio_at if done_at else None}  # fmt: skip
 
 
 def _first(events, kind):
