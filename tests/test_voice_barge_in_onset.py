@@ -73,3 +73,18 @@ def test_a_loud_run_going_on_when_armed_does_not_start_speech():
         starts += [e.decided_sample for e in vad.feed(x[i : i + 320]) if e.kind == SPEECH_START]
     assert starts, "the second tone's loud run starts speech"
     assert 3 * 4800 <= starts[0] <= 3 * 4800 + 640 + 256  # 40 ms into the second tone
+
+
+def test_a_zero_padded_frame_does_not_make_the_noise_loud():
+    """Digital zeros (a padded or muted frame) are not the room's noise floor: the noise
+    after them starts no speech, and a loud run still does."""
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0, 0.002, 16000).astype(np.float32)
+    noise[4000:4300] = 0.0  # the zeros a client pads its last frame with (< 320)
+    t = np.arange(4800) / 16000
+    tone = (0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    x = np.concatenate([noise, tone + rng.normal(0, 0.002, 4800).astype(np.float32)])
+    vad = VoiceActivityDetector(min_speech_ms=64)
+    vad.arm_energy_onset(640)
+    start = _first_start(vad, x)
+    assert start is not None and 16000 <= start <= 16000 + 640 + 256

@@ -120,8 +120,8 @@ class ServerConfig(BaseModel):
     preroll_ms: PrerollMs = 300.0
     barge_in: bool = True
     barge_in_min_speech_ms: MinSpeechMs = 64.0  # speech that starts a turn while a reply plays
-    barge_in_energy_ms: EnergyOnsetMs = 0.0  # ... or loud audio this long (0: off)
-    barge_in_echo_db: EchoDb | None = None  # the reply's echo bound in the mic (None: no test)
+    barge_in_energy_ms: EnergyOnsetMs = 40.0  # ... or loud audio this long (0: off)
+    barge_in_echo_db: EchoDb | None = -24.0  # the reply's echo bound in the mic (None: no test)
     speculate: bool = True  # draft the reply during the end-of-turn silence
     speculate_after_ms: SpeculateAfterMs = 96.0  # silence before the draft starts
     draft_while_speaking: bool = True  # also draft once a whole command's partial is stable

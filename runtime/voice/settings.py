@@ -74,14 +74,14 @@ class VoiceSettings:
     barge_in: bool = True
     barge_in_min_speech_ms: MinSpeechMs = 64.0  # speech that starts a turn while a reply plays
     # ... or this much loud audio (20 dB over the noise floor; 0: off): Silero does not take a
-    # leading /s/ ("stop") for speech until the vowel, 100 ms later. Off by default, as is the
-    # echo test: with -30 dB of reply echo in the microphone (bench/barge_in.py --echo-db -30)
-    # 40 ms and -20 dB stopped replies at p50 55 / p95 112 ms but missed 6 of 30
-    # interruptions, and 2 replies were cut by their own echo (docs/service.md)
-    barge_in_energy_ms: EnergyOnsetMs = 0.0
+    # leading /s/ ("stop") for speech until the vowel, 100 ms later. With -30 dB of reply
+    # echo in the microphone (bench/barge_in.py --echo-db -30), 40 ms and the echo test at
+    # -24 dB stopped replies at p50 53.5 / p95 67.7 ms, missed none of 30 interruptions and
+    # cut no reply by its own echo (docs/service.md)
+    barge_in_energy_ms: EnergyOnsetMs = 40.0
     # the loudest the reply's own echo can be in the microphone, in dB of the reply's level
     # (after the device's echo cancellation); quieter audio starts no turn (echo.py); None: off
-    barge_in_echo_db: EchoDb | None = None
+    barge_in_echo_db: EchoDb | None = -24.0
     speculate: bool = True
     speculate_after_ms: SpeculateAfterMs = 96.0
     # draft while the user still speaks once the partial is a whole command and has not
