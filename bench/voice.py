@@ -169,8 +169,10 @@ class Stream:
         return len(self.sent_at) * FRAME_SAMPLES
 
     async def send(self, audio: np.ndarray) -> None:
-        audio = audio + self.rng.normal(0, NOISE, len(audio)).astype(np.float32)
+        # whole frames first, then the floor over all of them: a zero-padded tail would be
+        # digital silence no microphone sends, and it sinks the VAD's noise floor (vad.py)
         audio = np.concatenate([audio, np.zeros(-len(audio) % FRAME_SAMPLES, np.float32)])
+        audio = audio + self.rng.normal(0, NOISE, len(audio)).astype(np.float32)
         for i in range(0, len(audio), FRAME_SAMPLES):  # whole frames: the position stays exact
             if self.t0 is None:
                 self.t0 = time.perf_counter()

@@ -49,10 +49,9 @@ ONSET_OVER_FLOOR = 10.0
 """A subframe is loud (``energy_onset_samples``) from 10 x the room's noise floor (20 dB) up."""
 DIGITAL_SILENCE = 1e-4
 """Subframes under this RMS (-80 dBFS, about 3 PCM16 steps) are digital zeros (a muted or
-padded stream), not the room: the loud test's floor ignores them. One zero-padded frame
-otherwise sinks the floor to its 1e-5 clamp, where it takes ~40 s to rise back, and the
-noise itself is then "loud". The quiet test keeps the floor that counts them, as its
-endpointing was measured (docs/service.md)."""
+padded stream), not the room: the noise floor ignores them. One zero-padded frame would
+otherwise sink the floor to near zero, where it takes ~40 s to rise back; the room's own
+noise is then "loud", and "quiet" means only 2 % of the speech level."""
 
 SPEECH_START = "speech_start"
 SPEECH_END = "speech_end"
@@ -193,8 +192,7 @@ class VoiceActivityDetector:
         self._speech_start = 0
         self._last_voiced_end = 0
         self.last_probability = 0.0
-        self._floor: float | None = None  # the noise floor's RMS
-        self._room_floor: float | None = None  # the same without digital zeros (loud test)
+        self._floor: float | None = None  # the room's noise floor (RMS), digital zeros aside
         self._peak = 0.0  # the recent speech level's RMS
         self._quiet_subframes = 0  # the trailing run of quiet subframes
         self._energy_pending = np.zeros(0, dtype=np.float32)  # less than a subframe
@@ -273,16 +271,14 @@ class VoiceActivityDetector:
         rms = subframe_rms(audio[:whole])
         events = []
         for x in rms.tolist():
-            self._floor = x if self._floor is None else min(x, self._floor * FLOOR_RISE)
-            self._floor = max(self._floor, 1e-5)
             if x >= DIGITAL_SILENCE:
-                room = self._room_floor
-                self._room_floor = x if room is None else min(x, room * FLOOR_RISE)
+                floor = self._floor
+                self._floor = x if floor is None else min(x, floor * FLOOR_RISE)
+            floor = self._floor if self._floor is not None else DIGITAL_SILENCE
             self._peak = max(x, self._peak * PEAK_DECAY)
-            quiet = x < max(QUIET_OVER_FLOOR * self._floor, QUIET_UNDER_PEAK * self._peak)
+            quiet = x < max(QUIET_OVER_FLOOR * floor, QUIET_UNDER_PEAK * self._peak)
             self._quiet_subframes = self._quiet_subframes + 1 if quiet else 0
-            room = self._room_floor if self._room_floor is not None else self._floor
-            if x >= max(ONSET_OVER_FLOOR * room, self.echo_level):
+            if x >= max(ONSET_OVER_FLOOR * floor, self.echo_level):
                 if not self._loud_subframes:
                     self._loud_start = self._energy_samples
                 self._loud_subframes += 1
