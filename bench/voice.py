@@ -60,6 +60,8 @@ sys.path.insert(0, str(ROOT))
 HERE = str(Path(__file__).resolve().parent)  # bench/ last: bench/gguf.py shadows `gguf`
 sys.path[:] = [p for p in sys.path if p not in (HERE, "")] + [HERE]
 
+from machine import cpu_name  # noqa: E402  (bench/machine.py)
+
 from moe2edge.distill.demo_domain import is_wellformed  # noqa: E402  (stdlib only)
 from moe2edge.runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16  # noqa: E402
 from moe2edge.runtime.voice.audio import pcm16_to_float32, speech_bounds  # noqa: E402
@@ -537,6 +539,8 @@ def run_voice_section(args, rows: list[dict]) -> dict:
         "policies": summary,
         "draft": not args.no_draft,
         "bundle": args.bundle,
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
         "seconds": round(elapsed, 1),
     }  # fmt: skip
     return result
