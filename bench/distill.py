@@ -70,6 +70,13 @@ log = logging.getLogger("bench.distill")
 RECIPES = ROOT / "recipes" / "kd-losses.yaml"
 LOSSES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 MAX_SEQ_LEN = 128  # the demo's: its longest rows are ~85 tokens at a 768-token vocabulary
+TRL_RUNS = (
+    "trl",
+    "ours_live_teacher",
+    "ours_cached_teacher",
+    "ours_live_teacher_packed",
+    "ours_cached_teacher_packed",
+)
 METRICS = ("task_acc", "reply_wellformed", "heldout_kl", "top1_agreement", "perplexity")
 
 
@@ -340,7 +347,7 @@ def trl_side_by_side(bench: Bench, seeds: list[int]) -> dict:
     One seed moved TRL's held-out KL from 1.10 to 1.38 between two machines, more than the
     gap measured between the two trainers, so each seed gives one init to all three runs
     (and is each trainer's own data-order seed), and the ratios are of the means."""
-    runs: dict[str, list[dict]] = {"trl": [], "ours_live_teacher": [], "ours_cached_teacher": []}
+    runs: dict[str, list[dict]] = {name: [] for name in TRL_RUNS}
     for seed in seeds:
         for name, record in trl_seed(bench, seed).items():
             runs[name].append(record)
@@ -355,15 +362,22 @@ def trl_side_by_side(bench: Bench, seeds: list[int]) -> dict:
     def ratio(a: str, b: str, metric: str) -> float:
         return round(out[a][metric]["mean"] / out[b][metric]["mean"], 3)
 
-    out["tok_s_ratio_live"] = ratio("ours_live_teacher", "trl", "tok_s")
-    out["tok_s_ratio_cached"] = ratio("ours_cached_teacher", "trl", "tok_s")
-    out["kl_ratio_live"] = ratio("ours_live_teacher", "trl", "heldout_kl")
-    out["kl_ratio_cached"] = ratio("ours_cached_teacher", "trl", "heldout_kl")
+    for name, short in (
+        ("ours_live_teacher", "live"),
+        ("ours_cached_teacher", "cached"),
+        ("ours_live_teacher_packed", "live_packed"),
+        ("ours_cached_teacher_packed", "cached_packed"),
+    ):
+        out[f"tok_s_ratio_{short}"] = ratio(name, "trl", "tok_s")
+        out[f"kl_ratio_{short}"] = ratio(name, "trl", "heldout_kl")
     return out
 
 
 def trl_seed(bench: Bench, seed: int) -> dict[str, dict]:
-    """One seed of the side by side: {trl, ours_live_teacher, ours_cached_teacher} records."""
+    """One seed of the side by side: a record per ``TRL_RUNS`` name. Ours runs padded, as
+    TRL's collator does, and packed (``packing=true``: the same examples end to end in rows
+    of ``max_seq_len``, attention within each; TRL's GKD skips the dataset preparation
+    where SFT would pack), each with the live teacher and from the k = 32 cache."""
     from distill_trl import run_trl_gkd
 
     init_dir = bench.work / f"trl-init-s{seed}"
@@ -379,17 +393,24 @@ def trl_seed(bench: Bench, seed: int) -> dict[str, dict]:
     work = dict(loss="jsd", beta=0.5, temperature=1.0, ce_ratio=0.0, ce_warmup_steps=0)
     work["attention_weight"] = 0.0  # TRL's GKD has no attention transfer
     work.update(eval_data=None, eval_every=0, seed=seed)  # no held-out passes when timed
-    ours = bench.run(
-        f"trl-match-ours-live-s{seed}", student_init=str(init_dir), student_overrides={}, **work
-    )
-    ours_cached = bench.run(
-        f"trl-match-ours-cached-s{seed}",
-        student_init=str(init_dir),
-        student_overrides={},
-        teacher=None,
-        teacher_cache=str(bench.cache),
-        **work,
-    )
+    ours = {}
+    for packing in (False, True):  # packed: rows end to end, fewer pads (TRL's GKD pads)
+        tail = "-packed" if packing else ""
+        work["packing"] = packing
+        ours["live" + tail] = bench.run(
+            f"trl-match-ours-live{tail}-s{seed}",
+            student_init=str(init_dir),
+            student_overrides={},
+            **work,
+        )
+        ours["cached" + tail] = bench.run(
+            f"trl-match-ours-cached{tail}-s{seed}",
+            student_init=str(init_dir),
+            student_overrides={},
+            teacher=None,
+            teacher_cache=str(bench.cache),
+            **work,
+        )
     b = bench.base
     trl = run_trl_gkd(
         init_dir,
@@ -411,8 +432,10 @@ def trl_seed(bench: Bench, seed: int) -> dict[str, dict]:
     pick = ("tok_s", *METRICS)
     return {
         "trl": {"tok_s": trl["tok_s"], **bench.score(Path(trl["student_dir"]))},
-        "ours_live_teacher": {m: ours[m] for m in pick},
-        "ours_cached_teacher": {m: ours_cached[m] for m in pick},
+        "ours_live_teacher": {m: ours["live"][m] for m in pick},
+        "ours_cached_teacher": {m: ours["cached"][m] for m in pick},
+        "ours_live_teacher_packed": {m: ours["live-packed"][m] for m in pick},
+        "ours_cached_teacher_packed": {m: ours["cached-packed"][m] for m in pick},
     }
 
 

@@ -261,6 +261,30 @@ def collate_packed(
     }
 
 
+def packed_attention_mask(
+    position_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The block-diagonal causal mask of packed rows ([B, 1, T, T]; an example starts where
+    its position is 0) in the form ``attn_implementation`` takes: bool for sdpa, additive for
+    eager; None for the rest (flash attention reads the boundaries from ``position_ids``).
+
+    transformers derives the same mask from ``position_ids`` when given none, through
+    vmapped mask functions whose cost cancelled packing's gain on the demo student (a 2-core
+    CPU: packed live-teacher steps 0.77x the padded time with its mask, 0.70x with this one).
+    """
+    if attn_implementation not in ("sdpa", "eager"):
+        return None
+    width = position_ids.shape[-1]
+    example = (position_ids == 0).cumsum(-1)  # which example of its row each position is
+    causal = torch.ones(width, width, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = (example[:, :, None] == example[:, None, :]) & causal
+    allowed = allowed[:, None]
+    if attn_implementation == "sdpa":
+        return allowed
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=position_ids.device)
+    return blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def packed_like(
     values: torch.Tensor, lengths: Sequence[int], rows: list[list[int]], width: int
 ) -> torch.Tensor:

@@ -64,6 +64,7 @@ from moe2edge.distill.data import (
     encode_rows,
     micro_batches,
     pack,
+    packed_attention_mask,
     packed_like,
     read_data,
     step_examples,
@@ -194,11 +195,12 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
         batch = {k: v.to(info.device) for k, v in batch.items()}
         # Right padding + causal attention: no real token attends to the pads after it, so no
         # attention mask is needed, and HF skips building a padded mask (~20 ms a call on CPU).
+        positions = batch.get("position_ids")  # packed rows: attention within each example
         with autocast():
-            positions = batch.get("position_ids")  # packed rows: attention within each example
             student_out = model(
                 input_ids=batch["input_ids"],
                 position_ids=positions,
+                attention_mask=_packed_mask(model, positions),
                 use_cache=False,
                 output_attentions=attend,
             )
@@ -222,7 +224,8 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
             with torch.no_grad(), autocast():
                 teacher_out = teacher(
                     input_ids=batch["input_ids"],
-                    position_ids=batch.get("position_ids"),
+                    position_ids=positions,
+                    attention_mask=_packed_mask(teacher, positions),
                     use_cache=False,
                     output_attentions=attend,
                 )
@@ -254,6 +257,13 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
         parts_now += [out["ce"].detach() * share, batch["attention_mask"].sum()]
         sums += torch.stack([x.double() for x in parts_now])
     return {"sums": sums, "reply_tokens": total_tokens, "on_policy": on_policy}
+
+
+def _packed_mask(model, positions: torch.Tensor | None) -> torch.Tensor | None:
+    """Packed rows' mask for ``model`` (``data.packed_attention_mask``); None unpacked."""
+    if positions is None:
+        return None
+    return packed_attention_mask(positions, model.config._attn_implementation, model.dtype)
 
 
 def _seq_kd_data(teacher, tokenizer, cfg: TrainConfig, info: DistInfo, autocast) -> str:

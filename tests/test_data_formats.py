@@ -15,6 +15,7 @@ from moe2edge.distill.data import (
     collate_packed,
     encode_rows,
     pack,
+    packed_attention_mask,
     packed_like,
     read_data,
     step_examples,
@@ -185,11 +186,19 @@ def test_packed_batch_gives_the_per_token_loss_of_separate_examples(attn):
         positions = batch["position_ids"]
         logits = model(input_ids=batch["input_ids"], position_ids=positions, use_cache=False).logits
         packed = token_losses(logits, batch["labels"])
+        # the mask the training loop builds itself (transformers' own derivation is slower)
+        mask = packed_attention_mask(positions, attn, torch.float32)
+        assert mask is not None and mask.shape[-2:] == (positions.shape[1],) * 2
+        masked = model(
+            input_ids=batch["input_ids"], position_ids=positions, attention_mask=mask
+        ).logits
+        masked = token_losses(masked, batch["labels"])
         # the control: the same rows without the boundaries attend across examples
         crossed = model(input_ids=batch["input_ids"], use_cache=False).logits
         crossed = token_losses(crossed, batch["labels"])
     assert packed.shape == alone.shape
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(masked, alone, rtol=0, atol=1e-5)
     assert (crossed - alone).abs().max() > 1e-3
 
 
