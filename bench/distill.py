@@ -555,7 +555,8 @@ def main() -> int:
         "trl",
         "draft",
     }
-    result: dict = {"cpu": cpu_name(), "steps": args.steps, "batch_size": args.batch_size}
+    result: dict = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    result.update(steps=args.steps, batch_size=args.batch_size)
     result["teacher"] = bench.score(bench.teacher_dir)
     log.warning("teacher: %s", result["teacher"])
     curves = {}
