@@ -204,7 +204,9 @@ def test_packed_batch_gives_the_per_token_loss_of_separate_examples(attn):
 
 def test_packed_training_steps_are_the_unpacked_ones(tiny_run, tmp_path):
     """``packing=True`` in the training loop: the same losses, step by step, and weights, with
-    a live teacher (its forward packed too) and from a teacher cache (re-laid per row)."""
+    a live teacher (its forward packed too), with attention transfer (eager attention: the
+    additive mask, and maps compared within each example) and from a teacher cache (re-laid
+    per row)."""
     from moe2edge.distill.cache import build_cache
     from moe2edge.distill.train import distill_student
     from tests._train_common import train_config, train_records, weights
@@ -215,7 +217,11 @@ def test_packed_training_steps_are_the_unpacked_ones(tiny_run, tmp_path):
     build_cache(data=data, tokenizer=tiny_run["tokenizer"], out=cache, teacher=tiny_run["teacher"], k=8, max_seq_len=160)  # fmt: skip
     lengths = [len(ids) for ids, _ in encode_rows(load_tokenizer(tiny_run["tokenizer"]), read_data(data), 160)]  # fmt: skip
     assert len(pack(lengths, 160)) < len(lengths) * 0.6  # most rows hold several examples
-    sources = {"live": {}, "cached": {"teacher": None, "teacher_cache": str(cache)}}
+    sources = {
+        "live": {},
+        "attention": {"attention_weight": 1.0},
+        "cached": {"teacher": None, "teacher_cache": str(cache)},
+    }
     for name, source in sources.items():
         runs = {}
         for packing in (False, True):
