@@ -345,7 +345,7 @@ def trl_side_by_side(bench: Bench, seeds: list[int]) -> dict:
     """TRL's GKDTrainer and ours, per seed: the same init, data, batch, steps, divergence.
 
     One seed moved TRL's held-out KL from 1.10 to 1.38 between two machines, more than the
-    gap measured between the two trainers, so each seed gives one init to all three runs
+    gap measured between the two trainers, so each seed gives one init to all five runs
     (and is each trainer's own data-order seed), and the ratios are of the means."""
     runs: dict[str, list[dict]] = {name: [] for name in TRL_RUNS}
     for seed in seeds:
