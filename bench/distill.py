@@ -362,12 +362,8 @@ def trl_side_by_side(bench: Bench, seeds: list[int]) -> dict:
     def ratio(a: str, b: str, metric: str) -> float:
         return round(out[a][metric]["mean"] / out[b][metric]["mean"], 3)
 
-    for name, short in (
-        ("ours_live_teacher", "live"),
-        ("ours_cached_teacher", "cached"),
-        ("ours_live_teacher_packed", "live_packed"),
-        ("ours_cached_teacher_packed", "cached_packed"),
-    ):
+    for name in TRL_RUNS[1:]:  # ours_live_teacher_packed -> tok_s_ratio_live_packed, ...
+        short = name.removeprefix("ours_").replace("_teacher", "")
         out[f"tok_s_ratio_{short}"] = ratio(name, "trl", "tok_s")
         out[f"kl_ratio_{short}"] = ratio(name, "trl", "heldout_kl")
     return out
@@ -393,24 +389,21 @@ def trl_seed(bench: Bench, seed: int) -> dict[str, dict]:
     work = dict(loss="jsd", beta=0.5, temperature=1.0, ce_ratio=0.0, ce_warmup_steps=0)
     work["attention_weight"] = 0.0  # TRL's GKD has no attention transfer
     work.update(eval_data=None, eval_every=0, seed=seed)  # no held-out passes when timed
-    ours = {}
+    sources = {"live": {}, "cached": {"teacher": None, "teacher_cache": str(bench.cache)}}
+    pick = ("tok_s", *METRICS)
+    records = {}
     for packing in (False, True):  # packed: rows end to end, fewer pads (TRL's GKD pads)
-        tail = "-packed" if packing else ""
-        work["packing"] = packing
-        ours["live" + tail] = bench.run(
-            f"trl-match-ours-live{tail}-s{seed}",
-            student_init=str(init_dir),
-            student_overrides={},
-            **work,
-        )
-        ours["cached" + tail] = bench.run(
-            f"trl-match-ours-cached{tail}-s{seed}",
-            student_init=str(init_dir),
-            student_overrides={},
-            teacher=None,
-            teacher_cache=str(bench.cache),
-            **work,
-        )
+        for source, teacher in sources.items():
+            tail = "-packed" if packing else ""
+            run = bench.run(
+                f"trl-match-ours-{source}{tail}-s{seed}",
+                student_init=str(init_dir),
+                student_overrides={},
+                packing=packing,
+                **teacher,
+                **work,
+            )
+            records[f"ours_{source}_teacher{tail.replace('-', '_')}"] = {m: run[m] for m in pick}
     b = bench.base
     trl = run_trl_gkd(
         init_dir,
@@ -429,14 +422,7 @@ def trl_seed(bench: Bench, seed: int) -> dict[str, dict]:
         seed=seed,
         threads=b.threads,
     )
-    pick = ("tok_s", *METRICS)
-    return {
-        "trl": {"tok_s": trl["tok_s"], **bench.score(Path(trl["student_dir"]))},
-        "ours_live_teacher": {m: ours["live"][m] for m in pick},
-        "ours_cached_teacher": {m: ours["cached"][m] for m in pick},
-        "ours_live_teacher_packed": {m: ours["live-packed"][m] for m in pick},
-        "ours_cached_teacher_packed": {m: ours["cached-packed"][m] for m in pick},
-    }
+    return {"trl": {"tok_s": trl["tok_s"], **bench.score(Path(trl["student_dir"]))}, **records}
 
 
 def draft_acceptance(bench: Bench, best: dict) -> dict:

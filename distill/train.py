@@ -196,11 +196,12 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
         # Right padding + causal attention: no real token attends to the pads after it, so no
         # attention mask is needed, and HF skips building a padded mask (~20 ms a call on CPU).
         positions = batch.get("position_ids")  # packed rows: attention within each example
+        masks: dict = {}  # one packed mask per attention form (student and teacher may share)
         with autocast():
             student_out = model(
                 input_ids=batch["input_ids"],
                 position_ids=positions,
-                attention_mask=_packed_mask(model, positions),
+                attention_mask=_packed_mask(model, positions, masks),
                 use_cache=False,
                 output_attentions=attend,
             )
@@ -225,7 +226,7 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
                 teacher_out = teacher(
                     input_ids=batch["input_ids"],
                     position_ids=positions,
-                    attention_mask=_packed_mask(teacher, positions),
+                    attention_mask=_packed_mask(teacher, positions, masks),
                     use_cache=False,
                     output_attentions=attend,
                 )
@@ -259,11 +260,15 @@ def train_step(step, model, teacher, cache, examples, tokenizer, cfg, info, auto
     return {"sums": sums, "reply_tokens": total_tokens, "on_policy": on_policy}
 
 
-def _packed_mask(model, positions: torch.Tensor | None) -> torch.Tensor | None:
-    """Packed rows' mask for ``model`` (``data.packed_attention_mask``); None unpacked."""
+def _packed_mask(model, positions: torch.Tensor | None, masks: dict) -> torch.Tensor | None:
+    """Packed rows' mask for ``model`` (``data.packed_attention_mask``), built once per
+    attention form in ``masks``; None unpacked."""
     if positions is None:
         return None
-    return packed_attention_mask(positions, model.config._attn_implementation, model.dtype)
+    form = (model.config._attn_implementation, model.dtype)
+    if form not in masks:
+        masks[form] = packed_attention_mask(positions, *form)
+    return masks[form]
 
 
 def _seq_kd_data(teacher, tokenizer, cfg: TrainConfig, info: DistInfo, autocast) -> str:
