@@ -70,6 +70,9 @@ log = logging.getLogger("bench.distill")
 RECIPES = ROOT / "recipes" / "kd-losses.yaml"
 LOSSES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")
 MAX_SEQ_LEN = 128  # the demo's: its longest rows are ~85 tokens at a 768-token vocabulary
+# the data set of the runs of record in bench/results/distill.json: one earlier turn per
+# multi-turn row, a single command after it (the demo's draws more: demo_data)
+DATA_VERSION = dict(history_turns=1, compound_after_turn=False)
 TRL_RUNS = (
     "trl",
     "ours_live_teacher",
@@ -110,7 +113,9 @@ class Bench:
         self.args = args
         self.work = Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
-        self.data = write_demo_data(self.work / "data", seed=0, train_size=args.train_size)
+        self.data = write_demo_data(
+            self.work / "data", seed=0, train_size=args.train_size, **DATA_VERSION
+        )
         self.tokenizer_dir = make_tokenizer(self.data["train"], self.work / "tokenizer", 768)
         self.student_data = self._transfer_set()
         self.tokenizer = load_tokenizer(self.tokenizer_dir)
@@ -156,7 +161,7 @@ class Bench:
             return self.data["train"]
         rows = read_rows(self.data["train"])
         if args.transfer_rows:
-            train, _ = generate_dataset(0, args.train_size + args.transfer_rows)
+            train, _ = generate_dataset(0, args.train_size + args.transfer_rows, **DATA_VERSION)
             rows = train[args.train_size :]
         out = self.work / "data" / f"transfer-{args.transfer_rows}-noise{args.label_noise}.jsonl"
         write_jsonl(corrupt_labels(rows, args.label_noise, seed=1), out)

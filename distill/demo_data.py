@@ -9,13 +9,17 @@ distribution over replies is informative). Three kinds of rows (``kind``):
 
 - ``single``: one command;
 - ``compound``: two commands joined by "and", two actions in order, one reply covering both;
-- ``multi_turn``: a second command after a finished turn: half are follow-ups ("turn it
-  off", "make it warmer") about the device and room the first turn named (``followup``),
-  half a new, unrelated command (a voice session keeps its history, so most commands after
-  the first come after a turn). The row carries the whole chat as ``messages`` and, as every row does,
-  ``prompt``/``reply``: the prompt is the chat template's rendering of the earlier turns and
-  the new utterance (``formats.format_context``), so the row trains as a prompt/reply row
-  with the loss on the last assistant turn (the earlier turn is learnt by its own rows).
+- ``multi_turn``: a command after 1 to ``history_turns`` finished turns: half are follow-ups
+  ("turn it off", "make it warmer") about the device and room the last turn named
+  (``followup``), half a new, unrelated command (a voice session keeps its history, so most
+  commands after the first come after a turn). Turns before the last earlier one are
+  unrelated single or compound commands: a session's history holds commands that have
+  nothing to do with the next one, and a student that has only seen one earlier turn carries
+  a room or device over from them. The row carries the whole chat as ``messages`` and, as
+  every row does, ``prompt``/``reply``: the prompt is the chat template's rendering of the
+  earlier turns and the new utterance (``formats.format_context``), so the row trains as a
+  prompt/reply row with the loss on the last assistant turn (earlier turns are learnt by
+  their own rows).
 
 Utterances write numbers in digits or in words (``spoken``: the words-only form a speech
 recognizer returns; the JSGF grammar has words only). Held-out split: whole (intent, room)
@@ -51,6 +55,9 @@ MIX = (0.5, 0.3, 0.2)  # share of each kind, in both splits
 # multi-turn rows whose second turn is a new command, not a follow-up: without them a
 # student reads every command after a turn as a follow-up about the earlier device
 NEW_COMMAND_SHARE = 0.5
+# the most earlier turns a multi-turn row carries: the demo student's 128 positions hold about
+# two beside a reply (a voice session drops its oldest turns to keep max_new_tokens free)
+HISTORY_TURNS = 2
 LONG_WORDS = 12  # a spoken reply of at least this many words is tagged long
 
 
@@ -124,18 +131,20 @@ def _row(rng: random.Random, kind: str, turns: list[Turn], context: list[dict] |
     return row
 
 
-def _compound(rng, first: Intent, room_a: str, second: Intent, room_b: str) -> dict:
+def _compound_turns(rng, first: Intent, room_a: str, second: Intent, room_b: str) -> list[Turn]:
+    """The two commands of a compound one; the second drops its room ("... and dim the
+    lights") more often than not when it is the first one's."""
     a = Turn(rng, first, room_a)
     template = rng.choice(second.templates)
     short = without_room(template)
     if room_b == room_a and short is not None and rng.random() < 0.6:
         template = short
-    return _row(rng, "compound", [a, Turn(rng, second, room_b, template=template)])
+    return [a, Turn(rng, second, room_b, template=template)]
 
 
-def _followup(rng, first: Intent, second: Intent, room: str) -> dict | None:
-    """A multi-turn row: ``first`` in ``room``, then a follow-up for ``second`` (same device);
-    None when ``second`` has no follow-up that fits."""
+def _followup(rng, first: Intent, second: Intent, room: str) -> tuple[Turn, Turn] | None:
+    """The turns of a follow-up: ``first`` in ``room``, then a follow-up for ``second`` (same
+    device); None when ``second`` has no follow-up that fits."""
     a = Turn(rng, first, room)
     options = [(t, None) for t in second.followups]
     if first is second and a.value is not None:
@@ -146,18 +155,19 @@ def _followup(rng, first: Intent, second: Intent, room: str) -> dict | None:
     if not options:
         return None
     template, value = rng.choice(options)
-    b = Turn(rng, second, room, value=value, template=template)
-    return _after_turn(rng, a, b, followup=True)
+    return a, Turn(rng, second, room, value=value, template=template)
 
 
-def _after_turn(rng, a: Turn, b: Turn, followup: bool) -> dict:
-    """A multi-turn row: the command ``b`` after a finished turn of ``a``."""
-    context = _row(rng, "single", [a])
+def _after_turns(rng, earlier: list[dict], a: Turn, last: list[Turn], followup: bool) -> dict:
+    """A multi-turn row: the command ``last`` (one, or two joined by "and") after the
+    finished turns ``earlier`` (rows), then a finished turn of ``a``."""
+    context = [*earlier, _row(rng, "single", [a])]
     messages = [
-        {"role": "user", "content": context["utterance"]},
-        {"role": "assistant", "content": context["reply"]},
+        {"role": role, "content": row[key]}
+        for row in context
+        for role, key in (("user", "utterance"), ("assistant", "reply"))
     ]
-    return _row(rng, "multi_turn", [b], messages) | {"followup": followup}
+    return _row(rng, "multi_turn", last, messages) | {"followup": followup}
 
 
 def held_out_combinations(seed: int, rooms_per_intent: int = 2) -> set[tuple[str, str]]:
@@ -192,9 +202,18 @@ def generate_dataset(
     eval_size: int = 200,
     rooms_per_intent: int = 2,
     new_command_share: float = NEW_COMMAND_SHARE,
+    history_turns: int = HISTORY_TURNS,
+    compound_after_turn: bool = True,
 ) -> tuple[list[dict], list[dict]]:
     """Return (train, eval) lists of rows; eval uses only held-out combinations/pairings.
-    ``new_command_share``: of the multi-turn rows, those whose second turn is a new command."""
+    ``new_command_share``: of the multi-turn rows, those whose last turn is a new command.
+    ``history_turns``: the most earlier turns of a multi-turn row; the earlier turns use
+    training combinations only. ``compound_after_turn``: a new command after a turn is a
+    compound one as often as a command on its own is (``MIX``), else always single.
+    ``history_turns=1, compound_after_turn=False`` draws the data set of earlier versions,
+    row for row."""
+    if history_turns < 1:
+        raise ValueError(f"history_turns must be at least 1, got {history_turns}")
     rng = random.Random(seed)
     held = held_out_combinations(seed, rooms_per_intent)
     held_pairs = held_out_pairings(seed)
@@ -212,17 +231,17 @@ def generate_dataset(
                 intent = rng.choice(INTENTS)
                 return _row(rng, "single", [Turn(rng, intent, rng.choice(rooms[intent.name]))])
             if kind == "compound":
-                a, b = rng.choice(compound)
-                room_a = rng.choice(rooms[a.name])
-                same = room_a in rooms[b.name] and rng.random() < 0.5
-                return _compound(rng, a, room_a, b, room_a if same else rng.choice(rooms[b.name]))
+                return _row(rng, "compound", compound_turns(rooms, compound))
             if (
                 new_command_share and rng.random() < new_command_share
             ):  # a new, unrelated command after a turn
                 first, second = rng.choice(INTENTS), rng.choice(INTENTS)
                 a = Turn(rng, first, rng.choice(seen_rooms[first.name]))
-                b = Turn(rng, second, rng.choice(rooms[second.name]))
-                return _after_turn(rng, a, b, followup=False)
+                if compound_after_turn and rng.random() < MIX[1] / (MIX[0] + MIX[1]):
+                    last = compound_turns(rooms, compound)
+                else:
+                    last = [Turn(rng, second, rng.choice(rooms[second.name]))]
+                return _after_turns(rng, earlier_turns(), a, last, followup=False)
             second = rng.choice(followers)
             room = rng.choice(rooms[second.name])
             # another intent of the device in a training combination ("turn it off" after
@@ -231,9 +250,23 @@ def generate_dataset(
                 i for i in mates[second.name] if i is not second and room in seen_rooms[i.name]
             ]
             firsts = firsts + [second] if second.relative or not firsts else firsts
-            row = _followup(rng, rng.choice(firsts), second, room)
-            if row is not None:
-                return row
+            turns = _followup(rng, rng.choice(firsts), second, room)
+            if turns is not None:
+                return _after_turns(rng, earlier_turns(), turns[0], turns[1:], followup=True)
+
+    def compound_turns(rooms: dict[str, list[str]], compound: list) -> list[Turn]:
+        a, b = rng.choice(compound)
+        room_a = rng.choice(rooms[a.name])
+        same = room_a in rooms[b.name] and rng.random() < 0.5
+        return _compound_turns(rng, a, room_a, b, room_a if same else rng.choice(rooms[b.name]))
+
+    def earlier_turns() -> list[dict]:
+        """The unrelated turns before a multi-turn row's last earlier one (0 to
+        ``history_turns - 1``; none drawn, and no random number, when that is 0)."""
+        count = rng.randrange(history_turns) if history_turns > 1 else 0
+        return [
+            make(rng.choices(KINDS[:2], MIX[:2])[0], seen_rooms, train_pairs) for _ in range(count)
+        ]
 
     train = [make(_kind(rng), seen_rooms, train_pairs) for _ in range(train_size)]
     pattern = [k for k, share in zip(KINDS, MIX, strict=True) for _ in range(round(share * 10))]
@@ -332,10 +365,15 @@ def write_demo_data(
     train_size: int = 6000,
     eval_size: int = 200,
     new_command_share: float = NEW_COMMAND_SHARE,
+    history_turns: int = HISTORY_TURNS,
 ) -> dict[str, Path]:
     out_dir = Path(out_dir)
     train, evaluation = generate_dataset(
-        seed, train_size, eval_size, new_command_share=new_command_share
+        seed,
+        train_size,
+        eval_size,
+        new_command_share=new_command_share,
+        history_turns=history_turns,
     )
     paths = {
         "train": out_dir / "train.jsonl",

@@ -29,12 +29,13 @@ class DemoConfig:
     seed: int = 0
     train_size: int = 6000
     eval_size: int = 200
-    vocab_size: int = 768  # the longest demo row (a multi-turn chat) is then ~85 tokens
+    history_turns: int = 2  # the most earlier turns of a multi-turn row (demo_data.HISTORY_TURNS)
+    vocab_size: int = 768  # a chat after two earlier turns is then ~95 tokens (at most 131)
     batch_size: int = 32
     teacher_steps: int = 2000
     teacher_lr: float = 3e-3
     student_preset: str = "demo"
-    student_steps: int = 300
+    student_steps: int = 600
     student_lr: float = 3e-3
     loss: str = "fkl"
     temperature: float = 1.0
@@ -83,7 +84,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     stage = StageTimer()
     with stage("data"):
-        paths = write_demo_data(run_dir / "data", cfg.seed, cfg.train_size, cfg.eval_size)
+        paths = write_demo_data(
+            run_dir / "data",
+            cfg.seed,
+            cfg.train_size,
+            cfg.eval_size,
+            history_turns=cfg.history_turns,
+        )
         eval_rows = read_rows(paths["eval"])
     with stage("tokenizer"):
         make_tokenizer(paths["train"], run_dir / "tokenizer", cfg.vocab_size)

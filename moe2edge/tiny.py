@@ -21,9 +21,16 @@ def build_tiny_run(root: str | Path) -> dict[str, Path]:
 
     torch.set_num_threads(1)
     # the tiny model's replies are what the voice tests were written against (a long one to
-    # "turn on the kitchen lights"): its data keeps the follow-up-only multi-turn rows
+    # "turn on the kitchen lights"): its data keeps the follow-up-only multi-turn rows of
+    # one earlier turn
     paths = write_demo_data(
-        root / "data", seed=1, train_size=400, eval_size=12, new_command_share=0.0
+        root / "data",
+        seed=1,
+        train_size=400,
+        eval_size=12,
+        new_command_share=0.0,
+        history_turns=1,
+        compound_after_turn=False,
     )
     make_tokenizer(paths["train"], root / "tokenizer", vocab_size=448)  # rows fit 128 tokens
     tokenizer = load_tokenizer(root / "tokenizer")

@@ -4,6 +4,7 @@ from collections import Counter
 import pytest
 
 from moe2edge.distill.demo_data import (
+    HISTORY_TURNS,
     INTENTS,
     MIX,
     ROOMS,
@@ -129,15 +130,46 @@ def test_multi_turn_rows_carry_the_chat_and_train_on_the_last_reply(tmp_path, da
     multi = [r for r in train if r["kind"] == "multi_turn"][:20]
     for row in multi:
         assert row_form(row) == "prompt+reply" and row_form({"messages": row["messages"]})
-        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * 2
+        turns = len(row["messages"]) // 2
+        assert 2 <= turns <= HISTORY_TURNS + 1
+        assert [m["role"] for m in row["messages"]] == ["user", "assistant"] * turns
         assert row["messages"][-1]["content"] == row["reply"]
         assert row["messages"][-2]["content"] == row["utterance"]
-        ids, labels = encode_row(tokenizer, row, 256)
-        chat_ids, chat_labels = encode_chat(tokenizer, row["messages"], 256)
+        ids, labels = encode_row(tokenizer, row, 512)
+        chat_ids, chat_labels = encode_chat(tokenizer, row["messages"], 512)
         assert ids == chat_ids  # the prompt is the chat template's rendering
         last = [i for i, x in enumerate(labels) if x != IGNORE_INDEX]
         assert labels[last[0] :] == chat_labels[last[0] :]  # the last reply is learnt
         assert tokenizer.decode(ids[last[0] :], skip_special_tokens=True).strip() == row["reply"]
+
+
+def test_multi_turn_rows_draw_up_to_history_turns_earlier_turns(data):
+    """Every depth from 1 to ``history_turns`` occurs in both splits; the turns before the
+    last earlier one are unrelated single or compound commands; the new command after them
+    is single or compound too (a follow-up is single). history_turns=1 with
+    compound_after_turn=False draws one earlier turn and a single command only (the data set
+    of earlier versions); 0 turns is refused."""
+    assert HISTORY_TURNS >= 2
+    for rows in data:
+        multi = [r for r in rows if r["kind"] == "multi_turn"]
+        depths = Counter(len(r["messages"]) // 2 - 1 for r in multi)
+        assert set(depths) == set(range(1, HISTORY_TURNS + 1)), depths
+        assert {len(r["actions"]) for r in multi if not r["followup"]} == {1, 2}
+        assert {len(r["actions"]) for r in multi if r["followup"]} == {1}
+    deep = [r for r in data[0] if r["kind"] == "multi_turn" and len(r["messages"]) > 4]
+    earliest = {len(extract_actions(r["messages"][1]["content"])) for r in deep}
+    assert earliest == {1, 2}  # single and compound commands
+    for turns in (1, 3):
+        train, evaluation = generate_dataset(
+            seed=0, train_size=600, eval_size=40, history_turns=turns
+        )
+        depths = {len(r["messages"]) // 2 - 1 for r in train + evaluation if "messages" in r}
+        assert depths == set(range(1, turns + 1))
+    old = generate_dataset(seed=0, train_size=600, history_turns=1, compound_after_turn=False)
+    assert {len(r["messages"]) for r in old[0] if "messages" in r} == {4}
+    assert {len(r["actions"]) for r in old[0] if r["kind"] == "multi_turn"} == {1}
+    with pytest.raises(ValueError, match="history_turns"):
+        generate_dataset(seed=0, train_size=10, history_turns=0)
 
 
 def test_number_words_and_grammar():
