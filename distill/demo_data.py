@@ -11,11 +11,11 @@ distribution over replies is informative). Three kinds of rows (``kind``):
 - ``compound``: two commands joined by "and", two actions in order, one reply covering both;
 - ``multi_turn``: a command after 1 to ``history_turns`` finished turns: half are follow-ups
   ("turn it off", "make it warmer") about the device and room the last turn named
-  (``followup``), half a new, unrelated command (a voice session keeps its history, so most
-  commands after the first come after a turn). Turns before the last earlier one are
-  unrelated single or compound commands: a session's history holds commands that have
-  nothing to do with the next one, and a student that has only seen one earlier turn carries
-  a room or device over from them. The row carries the whole chat as ``messages`` and, as
+  (``followup``), half a new, unrelated command, single or compound (a voice session keeps
+  its history, so most commands after the first come after a turn). Turns before the last
+  earlier one are unrelated single or compound commands: a session's history holds commands
+  that have nothing to do with the next one, and a student that has seen only one earlier
+  turn and only single commands after it carries a room or device over from them. The row carries the whole chat as ``messages`` and, as
   every row does, ``prompt``/``reply``: the prompt is the chat template's rendering of the
   earlier turns and the new utterance (``formats.format_context``), so the row trains as a
   prompt/reply row with the loss on the last assistant turn (earlier turns are learnt by
@@ -366,6 +366,7 @@ def write_demo_data(
     eval_size: int = 200,
     new_command_share: float = NEW_COMMAND_SHARE,
     history_turns: int = HISTORY_TURNS,
+    compound_after_turn: bool = True,
 ) -> dict[str, Path]:
     out_dir = Path(out_dir)
     train, evaluation = generate_dataset(
@@ -374,6 +375,7 @@ def write_demo_data(
         eval_size,
         new_command_share=new_command_share,
         history_turns=history_turns,
+        compound_after_turn=compound_after_turn,
     )
     paths = {
         "train": out_dir / "train.jsonl",
