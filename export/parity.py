@@ -18,8 +18,10 @@ from moe2edge.runtime.generate import Generator
 def runtime_greedy_with_logits(
     generator: Generator, prompt_ids: list[int], max_new_tokens: int
 ) -> tuple[list[int], np.ndarray, bool]:
-    """Greedy tokens, the logits before each choice ([steps, vocab]), and whether it hit eos."""
+    """Greedy tokens, the logits before each choice ([steps, vocab]), and whether it hit eos;
+    at most as many tokens as the context has room for after the prompt."""
     engine = generator.engine
+    max_new_tokens = min(max_new_tokens, engine.max_length - len(prompt_ids) + 1)
     cache = engine.new_cache()
     logits = engine.forward(prompt_ids, cache)
     steps, tokens = [], []

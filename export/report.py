@@ -101,8 +101,9 @@ def greedy_reply(
     gen: Generator, prompt_ids: list[int], max_new: int, start: list[int] | None = None
 ) -> str:
     """The bundle's own greedy reply (after ``start``, its known first tokens), decoded step
-    by step to end of turn or ``max_new`` tokens."""
+    by step to end of turn, ``max_new`` tokens or the end of the context."""
     engine = gen.engine
+    max_new = min(max_new, engine.max_length - len(prompt_ids) + 1)
     tokens = list(start or [])
     if len(tokens) < max_new:
         cache = engine.new_cache()

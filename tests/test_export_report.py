@@ -13,16 +13,19 @@ from onnx import numpy_helper
 from moe2edge.export.calibration import PromptEncoder, read_rows
 from moe2edge.export.derived import derived_bundle, load_model, load_parent, save_model
 from moe2edge.export.errors import ExportError
+from moe2edge.export.parity import runtime_greedy_with_logits
 from moe2edge.export.report import (
     JSON_KEYS,
     extract_action,
     greedy_path,
+    greedy_reply,
     json_rows,
     markdown_table,
     report,
     scored_logits,
 )
 from moe2edge.export.variants import build_all_variants
+from moe2edge.runtime.errors import ContextOverflowError
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.manifest import read_manifest, verify_bundle
 from tests._export_common import build_tiny_variants
@@ -113,6 +116,26 @@ def test_teacher_forced_argmax_is_the_greedy_choice_up_to_near_ties(tiny_variant
                 assert own_logits[i][a] - own_logits[i][b] < 0.01 * spread
                 assert forced[i][b] - forced[i][a] < 0.01 * spread
                 break
+
+
+def test_greedy_decoding_stops_at_the_end_of_the_context(tiny_variants):
+    """A prompt that leaves a few positions (a long chat) decodes up to the context's end:
+    it neither raises (the engine refuses a token past it) nor returns more."""
+    gen = Generator.from_bundle(tiny_variants["fp32"])
+    room = 3
+    prompt = [gen.tokenizer.encode("turn on the kitchen lights")[0]] * (
+        gen.engine.max_length - room
+    )
+    eos, gen.eos_token_ids = gen.eos_token_ids, []  # decode until a limit, whatever the model says
+    try:
+        tokens, steps, hit_eos = runtime_greedy_with_logits(gen, prompt, 64)
+        assert len(tokens) == len(steps) == room + 1 and not hit_eos
+        reply = greedy_reply(gen, prompt, 64, start=tokens[:2])
+    finally:
+        gen.eos_token_ids = eos
+    assert reply == gen.tokenizer.decode(tokens)
+    with pytest.raises(ContextOverflowError):  # one position more than it has
+        gen.engine.forward(prompt + tokens, gen.engine.new_cache())
 
 
 def test_report_refuses_a_variant_of_another_model(tiny_variants, tiny_run, tmp_path):
