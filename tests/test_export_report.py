@@ -123,9 +123,7 @@ def test_greedy_decoding_stops_at_the_end_of_the_context(tiny_variants):
     it neither raises (the engine refuses a token past it) nor returns more."""
     gen = Generator.from_bundle(tiny_variants["fp32"])
     room = 3
-    prompt = [gen.tokenizer.encode("turn on the kitchen lights")[0]] * (
-        gen.engine.max_length - room
-    )
+    prompt = gen.encode("turn on the kitchen lights")[:1] * (gen.engine.max_length - room)
     eos, gen.eos_token_ids = gen.eos_token_ids, []  # decode until a limit, whatever the model says
     try:
         tokens, steps, hit_eos = runtime_greedy_with_logits(gen, prompt, 64)
