@@ -160,8 +160,12 @@ def evaluate(
         kl_sum += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
         agree += int((argmax == np.asarray(chosen)).sum())
         steps += len(chosen)
-        if row.get("reply"):
-            reply = enc.reply(row)
+        # the reference reply's tokens that the context holds after the prompt (a long chat's
+        # may not all fit, as training truncates it at max_seq_len)
+        reply = (
+            enc.reply(row)[: gen.engine.max_length - len(prompt) + 1] if row.get("reply") else []
+        )
+        if reply:
             reply_logp = log_softmax(scored_logits(gen, prompt, reply))
             nll -= float(reply_logp[np.arange(len(reply)), reply].sum())
             reply_tokens += len(reply)
