@@ -331,29 +331,43 @@ async def run_voice(url: str, clips: list[dict], token: str | None, policy: str)
     return turns
 
 
-def chat(client: httpx.Client, messages: list[dict]) -> httpx.Response:
+def chat(
+    client: httpx.Client, messages: list[dict], max_tokens: int | None = None
+) -> httpx.Response:
     """One greedy chat completion, waiting out the server's rate limit (429 Retry-After)."""
+    body = {"messages": messages, "temperature": 0} | (
+        {"max_tokens": max_tokens} if max_tokens else {}
+    )
     while True:
-        r = client.post("/v1/chat/completions", json={"messages": messages, "temperature": 0})
+        r = client.post("/v1/chat/completions", json=body)
         if r.status_code != 429:
             return r
         time.sleep(float(r.headers.get("Retry-After", "1")))
 
 
-def text_accuracy(base: str, rows: list[dict], token: str | None, history_turns: int = 0) -> float:
+def text_accuracy(
+    base: str,
+    rows: list[dict],
+    token: str | None,
+    history_turns: int = 0,
+    reserve: int | None = None,
+) -> float:
     """Task accuracy of the typed requests over the chat API: each on its own
     (``history_turns=0``), or as one conversation in the spoken order after the last
-    ``history_turns`` requests and the model's own replies (what a voice session holds)."""
+    ``history_turns`` requests and the model's own replies (what a voice session holds).
+    ``reserve``: the reply's room the voice session keeps (its max_new_tokens), asked as
+    ``max_tokens``: the server refuses a prompt that leaves less (400), and the oldest turn
+    is dropped until it fits, the voice session's own rule."""  # fmt: skip
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     hits, history = 0, []
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
         for row in rows:
             messages = history[len(history) - 2 * history_turns :] if history_turns else []
             messages = [*messages, {"role": "user", "content": row["utterance"]}]
-            r = chat(client, messages)
+            r = chat(client, messages, reserve)
             while r.status_code == 400 and len(messages) > 1:  # too long: drop the oldest turn,
                 messages = messages[2:]  # as the voice session does
-                r = chat(client, messages)
+                r = chat(client, messages, reserve)
             r.raise_for_status()
             reply = r.json()["choices"][0]["message"]["content"]
             hits += same_actions(reply, row["action"])
@@ -422,7 +436,8 @@ def main() -> None:
     p.add_argument("--token", default=os.environ.get("MOE2EDGE_TOKEN"))
     p.add_argument("--set", action="append", default=[], help="extra server key=value")
     p.add_argument("--out", default=None, help="also write the JSON here")
-    p.add_argument("--sections", default="voice", help="voice, noise and/or wake (comma list)")
+    p.add_argument("--sections", default="voice",
+                   help="voice, text (its text controls only), noise and/or wake (comma list)")  # fmt: skip
     p.add_argument("--noise", default="20,10,5", help="SNRs (dB) for the noise and wake sections")
     p.add_argument("--noise-n", type=int, default=40, help="utterances per SNR per noise kind")
     p.add_argument("--wake-phrase", default="hey robot")
@@ -455,6 +470,8 @@ def main() -> None:
     rows = [r for r in rows if r.get("kind") != "multi_turn"]
     sections = set(args.sections.split(","))
     result = run_voice_section(args, rows[: args.n]) if "voice" in sections else {}
+    if "text" in sections and "voice" not in sections:
+        result |= run_text_section(args, rows[: args.n])
     extra = {}
     if sections & {"noise", "wake"}:
         import _noise  # bench/_noise.py
@@ -499,8 +516,7 @@ def run_voice_section(args, rows: list[dict]) -> dict:
                     run_voice(url, clips, args.token, policy)
                 )
             if text_acc is None:
-                text_acc = text_accuracy(base, rows, args.token)
-                text_acc_history = text_accuracy(base, rows, args.token, history_turns(args))
+                text_acc, text_acc_history = text_controls(args, base, rows)
         finally:
             if server is not None:
                 server.terminate()
@@ -544,6 +560,37 @@ def run_voice_section(args, rows: list[dict]) -> dict:
         "seconds": round(elapsed, 1),
     }  # fmt: skip
     return result
+
+
+def text_controls(args, base: str, rows: list[dict]) -> tuple[float, float]:
+    """The typed requests one by one, and as one conversation under the voice session's
+    history rule (its history_turns, its reply room)."""
+    reserve = reply_room(args)
+    return (text_accuracy(base, rows, args.token, 0, reserve),
+            text_accuracy(base, rows, args.token, history_turns(args), reserve))  # fmt: skip
+
+
+def run_text_section(args, rows: list[dict]) -> dict:
+    """Only the text controls (``--sections text``), on a fresh server."""
+    port = free_port()
+    server = start_server(args, port, "espeak")
+    try:
+        acc, acc_history = text_controls(args, f"http://127.0.0.1:{port}", rows)
+    finally:
+        server.terminate()
+        server.wait(10)
+    return {"text_task_acc": round(acc, 3), "text_task_acc_in_conversation": round(acc_history, 3),
+            "history_turns": history_turns(args), "text_reply_room": reply_room(args)}  # fmt: skip
+
+
+def reply_room(args) -> int:
+    """The tokens a voice session keeps free for its reply (``voice_max_new_tokens``, else
+    the bundle's max_new_tokens: runtime/server/voice_resources.py)."""
+    given = [kv.partition("=")[2] for kv in args.set if kv.startswith("voice_max_new_tokens=")]
+    if given and given[-1] not in ("", "null", "None"):
+        return int(given[-1])
+    manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
+    return int(manifest["generation"].get("max_new_tokens", 64))
 
 
 def history_turns(args) -> int:

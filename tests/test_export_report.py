@@ -136,6 +136,26 @@ def test_greedy_decoding_stops_at_the_end_of_the_context(tiny_variants):
         gen.engine.forward(prompt + tokens, gen.engine.new_cache())
 
 
+def test_a_long_chat_is_scored_on_what_the_context_holds(tiny_variants, tmp_path):
+    """A row whose prompt and reference reply together pass the context (a long chat) is
+    scored, not refused: the reply's perplexity over the tokens that fit after the prompt,
+    the greedy reply up to the context's end."""
+    fp32 = tiny_variants["fp32"]
+    gen = Generator.from_bundle(fp32)
+    words = ["kitchen"]
+    while len(gen.encode_prompt(" ".join(words + ["kitchen"]))) <= gen.engine.max_length - 4:
+        words.append("kitchen")
+    action = "[lights.on room=kitchen]"
+    row = {"utterance": " ".join(words), "reply": f"{action} " + "ok, lights on. " * 8}
+    row["action"] = action
+    enc = PromptEncoder(fp32, gen.engine.manifest)
+    assert len(enc.prompt(row)) + len(enc.reply(row)) > gen.engine.max_length
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    (result,) = report([fp32], path, write=False)
+    assert np.isfinite(result["perplexity"]) and result["task_acc"] in (0.0, 1.0)
+
+
 def test_report_refuses_a_variant_of_another_model(tiny_variants, tiny_run, tmp_path):
     other = tmp_path / "other_fp32"
     shutil.copytree(tiny_variants["fp32"], other)
