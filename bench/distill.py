@@ -69,7 +69,7 @@ from moe2edge.rows import read_rows  # noqa: E402
 log = logging.getLogger("bench.distill")
 RECIPES = ROOT / "recipes" / "kd-losses.yaml"
 LOSSES = ("ce", "fkl", "rkl", "jsd", "skl", "srkl", "tvd")
-MAX_SEQ_LEN = 128  # the demo's: its longest rows are ~85 tokens at a 768-token vocabulary
+MAX_SEQ_LEN = 128  # the demo's; this data set's longest rows are ~85 tokens (768-token BPE)
 # the data set of the runs of record in bench/results/distill.json: one earlier turn per
 # multi-turn row, a single command after it (the demo's draws more: demo_data)
 DATA_VERSION = dict(history_turns=1, compound_after_turn=False)

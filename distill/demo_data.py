@@ -15,11 +15,11 @@ distribution over replies is informative). Three kinds of rows (``kind``):
   its history, so most commands after the first come after a turn). Turns before the last
   earlier one are unrelated single or compound commands: a session's history holds commands
   that have nothing to do with the next one, and a student that has seen only one earlier
-  turn and only single commands after it carries a room or device over from them. The row carries the whole chat as ``messages`` and, as
-  every row does, ``prompt``/``reply``: the prompt is the chat template's rendering of the
-  earlier turns and the new utterance (``formats.format_context``), so the row trains as a
-  prompt/reply row with the loss on the last assistant turn (earlier turns are learnt by
-  their own rows).
+  turn and only single commands after it carries a room or device over from them. The row
+  carries the whole chat as ``messages`` and, as every row does, ``prompt``/``reply``: the
+  prompt is the chat template's rendering of the earlier turns and the new utterance
+  (``formats.format_context``), so the row trains as a prompt/reply row with the loss on the
+  last assistant turn (earlier turns are learnt by their own rows).
 
 Utterances write numbers in digits or in words (``spoken``: the words-only form a speech
 recognizer returns; the JSGF grammar has words only). Held-out split: whole (intent, room)
@@ -55,8 +55,8 @@ MIX = (0.5, 0.3, 0.2)  # share of each kind, in both splits
 # multi-turn rows whose second turn is a new command, not a follow-up: without them a
 # student reads every command after a turn as a follow-up about the earlier device
 NEW_COMMAND_SHARE = 0.5
-# the most earlier turns a multi-turn row carries: the demo student's 128 positions hold about
-# two beside a reply (a voice session drops its oldest turns to keep max_new_tokens free)
+# the most earlier turns a multi-turn row carries: a chat after two is ~98 of the demo
+# student's 128 positions (a voice session drops its oldest turns to keep max_new_tokens free)
 HISTORY_TURNS = 2
 LONG_WORDS = 12  # a spoken reply of at least this many words is tagged long
 

@@ -30,7 +30,7 @@ class DemoConfig:
     train_size: int = 6000
     eval_size: int = 200
     history_turns: int = 2  # the most earlier turns of a multi-turn row (demo_data.HISTORY_TURNS)
-    vocab_size: int = 768  # a chat after two earlier turns is then ~95 tokens (at most 131)
+    vocab_size: int = 768  # a chat after two earlier turns is then ~98 tokens (at most 162)
     batch_size: int = 32
     teacher_steps: int = 2000
     teacher_lr: float = 3e-3
