@@ -146,8 +146,9 @@ def test_a_long_chat_is_scored_on_what_the_context_holds(tiny_variants, tmp_path
     while len(gen.encode_prompt(" ".join(words + ["kitchen"]))) <= gen.engine.max_length - 4:
         words.append("kitchen")
     action = "[lights.on room=kitchen]"
-    row = {"utterance": " ".join(words), "reply": f"{action} " + "ok, lights on. " * 8}
-    row["action"] = action
+    utterance = " ".join(words)
+    row = {"prompt": utterance, "utterance": utterance, "action": action}
+    row["reply"] = f"{action} " + "ok, lights on. " * 8
     enc = PromptEncoder(fp32, gen.engine.manifest)
     assert len(enc.prompt(row)) + len(enc.reply(row)) > gen.engine.max_length
     path = tmp_path / "long.jsonl"
