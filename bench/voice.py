@@ -48,6 +48,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,6 +65,7 @@ sys.path[:] = [p for p in sys.path if p not in (HERE, "")] + [HERE]
 from machine import cpu_name  # noqa: E402  (bench/machine.py)
 
 from moe2edge.distill.demo_domain import is_wellformed  # noqa: E402  (stdlib only)
+from moe2edge.runtime.manifest import read_manifest  # noqa: E402
 from moe2edge.runtime.voice import FRAME_SAMPLES, SAMPLE_RATE, EspeakSynthesizer, float32_to_pcm16  # noqa: E402
 from moe2edge.runtime.voice.audio import pcm16_to_float32, speech_bounds  # noqa: E402
 
@@ -120,6 +123,22 @@ def start_server(args, port: int, tts: str) -> subprocess.Popen:
             time.sleep(0.3)
     proc.kill()
     raise SystemExit("server did not become healthy in 90 s")
+
+
+@contextmanager
+def serving(args, tts: str) -> Iterator[str]:
+    """The base URL of the server under test: ``--url``, else a ``moe2edge serve`` process
+    started here with reply voice ``tts`` and stopped on leaving."""
+    if args.url is not None:
+        yield args.url
+        return
+    port = free_port()
+    server = start_server(args, port, tts)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
 
 
 # --- the spoken clips -------------------------------------------------------------------------
@@ -357,7 +376,7 @@ def text_accuracy(
     ``history_turns`` requests and the model's own replies (what a voice session holds).
     ``reserve``: the reply's room the voice session keeps (its max_new_tokens), asked as
     ``max_tokens``: the server refuses a prompt that leaves less (400), and the oldest turn
-    is dropped until it fits, the voice session's own rule."""  # fmt: skip
+    is dropped until it fits, the voice session's own rule."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     hits, history = 0, []
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
@@ -504,12 +523,7 @@ def run_voice_section(args, rows: list[dict]) -> dict:
     runs: dict[str, dict[str, list[dict]]] = {}
     text_acc = None
     for n, tts in enumerate(tts_names):
-        server, base = None, args.url
-        if base is None:
-            port = free_port()
-            server = start_server(args, port, tts)
-            base = f"http://127.0.0.1:{port}"
-        try:
+        with serving(args, tts) as base:
             url = base.replace("http", "ws", 1) + "/v1/realtime"
             for policy in policies if n == 0 else ["predictive"]:
                 runs.setdefault(tts, {})[policy] = asyncio.run(
@@ -517,10 +531,6 @@ def run_voice_section(args, rows: list[dict]) -> dict:
                 )
             if text_acc is None:
                 text_acc, text_acc_history = text_controls(args, base, rows)
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait(10)
     elapsed = time.time() - started
     summary = {
         tts: {pol: summarize(turns) for pol, turns in by.items()} for tts, by in runs.items()
@@ -571,14 +581,9 @@ def text_controls(args, base: str, rows: list[dict]) -> tuple[float, float]:
 
 
 def run_text_section(args, rows: list[dict]) -> dict:
-    """Only the text controls (``--sections text``), on a fresh server."""
-    port = free_port()
-    server = start_server(args, port, "espeak")
-    try:
-        acc, acc_history = text_controls(args, f"http://127.0.0.1:{port}", rows)
-    finally:
-        server.terminate()
-        server.wait(10)
+    """Only the text controls (``--sections text``)."""
+    with serving(args, "espeak") as base:
+        acc, acc_history = text_controls(args, base, rows)
     return {"text_task_acc": round(acc, 3), "text_task_acc_in_conversation": round(acc_history, 3),
             "history_turns": history_turns(args), "text_reply_room": reply_room(args)}  # fmt: skip
 
@@ -589,8 +594,7 @@ def reply_room(args) -> int:
     given = [kv.partition("=")[2] for kv in args.set if kv.startswith("voice_max_new_tokens=")]
     if given and given[-1] not in ("", "null", "None"):
         return int(given[-1])
-    manifest = json.loads((Path(args.bundle) / "manifest.json").read_text())
-    return int(manifest["generation"].get("max_new_tokens", 64))
+    return int(read_manifest(args.bundle)["generation"].get("max_new_tokens", 64))
 
 
 def history_turns(args) -> int:

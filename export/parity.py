@@ -15,13 +15,19 @@ from tqdm import tqdm
 from moe2edge.runtime.generate import Generator
 
 
+def decode_room(engine, prompt_ids: list[int]) -> int:
+    """How many tokens a greedy decode can choose after ``prompt_ids`` in ``engine``'s
+    context (the last one chosen is never fed back, so one more than the free positions)."""
+    return engine.max_length - len(prompt_ids) + 1
+
+
 def runtime_greedy_with_logits(
     generator: Generator, prompt_ids: list[int], max_new_tokens: int
 ) -> tuple[list[int], np.ndarray, bool]:
     """Greedy tokens, the logits before each choice ([steps, vocab]), and whether it hit eos;
     at most as many tokens as the context has room for after the prompt."""
     engine = generator.engine
-    max_new_tokens = min(max_new_tokens, engine.max_length - len(prompt_ids) + 1)
+    max_new_tokens = min(max_new_tokens, decode_room(engine, prompt_ids))
     cache = engine.new_cache()
     logits = engine.forward(prompt_ids, cache)
     steps, tokens = [], []

@@ -37,7 +37,7 @@ from moe2edge.export.bundle import update_manifest
 from moe2edge.export.calibration import PromptEncoder, read_rows
 from moe2edge.export.derived import model_weight_bytes
 from moe2edge.export.errors import ExportError
-from moe2edge.export.parity import runtime_greedy_with_logits
+from moe2edge.export.parity import decode_room, runtime_greedy_with_logits
 from moe2edge.fileio import sha256_file
 from moe2edge.runtime.generate import Generator
 from moe2edge.runtime.manifest import read_manifest
@@ -103,7 +103,7 @@ def greedy_reply(
     """The bundle's own greedy reply (after ``start``, its known first tokens), decoded step
     by step to end of turn, ``max_new`` tokens or the end of the context."""
     engine = gen.engine
-    max_new = min(max_new, engine.max_length - len(prompt_ids) + 1)
+    max_new = min(max_new, decode_room(engine, prompt_ids))
     tokens = list(start or [])
     if len(tokens) < max_new:
         cache = engine.new_cache()
@@ -162,9 +162,7 @@ def evaluate(
         steps += len(chosen)
         # the reference reply's tokens that the context holds after the prompt (a long chat's
         # may not all fit, as training truncates it at max_seq_len)
-        reply = (
-            enc.reply(row)[: gen.engine.max_length - len(prompt) + 1] if row.get("reply") else []
-        )
+        reply = enc.reply(row)[: decode_room(gen.engine, prompt)] if row.get("reply") else []
         if reply:
             reply_logp = log_softmax(scored_logits(gen, prompt, reply))
             nll -= float(reply_logp[np.arange(len(reply)), reply].sum())
