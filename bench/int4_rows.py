@@ -94,8 +94,8 @@ def step_times(engine: OnnxEngine, prompt: list[int], rows_list, verify: int, re
     return steps, median_ms(verify_step, repeats)
 
 
-def logit_gaps(engine: OnnxEngine, verify: int, contexts: int, vocab: int, seed: int):
-    rng = np.random.default_rng(seed)
+def logit_gaps(engine: OnnxEngine, verify: int, contexts: int, seed: int):
+    rng, vocab = np.random.default_rng(seed), engine.vocab_size
     gap, flips, positions = 0.0, 0, 0
     for _ in range(contexts):
         prompt = rng.integers(0, vocab, PROMPT_TOKENS).tolist()
@@ -153,9 +153,7 @@ def main() -> None:
                 .tolist()
             )
             steps, verify_ms = step_times(engine, prompt, rows_list, args.verify, args.repeats)
-            gap, flips = logit_gaps(
-                engine, args.verify, args.contexts, engine.vocab_size, args.seed
-            )
+            gap, flips = logit_gaps(engine, args.verify, args.contexts, args.seed)
             one = steps[1]
             result["levels"][str(level)] = {
                 "step_ms": steps,
